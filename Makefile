@@ -1,0 +1,37 @@
+# Two commands on a fresh machine with Python 3.11: `make demo` and `make test`.
+# Each creates the virtual environment on first use (CPU torch from requirements-cpu.txt).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.perl-installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test test-slow test-all benchmarks clean-notebooks
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements-cpu.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c requirements-cpu.txt -e '.[dev]'
+	touch $(STAMP)
+
+# A short tracked GRPO run (LoRA, both trackers) on the embedded countdown-nano model.
+demo: $(STAMP)
+	$(BIN)/python run.py --enable_tracking --tracking_frequency 10 \
+		--config.training.output_dir $(DEMO_DIR) --overwrite_output_dir
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Slow tests (rebuilding the embedded model, ...), excluded from `make test`.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ''
+
+benchmarks: $(STAMP)
+	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

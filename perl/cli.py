@@ -1,0 +1,295 @@
+"""The `perl` command and `run.py`: flags -> `TrainConfig` -> `train()`.
+
+Usage:
+    perl train --config my.yaml --config.peft.type dora --enable_tracking --tracking_frequency 10
+    python run.py --enable_tracking --config.peft.r 16        # `train` is the default command
+    perl eval ... | perl build-model ... | perl report RUN_DIR ... | perl sweep SWEEP.yaml
+
+A training config is built in this order, later steps winning: the dataclass defaults, the
+``--config`` YAML file, the convenience flags of the tracking docs (``--enable_tracking`` ...),
+then the dotted ``--config.SECTION.FIELD VALUE`` flags. Everything a user can get wrong is
+checked before training starts (`preflight`); a mistake ends the command with exit code 2 and
+exactly one line on stderr, ``perl: error: ...``, and nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from perl.preflight import check_output_dir, optional_module, preflight
+from perl.config import (
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    field_type,
+    load_config,
+    unwrap_optional,
+    validate,
+)
+
+__all__ = ["main", "build_parser", "config_from_args", "preflight", "check_output_dir", "COMMANDS", "UsageError"]
+
+PROG = "perl"
+# command -> (module, what to call it in messages); each module's `main(argv) -> int` runs it.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("perl.evaluate", "evaluation"),
+    "build-model": ("perl.models.nano", "the embedded model recipe"),
+    "report": ("perl.viz.report", "the HTML report"),
+    "sweep": ("perl.sweep", "sweeps"),
+}
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = """\
+Train a PEFT adapter with GRPO on Countdown, with spectral and gradient tracking.
+
+commands:
+  perl train [flags]        train (the default: `perl --enable_tracking ...` and `python run.py ...`)
+  perl eval ...             evaluate a trained run
+  perl build-model ...      rebuild the embedded countdown-nano model
+  perl report RUN_DIR ...   write an HTML report of a run
+  perl sweep SWEEP.yaml     run a sweep over PEFT methods, ranks and seeds
+
+`perl COMMAND --help` shows the flags of a command; the flags below are those of `train`."""
+
+EPILOG = """\
+Values are built in this order, later ones winning: defaults, --config FILE, the convenience
+flags, the --config.SECTION.FIELD flags. Lists are comma separated (q_proj,v_proj) or YAML
+([q_proj, v_proj]); mappings are YAML ({min_lr: 1e-6}); 'none' sets an optional field to None.
+The resolved config is written to <output_dir>/config.yaml; --config of that file reproduces the run."""
+
+
+class UsageError(Exception):
+    """A mistake on the command line; its message becomes the one stderr line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # note: argparse prints usage plus a message over several lines and exits; we want one line.
+    def error(self, message: str) -> None:  # type: ignore[override]
+        missing = re.match(r"argument (\S+): expected one argument", message)
+        if missing:
+            message = f"{missing.group(1)} expects a value (see --help)."
+        raise UsageError(message)
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+def _flag_help(section: str, f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    if isinstance(default, list):
+        default = ",".join(map(str, default))
+    choices = f.metadata.get("choices")
+    extra = f" Choices: {', '.join(choices)}." if choices else ""
+    return _escape(f"{text}{extra} (default: {default})")
+
+
+def _metavar(tp: Any) -> str:
+    inner, optional = unwrap_optional(tp)
+    origin = getattr(inner, "__origin__", inner)
+    name = {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR", list: "LIST", dict: "YAML"}.get(origin, "VALUE")
+    return name + ("|none" if optional else "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `perl train` parser: --config, the convenience flags, one flag per config field."""
+    parser = _Parser(
+        prog=PROG,
+        usage=f"{PROG} [train] [--config PATH] [convenience flags] [--config.SECTION.FIELD VALUE ...]",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # note: a mistyped flag must be an error, never a silent prefix match
+    )
+    parser.add_argument("--config", metavar="PATH", help="YAML config file (any subset of the sections).")
+    conv = parser.add_argument_group("convenience flags (as in the tracking docs)")
+    conv.add_argument("--enable_tracking", action="store_true", help="Enable both spectral and gradient tracking.")
+    conv.add_argument("--enable_spectral_tracking", action="store_true", help="Enable only spectral tracking.")
+    conv.add_argument("--enable_gradient_tracking", action="store_true", help="Enable only gradient tracking.")
+    conv.add_argument(
+        "--tracking_frequency", metavar="N",
+        help="Log every N steps: sets spectral_log_frequency and gradient_log_frequency (default: 100).",
+    )
+    conv.add_argument("--tracking_output_dir", metavar="DIR", help="Custom output directory for tracking data.")
+    conv.add_argument(
+        "--enable_alignment_tracking", action="store_true", help="Enable alignment tracking of adapter subspaces."
+    )
+    conv.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Allow writing into an output directory that already holds a run.",
+    )
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"config.{section}")
+        for f in dataclasses.fields(cls):
+            tp = field_type(cls, f.name)
+            is_bool = unwrap_optional(tp)[0] is bool
+            group.add_argument(
+                f"--config.{section}.{f.name}",
+                dest=f"config.{section}.{f.name}",
+                metavar=_metavar(tp),
+                # note: a bare boolean flag means true; `--config.tracker.x false` also works
+                nargs="?" if is_bool else None,
+                const="true" if is_bool else None,
+                default=argparse.SUPPRESS,
+                help=_flag_help(section, f),
+            )
+    return parser
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+def _unknown_argument(parser: argparse.ArgumentParser, extras: list[str]) -> UsageError:
+    arg = extras[0]
+    flag = arg.split("=", 1)[0]
+    if flag.startswith("--config."):
+        key = flag[len("--config."):]
+        try:
+            apply_overrides(TrainConfig(), {key: None})  # raises the unknown-key error with a hint
+        except ConfigError as e:
+            return UsageError(str(e))
+    if flag.startswith("-"):
+        close = difflib.get_close_matches(flag, _option_strings(parser), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see --help for the flags."
+        return UsageError(f"unknown flag {flag}{hint}")
+    return UsageError(f"unexpected argument {arg!r}; every value follows a flag (see --help).")
+
+
+def config_from_args(argv: Sequence[str]) -> TrainConfig:
+    """Parse `perl train` arguments into a validated `TrainConfig` (no files are written).
+
+    Raises:
+        ConfigError, UsageError: any mistake, in one sentence.
+        SystemExit: for --help (exit code 0).
+    """
+    parser = build_parser()
+    args, extras = parser.parse_known_args(list(argv))
+    if extras:
+        raise _unknown_argument(parser, extras)
+    values = vars(args)
+    cfg = load_config(values["config"]) if values.get("config") else config_from_dict(None)
+
+    convenience: dict[str, Any] = {}
+    if values["enable_tracking"]:
+        convenience["tracker.enable_spectral_tracking"] = True
+        convenience["tracker.enable_gradient_tracking"] = True
+    if values["enable_spectral_tracking"]:
+        convenience["tracker.enable_spectral_tracking"] = True
+    if values["enable_gradient_tracking"]:
+        convenience["tracker.enable_gradient_tracking"] = True
+    if values["enable_alignment_tracking"]:
+        convenience["tracker.enable_alignment_tracking"] = True
+    if values["overwrite_output_dir"]:
+        convenience["training.overwrite_output_dir"] = True
+    if values["tracking_frequency"] is not None:
+        text = values["tracking_frequency"]
+        try:
+            frequency = int(text)
+        except ValueError:
+            frequency = 0
+        if frequency < 1:
+            raise UsageError(f"--tracking_frequency expects a positive integer (steps), got {text!r}.")
+        convenience["tracker.spectral_log_frequency"] = frequency
+        convenience["tracker.gradient_log_frequency"] = frequency
+    if values["tracking_output_dir"] is not None:
+        if not values["tracking_output_dir"].strip():
+            raise UsageError("--tracking_output_dir expects a folder, got an empty string.")
+        convenience["tracker.tracking_output_dir"] = values["tracking_output_dir"]
+    cfg = apply_overrides(cfg, convenience)
+
+    dotted = {k[len("config."):]: v for k, v in values.items() if k.startswith("config.")}
+    cfg = apply_overrides(cfg, dotted)
+    return validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks at the edge, before anything is written.
+
+# ---------------------------------------------------------------------------------------------
+# Commands.
+
+def _one_line(message: str) -> str:
+    text = " ".join(str(message).split())
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _not_available(command: str, module: str) -> int:
+    return _fail(f"'{PROG} {command}' is not available in this installation (module {module} is missing).")
+
+
+def _train(argv: Sequence[str]) -> int:
+    try:
+        cfg = config_from_args(argv)
+        preflight(cfg)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except (ConfigError, UsageError) as e:
+        return _fail(str(e))
+    train_module = optional_module("perl.train")
+    if train_module is None:
+        return _not_available("train", "perl.train")
+    try:
+        result = train_module.train(cfg)
+    except ConfigError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; partial results are in {cfg.training.output_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    out = getattr(result, "output_dir", cfg.training.output_dir)
+    print(f"{PROG}: done; results are in {out} (config.yaml, metrics.jsonl, tracking data)")
+    print(f"{PROG}: explore them with `{PROG} report {out}` or notebooks/02_spectral_explorer.ipynb")
+    return 0
+
+
+def _delegate(command: str, argv: Sequence[str]) -> int:
+    module_name, _ = COMMANDS[command]
+    module = optional_module(module_name)
+    run: Optional[Callable[..., Any]] = getattr(module, "main", None) if module else None
+    if run is None:
+        return _not_available(command, module_name)
+    try:
+        return int(run(list(argv)) or 0)
+    except SystemExit as e:  # their argparse: --help or a usage error, already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else _fail(str(e.code)))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `perl` and `run.py`; returns the exit code.
+
+    Args:
+        argv (`Sequence[str]`, optional): arguments without the program name; defaults to sys.argv[1:].
+    """
+    # note: tokenizers' thread pool deadlocks when the Trainer forks data-loader workers
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-"):
+        return _train(args)
+    command, rest = args[0], args[1:]
+    if command == "train":
+        return _train(rest)
+    if command in COMMANDS:
+        return _delegate(command, rest)
+    names = ["train", *COMMANDS]
+    close = difflib.get_close_matches(command, names, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return _fail(f"unknown command '{command}'; {hint}commands are {', '.join(names)}.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

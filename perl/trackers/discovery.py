@@ -1,0 +1,360 @@
+"""Find every adapter in a peft model, per (layer, module): the one module that knows peft's internals.
+
+Both trackers call :func:`discover_adapters`. It walks ``model.named_modules()``, recognises
+peft's real layer types (never attribute guesses), keeps the *active* adapter only (TRL may add a
+``"ref"`` adapter) and returns one :class:`AdapterModule` per adapted module, which knows
+
+- its coordinates: ``layer`` (transformer block index parsed from the name, ``-1`` outside the
+  numbered blocks, e.g. the final norm) and ``module`` (``q_proj``, ``down_proj``, ...: the last
+  name component, or the path inside the block when that would be ambiguous);
+- ``components``: the trainable tensors by gradient component (``A``, ``B``, ``magnitude``,
+  ``E``, ``lambda_b``, ``lambda_d``, ``ia3``, ``ln``, ``miss``). A component may hold several
+  tensors (LoRA's ``B`` with ``lora_bias``, LayerNorm weight and bias): its norm is the norm of
+  their concatenation;
+- ``factors()``: the adapter's weight change as ``(B, A, scale)`` with ``delta_W = scale * B @ A``
+  (``B``: out x k, ``A``: k x in), exactly as peft's ``get_delta_weight`` computes it;
+- ``vector()`` for IA3 / LayerNorm tuning, ``magnitude()`` and ``base_weight()`` for DoRA.
+
+Method by method (``delta_W`` is out x in, the orientation of ``nn.Linear.weight``):
+
+- LoRA and its variants (DoRA, rsLoRA, PiSSA, MiLoRA, LoRA+, LoRA-FA): ``B = lora_B``,
+  ``A = lora_A``, ``scale = layer.scaling`` (alpha/r, alpha/sqrt(r) for rsLoRA).
+- AdaLoRA: ``B = lora_B``, ``A = diag(E) lora_A``, ``scale = scaling / (ranknum + 1e-5)``.
+- VeRA: ``B = diag(lambda_b) vera_B[:out]``, ``A = diag(lambda_d) vera_A[:, :in]``, scale 1.
+- MiSS (default and ``"mini"`` init): ``B = miss_block^T`` (repeated for mini), ``A`` = the r x in
+  matrix of stacked identities that sums the input in blocks of r; scale 1. MiSS ``"bat"`` has no
+  low-rank form: ``dense_delta()`` builds it with peft's ``get_delta_weight`` (O(out*in) memory).
+- IA3, LayerNorm tuning: vectors, no factors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["AdapterModule", "discover_adapters", "active_adapter_name", "peft_config_of", "select_layers",
+           "adalora_rank_budget", "adalora_importance_scores", "DiscoveryError"]
+
+# kinds, in the order they are tested (AdaLoraLayer subclasses LoraLayer: test it first)
+KINDS = ("adalora", "lora", "vera", "ia3", "ln_tuning", "miss")
+
+
+class DiscoveryError(ValueError):
+    """The model holds no adapter the trackers understand."""
+
+
+@dataclass
+class AdapterModule:
+    """One adapted module of the active adapter.
+
+    Attributes:
+        name (str): module path without peft's wrapper prefix, e.g. ``model.layers.0.self_attn.q_proj``.
+        layer (int): transformer block index; -1 for modules outside the numbered blocks.
+        module (str): module type within a block, e.g. ``q_proj``.
+        kind (str): ``lora``, ``adalora``, ``vera``, ``ia3``, ``ln_tuning`` or ``miss``.
+        adapter (str): the adapter name (``default`` unless configured otherwise).
+        peft_module (nn.Module): the peft layer itself.
+        rank (int | None): the configured rank r (None for vector methods).
+        components (dict[str, list[torch.Tensor]]): trainable tensors by gradient component.
+        is_dora (bool): LoRA layer with a DoRA magnitude vector.
+    """
+
+    name: str
+    layer: int
+    module: str
+    kind: str
+    adapter: str
+    peft_module: nn.Module
+    rank: int | None = None
+    components: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    is_dora: bool = False
+    _block_sum: torch.Tensor | None = field(default=None, repr=False)
+
+    # ---------------------------------------------------------------- factored weight change
+    @property
+    def has_factors(self) -> bool:
+        """True when ``factors()`` gives the weight change in low-rank form."""
+        if self.kind == "miss":
+            return self.peft_module.miss_fn != "bat"
+        return self.kind in ("lora", "adalora", "vera")
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(B, A, scale)`` with ``delta_W = scale * B @ A`` for the current weights (detached views)."""
+        m, ad = self.peft_module, self.adapter
+        if self.kind == "lora":
+            if ad in m.lora_A:
+                a, b = m.lora_A[ad].weight, m.lora_B[ad].weight
+                return b.detach().reshape(b.shape[0], -1), a.detach().reshape(a.shape[0], -1), float(m.scaling[ad])
+            # embedding LoRA: delta = (lora_embedding_A^T lora_embedding_B^T) in (vocab x dim)
+            a, b = m.lora_embedding_A[ad], m.lora_embedding_B[ad]
+            return a.detach().T, b.detach().T, float(m.scaling[ad])
+        if self.kind == "adalora":
+            scale = float(m.scaling[ad]) / (float(m.ranknum[ad]) + 1e-5)
+            return m.lora_B[ad].detach(), (m.lora_A[ad] * m.lora_E[ad]).detach(), scale
+        if self.kind == "vera":
+            b = m.vera_lambda_b[ad].detach().unsqueeze(-1) * m.vera_B[ad][: m.out_features, :].to(m.vera_lambda_b[ad].device)
+            a = m.vera_lambda_d[ad].detach().unsqueeze(-1) * m.vera_A[ad][:, : m.in_features].to(m.vera_lambda_d[ad].device)
+            return b, a, 1.0
+        if self.kind == "miss" and self.has_factors:
+            block = m.miss_block[ad].detach()
+            if m.miss_fn == "mini":
+                block = block.repeat(1, m.out_features // m.miss_mini_r[ad])
+            return block.T, self._miss_block_sum(block), 1.0
+        raise DiscoveryError(f"{self.name} ({self.kind}) has no low-rank factors; use dense_delta() or vector().")
+
+    def dense_delta(self) -> torch.Tensor:
+        """The weight change as a dense out x in matrix, through peft's own code (costs O(out*in))."""
+        m, ad = self.peft_module, self.adapter
+        if self.kind == "miss":
+            w0 = self.base_weight()
+            if m.miss_fn == "bat":
+                return m.get_delta_weight(ad, w0.clone()).detach()
+            return (m.get_delta_weight_miss(ad, w0.clone()) - w0).detach()
+        b, a, s = self.factors()
+        return s * (b @ a)
+
+    def _miss_block_sum(self, block: torch.Tensor) -> torch.Tensor:
+        # MiSS adds sum_j x[j*r:(j+1)*r] @ block (input zero-padded to a multiple of r): the r x in
+        # matrix [I_r, I_r, ..., I_r[:, :rem]]; constant, so built once
+        n_in, r = self.peft_module.in_features, block.shape[0]
+        if self._block_sum is None or self._block_sum.device != block.device or self._block_sum.dtype != block.dtype:
+            idx = torch.arange(n_in, device=block.device) % r
+            self._block_sum = (idx.unsqueeze(0) == torch.arange(r, device=block.device).unsqueeze(1)).to(block.dtype)
+        return self._block_sum
+
+    # ---------------------------------------------------------------- vectors, DoRA
+    def vector(self) -> torch.Tensor:
+        """IA3 scaling vector or the LayerNorm-tuning parameters, flattened (detached)."""
+        if self.kind == "ia3":
+            return self.peft_module.ia3_l[self.adapter].detach().reshape(-1)
+        if self.kind == "ln_tuning":
+            return torch.cat([p.detach().reshape(-1) for p in self.components["ln"]])
+        raise DiscoveryError(f"{self.name} ({self.kind}) is not a vector adapter.")
+
+    def magnitude(self) -> torch.Tensor:
+        """DoRA's magnitude vector m (one entry per output feature)."""
+        return self.peft_module.lora_magnitude_vector[self.adapter].weight.detach()
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight W0 as out x in (fan_in_fan_out undone), detached."""
+        base = self.peft_module.get_base_layer()
+        w = base.weight.detach()
+        if getattr(self.peft_module, "fan_in_fan_out", False):
+            w = w.T
+        return w.reshape(w.shape[0], -1)
+
+
+# -------------------------------------------------------------------- discovery
+def _layer_types():
+    from peft.tuners.adalora import AdaLoraLayer
+    from peft.tuners.ia3 import IA3Layer
+    from peft.tuners.ln_tuning.layer import LNTuningLayer
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.miss import MissLayer
+    from peft.tuners.vera import VeraLayer
+
+    return {"adalora": AdaLoraLayer, "lora": LoraLayer, "vera": VeraLayer, "ia3": IA3Layer,
+            "ln_tuning": LNTuningLayer, "miss": MissLayer}
+
+
+def peft_config_of(model: nn.Module) -> dict:
+    """The ``{adapter_name: PeftConfig}`` dict of a peft model (also through DDP/accelerate wrappers)."""
+    for candidate in (model, getattr(model, "module", None), getattr(model, "base_model", None)):
+        config = getattr(candidate, "peft_config", None)
+        if isinstance(config, dict) and config:
+            return config
+    return {}
+
+
+def active_adapter_name(model: nn.Module) -> str:
+    """The adapter being trained: peft's active adapter (the first if several are active)."""
+    model = getattr(model, "module", model)
+    active = getattr(model, "active_adapters", None)
+    if callable(active):  # some versions expose a method
+        active = active()
+    if isinstance(active, (list, tuple)) and active:
+        return active[0]
+    active = getattr(model, "active_adapter", None)
+    if isinstance(active, str):
+        return active
+    config = peft_config_of(model)
+    if config:
+        return next(iter(config))
+    raise DiscoveryError("The model has no peft adapter: expected a peft model (get_peft_model) to track.")
+
+
+_PREFIXES = ("module.", "base_model.model.")
+_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def _clean_name(name: str) -> str:
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def _layer_and_rest(name: str) -> tuple[int, str]:
+    match = _INDEX.search(name)
+    if match is None:
+        return -1, name.split(".")[-1]
+    return int(match.group(1)), name[match.end():]
+
+
+def _components(kind: str, m: nn.Module, ad: str) -> dict[str, list[torch.Tensor]]:
+    if kind == "lora":
+        if ad in m.lora_A:
+            comps = {"A": list(m.lora_A[ad].parameters()), "B": list(m.lora_B[ad].parameters())}
+        else:
+            comps = {"A": [m.lora_embedding_A[ad]], "B": [m.lora_embedding_B[ad]]}
+        if ad in m.lora_magnitude_vector:
+            comps["magnitude"] = [m.lora_magnitude_vector[ad].weight]
+        return comps
+    if kind == "adalora":
+        return {"A": [m.lora_A[ad]], "B": [m.lora_B[ad]], "E": [m.lora_E[ad]]}
+    if kind == "vera":
+        return {"lambda_b": [m.vera_lambda_b[ad]], "lambda_d": [m.vera_lambda_d[ad]]}
+    if kind == "ia3":
+        return {"ia3": [m.ia3_l[ad]]}
+    if kind == "ln_tuning":
+        return {"ln": list(m.ln_tuning_layers[ad].parameters())}
+    if kind == "miss":
+        return {"miss": [m.miss_block[ad]]}
+    raise AssertionError(kind)
+
+
+def _holds_adapter(kind: str, m: nn.Module, ad: str) -> bool:
+    if kind == "lora":
+        return ad in m.lora_A or ad in m.lora_embedding_A
+    attr = {"adalora": "lora_A", "vera": "vera_lambda_b", "ia3": "ia3_l", "ln_tuning": "ln_tuning_layers",
+            "miss": "miss_block"}[kind]
+    return ad in getattr(m, attr)
+
+
+def _rank(kind: str, m: nn.Module, ad: str) -> int | None:
+    if kind in ("lora", "adalora", "vera"):
+        return int(m.r[ad])
+    if kind == "miss":
+        return int(m.miss_r[ad])
+    return None
+
+
+def discover_adapters(model: nn.Module, adapter_name: str | None = None,
+                      max_layers_to_track: int | None = None) -> list[AdapterModule]:
+    """Every module of the active adapter, sorted by (layer, module).
+
+    Usage:
+        for am in discover_adapters(peft_model):
+            print(am.layer, am.module, am.kind, {c: len(ps) for c, ps in am.components.items()})
+            if am.has_factors:
+                B, A, s = am.factors()
+
+    Args:
+        model (nn.Module): a peft model (``PeftModel``, the tuner model, or a DDP-wrapped one).
+        adapter_name (str, optional): which adapter; default the active one.
+        max_layers_to_track (int, optional): keep only this many transformer blocks, evenly
+            spaced, always the first and the last (modules outside blocks are always kept).
+
+    Raises:
+        DiscoveryError: the model holds no adapter layer of a type the trackers understand.
+    """
+    model = getattr(model, "module", model)
+    adapter = adapter_name or active_adapter_name(model)
+    types = _layer_types()
+    found: list[AdapterModule] = []
+    for raw_name, m in model.named_modules():
+        kind = next((k for k in KINDS if isinstance(m, types[k])), None)
+        if kind is None or not _holds_adapter(kind, m, adapter):
+            continue
+        name = _clean_name(raw_name)
+        layer, rest = _layer_and_rest(name)
+        found.append(AdapterModule(name=name, layer=layer, module=rest, kind=kind, adapter=adapter,
+                                   peft_module=m, rank=_rank(kind, m, adapter), components=_components(kind, m, adapter),
+                                   is_dora=kind == "lora" and adapter in m.lora_magnitude_vector))
+    if not found:
+        raise DiscoveryError(
+            f"No adapter layers for adapter {adapter!r} in {type(model).__name__}: expected a peft model with "
+            "LoRA/DoRA/AdaLoRA/VeRA/IA3/LN-tuning/MiSS layers; wrap the model with peft.get_peft_model first."
+        )
+    _name_module_types(found)
+    if max_layers_to_track is not None:
+        keep = set(select_layers(sorted({a.layer for a in found if a.layer >= 0}), max_layers_to_track))
+        found = [a for a in found if a.layer < 0 or a.layer in keep]
+    return sorted(found, key=lambda a: (a.layer, a.name))
+
+
+def _name_module_types(found: list[AdapterModule]) -> None:
+    # module type = last name component, unless two modules of one block share it (MoE experts, ...)
+    last = {id(a): a.module.split(".")[-1] for a in found}
+    seen: dict[tuple[int, str], int] = {}
+    for a in found:
+        seen[(a.layer, last[id(a)])] = seen.get((a.layer, last[id(a)]), 0) + 1
+    ambiguous = any(n > 1 for n in seen.values())
+    for a in found:
+        if not ambiguous:
+            a.module = last[id(a)]
+        elif a.layer < 0:
+            a.module = a.name
+
+
+def select_layers(layers: list[int], k: int) -> list[int]:
+    """``k`` evenly spaced entries of ``layers`` (sorted), always the first and the last.
+
+    Args:
+        layers (list[int]): the available block indices, sorted.
+        k (int): how many to keep (>= 1); all when k >= len(layers).
+    """
+    if k is None or k >= len(layers):
+        return list(layers)
+    if k < 1:
+        raise ValueError(f"max_layers_to_track must be a positive integer or None, got {k}.")
+    if k == 1:
+        return [layers[0]]
+    positions = sorted({round(i * (len(layers) - 1) / (k - 1)) for i in range(k)})
+    return [layers[p] for p in positions]
+
+
+# -------------------------------------------------------------------- AdaLoRA allocator state
+def _tuner(model: nn.Module):
+    model = getattr(model, "module", model)
+    return getattr(model, "base_model", model)
+
+
+def adalora_rank_budget(model: nn.Module, am: AdapterModule) -> float:
+    """Ranks AdaLoRA currently keeps for this module: the unmasked triplets of the allocator's
+    latest ``rank_pattern`` (peft_config), or r before the first masking."""
+    config = peft_config_of(model).get(am.adapter)
+    pattern = getattr(config, "rank_pattern", None)
+    if pattern:
+        for key in (f"{am.name}.lora_E.{am.adapter}", f"{am.name}.lora_E"):
+            if key in pattern:
+                return float(sum(bool(v) for v in pattern[key]))
+        suffix = (f".{am.name.split('.', 1)[-1]}.lora_E", f".{am.name.split('.', 1)[-1]}.lora_E.{am.adapter}")
+        for key, value in pattern.items():
+            if key.endswith(suffix):
+                return float(sum(bool(v) for v in value))
+    return float(am.rank)
+
+
+def adalora_importance_scores(model: nn.Module, am: AdapterModule) -> torch.Tensor | None:
+    """Per-triplet importance that peft's RankAllocator ranks by (its ``mask_to_budget`` formula):
+    s(E_i) + mean_j s(A_ij) + mean_k s(B_ki), with s = exp_avg_ipt * exp_avg_unc.
+    None until the allocator has scored (before the first ``update_and_allocate``)."""
+    allocator = getattr(_tuner(model), "rankallocator", None)
+    if allocator is None or not getattr(allocator, "exp_avg_ipt", None):
+        return None
+    keys = {}
+    for part in ("lora_A", "lora_B", "lora_E"):
+        tail = f"{am.name}.{part}.{am.adapter}"
+        key = next((k for k in allocator.exp_avg_ipt if k == tail or k.endswith("." + tail)), None)
+        if key is None or key not in allocator.exp_avg_unc:
+            return None
+        keys[part] = key
+
+    def score(part):
+        return allocator.exp_avg_ipt[keys[part]] * allocator.exp_avg_unc[keys[part]]
+
+    return (score("lora_E").reshape(-1) + score("lora_A").mean(dim=1) + score("lora_B").mean(dim=0)).detach()

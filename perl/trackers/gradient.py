@@ -1,0 +1,699 @@
+"""Gradient flow: where the learning signal of each optimizer step goes, per layer x module x component.
+
+At a logged optimizer step ``s`` the tracker records, for every tracked tensor group (a
+``(layer, module, component)`` cell such as ``(3, "q_proj", "B")``):
+
+- ``grad_norm``: the L2 norm of the *accumulated, pre-clip* gradient, the sum over all
+  gradient-accumulation micro-batches before ``max_grad_norm`` clipping, i.e. what a researcher
+  means by "the gradient" of step ``s``;
+- ``weight_norm``: the norm of the tensor the gradient was taken at (before the step);
+- ``grad_to_weight_ratio`` = grad_norm / weight_norm;
+- ``update_ratio`` = ||p_after - p_before|| / weight_norm: what the optimizer actually did (for
+  Adam neither the gradient's size nor its direction);
+
+and per step ``total_grad_norm`` (pre-clip, over every trainable parameter: the Trainer's logged
+``grad_norm``), ``clip_coef`` (the factor clipping applied, 1 when it did not clip) and
+``post_clip_grad_norm`` (measured on the clipped gradients).
+
+Why division by ``clip_coef``: the Trainer clips *before* any callback sees the gradients.
+Clipping is one uniform rescale by ``clip_coef = min(1, max_norm / (total + 1e-6))`` (torch's
+formula, computed here the same way in the same dtype), so a tensor's pre-clip norm is its
+post-clip norm divided by ``clip_coef``, exact up to float rounding. ``total`` is the value the
+clip returned, which :class:`~perl.trackers.callbacks.GradientFlowCallback` captures. When the
+total is not finite the clip has already destroyed the gradients (they are multiplied by NaN or
+0): per-tensor pre-clip norms are then stored as NaN.
+
+Step convention: ``step = s >= 1`` is the s-th optimizer step (the Trainer's ``global_step``
+after that update, the number it logs the update's ``grad_norm`` under), so gradient step ``s``
+explains the change between spectral snapshots ``s - 1`` and ``s``.
+
+Layer convention: ``layer`` is the transformer block index; ``-1`` holds tensors outside the
+numbered blocks (embeddings, final norm, lm_head). Missing is NaN: a cell a method does not
+have (a module it does not adapt, ``E`` for LoRA) is NaN, never 0.
+
+Cost: norms are computed on the parameters' device in batched ``torch._foreach_norm`` calls and
+reach the host in one transfer per logged step. To measure ``update_ratio`` the tracked tensors
+are copied once on each logged step (adapter-sized for PEFT; a full copy of the model in full
+fine-tuning with ``track_adapter_only=False``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from .discovery import DiscoveryError, discover_adapters, peft_config_of
+from .store import RunStore
+
+__all__ = ["GradientFlowTracker", "TrackedTensor", "tracked_tensors", "STEP_CONVENTION"]
+
+logger = logging.getLogger("perl")
+
+GRADIENT_DIR = "gradient_logs"
+STORE_NAME = "gradient_flow.nc"
+SUMMARY_NAME = "gradient_flow_summary.json"
+FINAL_NAME = "gradient_flow_final.nc"
+
+# display order; components outside this list (extra trainable tensors) follow in order of appearance
+MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+COMPONENT_ORDER = ("A", "B", "magnitude", "E", "lambda_b", "lambda_d", "ia3", "ln", "miss", "weight", "bias")
+
+STEP_CONVENTION = (
+    "step s >= 1 is the s-th optimizer step, labelled as the Trainer logs it (global_step after the "
+    "update): the gradient that moved the weights from spectral snapshot s-1 to snapshot s"
+)
+LAYER_CONVENTION = "transformer block index; -1: tensors outside the numbered blocks (embeddings, final norm, lm_head)"
+MODULE_AGGREGATION = "sqrt(sum over modules of grad_norm^2): the L2 norm of the component's gradient over the whole layer"
+
+_VARIABLE_ATTRS = {
+    "grad_norm": {
+        "long_name": "L2 norm of the accumulated pre-clip gradient",
+        "units": "1",
+        "description": "||g||_2 of the gradient summed over gradient-accumulation micro-batches, before "
+                       "max_grad_norm clipping (post-clip norm / clip_coef); several tensors in one cell "
+                       "(e.g. LayerNorm weight and bias) are combined as the norm of their concatenation. "
+                       "NaN: cell not tracked, no gradient, or pre-clip value unrecoverable (non-finite total).",
+    },
+    "weight_norm": {
+        "long_name": "L2 norm of the parameter before the optimizer step",
+        "units": "1",
+        "description": "||p||_2 at which the gradient was taken",
+    },
+    "grad_to_weight_ratio": {
+        "long_name": "gradient-to-weight ratio",
+        "units": "1",
+        "description": "grad_norm / weight_norm; +inf where the weight is exactly 0 (LoRA's B at init) and the "
+                       "gradient is not, NaN for 0/0",
+    },
+    "update_ratio": {
+        "long_name": "relative update size",
+        "units": "1",
+        "description": "||p_after - p_before||_2 / weight_norm, measured after optimizer.step() and the "
+                       "on_optimizer_step callbacks registered before the tracker (AdaLoRA's allocator masks E "
+                       "there); +inf/NaN conventions as grad_to_weight_ratio; NaN when not measured",
+    },
+    "numel": {
+        "long_name": "number of scalar parameters in the cell",
+        "units": "1",
+        "description": "0 where the cell is not tracked",
+    },
+    "total_grad_norm": {
+        "long_name": "total pre-clip gradient norm",
+        "units": "1",
+        "description": "L2 norm of the accumulated gradient over all trainable parameters before clipping; "
+                       "the Trainer's logged grad_norm",
+    },
+    "clip_coef": {
+        "long_name": "clip coefficient applied",
+        "units": "1",
+        "description": "min(1, max_grad_norm / (total_grad_norm + 1e-6)); 1 when not clipped",
+    },
+    "post_clip_grad_norm": {
+        "long_name": "total gradient norm after clipping",
+        "units": "1",
+        "description": "L2 norm over all trainable parameters of the gradients the optimizer received, measured",
+    },
+}
+
+
+# ------------------------------------------------------------------------------------ what is tracked
+@dataclass(frozen=True)
+class TrackedTensor:
+    """One tracked tensor and its cell. Several tensors may share a cell (LayerNorm weight + bias)."""
+
+    layer: int
+    module: str
+    component: str
+    name: str
+    param: torch.Tensor
+
+
+_PEFT_WRAPPER_PARTS = re.compile(r"\.(?:base_layer|modules_to_save\.[^.]+)(?=\.)")
+_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def _extra_coordinates(name: str) -> tuple[int, str, str]:
+    """``(layer, module path inside the block, component)`` of a plain (non-adapter) parameter name."""
+    for prefix in ("module.", "base_model.model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    # peft keeps a trained base bias / a modules_to_save copy under a wrapper: name it after the module
+    name = _PEFT_WRAPPER_PARTS.sub("", name)
+    path, _, component = name.rpartition(".")
+    match = _INDEX.search(path)
+    if match is None:
+        return -1, path, component
+    return int(match.group(1)), path[match.end():], component
+
+
+def tracked_tensors(model: nn.Module, track_adapter_only: bool = True) -> list[TrackedTensor]:
+    """The tensors a :class:`GradientFlowTracker` records, with their (layer, module, component).
+
+    Adapter tensors come from :func:`perl.trackers.discovery.discover_adapters` (active adapter
+    only). With ``track_adapter_only=False`` every other trainable parameter is added: component
+    ``weight`` / ``bias`` (or the parameter's own name), module the last name component inside
+    its block (the path inside the block when that is ambiguous), layer -1 outside the blocks.
+
+    Args:
+        model (nn.Module): a peft model, or any model when ``track_adapter_only=False``.
+        track_adapter_only (bool, defaults to True): only the adapter's tensors.
+
+    Raises:
+        DiscoveryError: no adapter found and ``track_adapter_only=True``.
+    """
+    try:
+        if not peft_config_of(model):  # a plain transformers model: no adapter to discover
+            raise DiscoveryError("The model has no peft adapter.")
+        adapters = discover_adapters(model)
+    except DiscoveryError as err:
+        if track_adapter_only:
+            raise DiscoveryError(
+                f"{err} For full fine-tuning pass track_adapter_only=False to track all trainable weights."
+            ) from err
+        adapters = []
+    out: list[TrackedTensor] = []
+    seen: set[int] = set()
+    for am in adapters:
+        for component, tensors in am.components.items():
+            for i, p in enumerate(tensors):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(TrackedTensor(am.layer, am.module, component, f"{am.name}.{component}[{i}]", p))
+    if track_adapter_only:
+        return out
+
+    extras = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    coords = [_extra_coordinates(n) for n, _ in extras]
+    # short module names unless two module paths of one layer share the last component
+    paths_by_short: dict[tuple[int, str], set[str]] = {}
+    for layer, path, _ in coords:
+        paths_by_short.setdefault((layer, path.rpartition(".")[2]), set()).add(path)
+    for t in out:  # an adapter module counts as taken too
+        paths_by_short.setdefault((t.layer, t.module), set()).add(t.module)
+    for (n, p), (layer, path, component) in zip(extras, coords):
+        short = path.rpartition(".")[2]
+        ambiguous = len(paths_by_short[(layer, short)]) > 1
+        out.append(TrackedTensor(layer, path if ambiguous else short, component, n, p))
+    return out
+
+
+def _ordered(values, order=()) -> list:
+    first = [v for v in order if v in values]
+    return first + [v for v in dict.fromkeys(values) if v not in first]
+
+
+# ------------------------------------------------------------------------------------ the tracker
+class GradientFlowTracker:
+    """Records the pre-clip gradient, gradient-to-weight and update ratios of every adapter tensor.
+
+    The Trainer integration is :class:`perl.trackers.callbacks.GradientFlowCallback`; the tracker
+    itself works in any loop that calls :meth:`log_step` between backward (and clipping) and
+    ``optimizer.step()``, and :meth:`log_update` after it.
+
+    Usage:
+        tracker = GradientFlowTracker(peft_model, log_frequency=10, save_dir="runs/x")
+        # plain loop: backward, clip, record, step
+        loss.backward()
+        total = torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
+        if tracker.should_log(step):
+            tracker.log_step(step, total_grad_norm=total, max_grad_norm=1.0)
+        optimizer.step()
+        tracker.log_update()             # update ratios; writes the row
+        ...
+        tracker.finalize()               # summary JSON, gradient_flow_final.nc, heatmap PNGs
+        # later, anywhere
+        tracker = GradientFlowTracker.load("runs/x")
+        tracker.get_gradient_matrix("B")             # DataArray (layer, step)
+        tracker.create_heatmap("B", save_path="b.png")
+
+    Args:
+        model (nn.Module): the peft model being trained (or any model with
+            ``track_adapter_only=False``). None only for trackers made by :meth:`load`.
+        log_frequency (int, defaults to 100): record optimizer steps ``s`` with ``s % log_frequency == 0``.
+        save_dir (str | Path, defaults to "."): the tracking folder; the store is
+            ``<save_dir>/gradient_logs/gradient_flow.nc``, the final file ``<save_dir>/gradient_flow_final.nc``.
+        track_adapter_only (bool, defaults to True): False adds every other trainable parameter
+            (all weights in full fine-tuning) under (layer, module, ``weight``/``bias``).
+        peft_type (str, optional): method label stored in the attrs (``lora``, ``dora``, ...);
+            default: peft's type of the active adapter.
+        run_attrs (dict, optional): more global attributes (config YAML, seed, model, ...).
+    """
+
+    def __init__(self, model: nn.Module | None, log_frequency: int = 100, save_dir: str | os.PathLike = ".",
+                 track_adapter_only: bool = True, peft_type: str | None = None, run_attrs: dict | None = None):
+        if not isinstance(log_frequency, int) or isinstance(log_frequency, bool) or log_frequency < 1:
+            raise ValueError(f"log_frequency must be a positive integer (log every N optimizer steps), got {log_frequency!r}.")
+        self.model = model
+        self.log_frequency = log_frequency
+        self.save_dir = Path(save_dir)
+        self.track_adapter_only = bool(track_adapter_only)
+        self.peft_type = peft_type
+        self._pending: dict | None = None
+        self._loaded: xr.Dataset | None = None
+        self.store: RunStore | None = None
+        if model is None:
+            return
+
+        tracked = tracked_tensors(model, self.track_adapter_only)
+        if not tracked:
+            raise ValueError("The model has no trainable parameters to track; expected requires_grad tensors.")
+        self.peft_type = peft_type or _peft_type_of(model, tracked)
+        self.layers = sorted({t.layer for t in tracked})
+        self.modules = _ordered([t.module for t in tracked], MODULE_ORDER)
+        self.components = _ordered([t.component for t in tracked], COMPONENT_ORDER)
+        shape = (len(self.layers), len(self.modules), len(self.components))
+
+        # every trainable tensor, tracked ones first: the post-clip total covers all of them
+        tracked_params = [t.param for t in tracked]
+        tracked_ids = {id(p) for p in tracked_params}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in tracked_ids]
+        self._params = tracked_params + others
+        self._n_tracked = len(tracked_params)
+        self._tracked_detached = [p.detach() for p in tracked_params]
+        self.device = tracked_params[0].device
+        self._single_device = all(p.device == self.device for p in self._params)
+        # squares of large norms overflow float32; MPS has no float64
+        self._acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
+
+        cell = [np.ravel_multi_index((self.layers.index(t.layer), self.modules.index(t.module),
+                                      self.components.index(t.component)), shape) for t in tracked]
+        self._cell_index = torch.tensor(cell, dtype=torch.long, device=self.device)
+        numel = np.zeros(int(np.prod(shape)), dtype=np.int64)
+        np.add.at(numel, cell, [t.param.numel() for t in tracked])
+        self._numel = numel.reshape(shape)
+        self._shape = shape
+        self._empty = self._numel == 0
+        self.tracked = tracked
+
+        attrs = {
+            "title": "PeRL gradient flow",
+            "peft_type": self.peft_type,
+            "log_frequency": self.log_frequency,
+            "track_adapter_only": self.track_adapter_only,
+            "step_convention": STEP_CONVENTION,
+            "layer_convention": LAYER_CONVENTION,
+            "missing_value_convention": "NaN: not tracked, no gradient, or not measured; never 0",
+            "Conventions": "CF-1.8",
+            "perl_version": _perl_version(),
+            **(run_attrs or {}),
+        }
+        if peft_type is not None:  # an explicit label wins over run_attrs' generic one
+            attrs["peft_type"] = peft_type
+        self.store = RunStore(self.save_dir / GRADIENT_DIR / STORE_NAME, attrs=attrs)
+
+    # ------------------------------------------------------------------------ recording
+    def should_log(self, step: int) -> bool:
+        """True when optimizer step ``step`` (>= 1) is one to record."""
+        return step >= 1 and step % self.log_frequency == 0
+
+    @torch.no_grad()
+    def log_step(self, step: int, total_grad_norm: torch.Tensor | float | None = None,
+                 max_grad_norm: float | None = None) -> None:
+        """Record the gradients present now (accumulated, maybe clipped), before ``optimizer.step()``.
+
+        The row is written by :meth:`log_update` (after the step, with update ratios) or, if that
+        is not called, by the next :meth:`log_step` / :meth:`save` with ``update_ratio`` NaN.
+
+        Args:
+            step (int): the optimizer step these gradients are for (s >= 1, see module docs).
+            total_grad_norm (Tensor | float, optional): the pre-clip total norm the clip returned.
+                None: the gradients were not clipped; the total is measured now.
+            max_grad_norm (float, optional): the ``max_norm`` the clip used; None, <= 0 or inf: no clip.
+        """
+        if self.store is None:
+            raise RuntimeError("This tracker was loaded from a file and cannot record; build one from a model.")
+        if self._pending is not None:
+            self._write_pending()
+        step = int(step)
+
+        acc = self._acc_dtype
+        present = [i for i, p in enumerate(self._params) if p.grad is not None]
+        norms = torch.full((len(self._params),), float("nan"), dtype=acc, device=self.device)
+        post_total = torch.zeros((), dtype=acc, device=self.device)
+        if present:
+            found = self._stack(torch._foreach_norm([self._params[i].grad for i in present], dtype=torch.float32)).to(acc)
+            norms[torch.tensor(present, device=self.device)] = found
+            # like the Trainer's total, tensors without a gradient do not count
+            post_total = found.square().sum().sqrt()
+
+        clipped = total_grad_norm is not None and max_grad_norm is not None and 0 < max_grad_norm < math.inf
+        if total_grad_norm is None:
+            total = post_total
+        else:
+            total = torch.as_tensor(total_grad_norm, device=self.device)
+        if clipped:
+            # torch.nn.utils.clip_grads_with_norm_'s formula, in the total's dtype, so dividing undoes it
+            coef = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)
+        else:
+            coef = torch.ones((), dtype=total.dtype, device=self.device)
+        coef = coef.to(acc)
+        usable = torch.isfinite(coef) & (coef > 0)
+        tracked_norms = norms[: self._n_tracked]
+        pre = torch.where(usable, tracked_norms / coef, torch.full_like(tracked_norms, float("nan")))
+
+        weights = self._stack(torch._foreach_norm(self._tracked_detached, dtype=torch.float32)).to(acc)
+        self._pending = {
+            "step": step,
+            "grad_sq": self._cells(pre.square()),
+            "weight_sq": self._cells(weights.square()),
+            "totals": torch.stack([total.to(acc), coef, post_total]),
+            # a copy, not an alias: optimizer.step() updates in place
+            "before": torch._foreach_mul(self._tracked_detached, 1.0),
+        }
+
+    @torch.no_grad()
+    def log_update(self) -> None:
+        """After ``optimizer.step()``: measure the update ratios of the pending step and write its row."""
+        if self._pending is None:
+            return
+        deltas = torch._foreach_sub(self._tracked_detached, self._pending.pop("before"))
+        update = self._stack(torch._foreach_norm(deltas, dtype=torch.float32)).to(self._acc_dtype)
+        self._pending["update_sq"] = self._cells(update.square())
+        self._write_pending()
+
+    def discard_pending(self) -> None:
+        """Forget a recorded step that will not be completed (e.g. the optimizer step was skipped)."""
+        self._pending = None
+
+    def _stack(self, tensors) -> torch.Tensor:
+        if self._single_device:
+            return torch.stack(tensors)
+        return torch.stack([t.to(self.device) for t in tensors])
+
+    def _cells(self, per_tensor_sq: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(int(np.prod(self._shape)), dtype=self._acc_dtype, device=self.device)
+        return out.index_add_(0, self._cell_index, per_tensor_sq)
+
+    def _write_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        n = pending["grad_sq"].numel()
+        update_sq = pending.get("update_sq")
+        if update_sq is None:
+            update_sq = torch.full((n,), float("nan"), dtype=self._acc_dtype, device=self.device)
+        # the one host transfer of the step
+        row = torch.cat([pending["grad_sq"], pending["weight_sq"], update_sq, pending["totals"]]).cpu().double().numpy()
+        grad, weight, upd = (np.sqrt(row[i * n:(i + 1) * n]).reshape(self._shape) for i in range(3))
+        total, coef, post = row[3 * n:]
+        for arr in (grad, weight, upd):
+            arr[self._empty] = np.nan
+        self.store.append(self._snapshot(pending["step"], grad, weight, upd, total, coef, post))
+        if not math.isfinite(total):
+            logger.warning("Gradient tracker: total gradient norm at step %d is %s; per-tensor pre-clip norms "
+                           "are stored as NaN for that step.", pending["step"], total)
+
+    def _snapshot(self, step, grad, weight, upd, total, coef, post) -> xr.Dataset:
+        dims = ("step", "layer", "module", "component")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g2w, u2w = grad / weight, upd / weight
+        data = {
+            "grad_norm": (dims, grad[None]),
+            "weight_norm": (dims, weight[None]),
+            "grad_to_weight_ratio": (dims, g2w[None]),
+            "update_ratio": (dims, u2w[None]),
+            "numel": (dims[1:], self._numel),
+            "total_grad_norm": (("step",), [total]),
+            "clip_coef": (("step",), [coef]),
+            "post_clip_grad_norm": (("step",), [post]),
+        }
+        ds = xr.Dataset(data, coords={"step": np.array([step], dtype=np.int64),
+                                      "layer": np.array(self.layers, dtype=np.int64),
+                                      "module": np.array(self.modules, dtype=object),
+                                      "component": np.array(self.components, dtype=object)})
+        for name, attrs in _VARIABLE_ATTRS.items():
+            ds[name].attrs.update(attrs)
+        ds["step"].attrs.update({"long_name": "optimizer step", "description": STEP_CONVENTION})
+        ds["layer"].attrs.update({"long_name": "transformer block", "description": LAYER_CONVENTION})
+        ds["module"].attrs["long_name"] = "module type within the block"
+        ds["component"].attrs["long_name"] = "adapter component (A, B, magnitude, E, lambda_b, lambda_d, ia3, ln, miss, weight, bias)"
+        return ds
+
+    # ------------------------------------------------------------------------ saving
+    def start_fresh(self) -> None:
+        """A new run (step 0) in a folder an earlier run used: remove that run's gradient files."""
+        self._pending = None
+        if self.store is None:
+            return
+        if self.store.steps:
+            logger.warning("Replacing the gradient store %s of an earlier run (%d steps).", self.store.path,
+                           len(self.store.steps))
+        self.store.clear()
+        folder = self.store.path.parent
+        stale = [self.save_dir / FINAL_NAME, folder / SUMMARY_NAME, folder / "gradient_layer_comparison.png",
+                 *folder.glob("gradient_heatmap_*.png")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+
+    def resume_from(self, step: int) -> None:
+        """Resuming from checkpoint-``step``: drop stored steps after it."""
+        self._pending = None
+        if self.store is not None:
+            self.store.truncate_after(int(step))
+
+    def save(self) -> Path | None:
+        """Write any pending row and ``gradient_flow_summary.json``; return the store path (None if empty)."""
+        if self.store is None:
+            raise RuntimeError("This tracker was loaded from a file; there is nothing to save.")
+        if self._pending is not None:
+            self._write_pending()
+        if not self.store.steps:
+            return None
+        summary = self.get_summary_stats()
+        path = self.store.path.with_name(SUMMARY_NAME)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, path)
+        return self.store.path
+
+    def finalize(self) -> Path | None:
+        """End of training: :meth:`save`, ``gradient_flow_final.nc`` at the top of ``save_dir``, heatmap PNGs.
+
+        Returns the final file, or None (with a warning) when no step was recorded.
+        """
+        if self.save() is None:
+            logger.warning("Gradient tracker recorded no step (log_frequency=%d): %s was not written.",
+                           self.log_frequency, self.save_dir / FINAL_NAME)
+            return None
+        final = self.store.finalize(self.save_dir / FINAL_NAME)
+        self.save_plots()
+        return final
+
+    def save_plots(self, folder: str | os.PathLike | None = None) -> list[Path]:
+        """Write gradient_heatmap_<component>.png for A, B and DoRA's magnitude (when present) and
+        gradient_layer_comparison.png; return the paths written."""
+        folder = Path(folder) if folder is not None else self.save_dir / GRADIENT_DIR
+        data = self.data
+        comps = list(data["component"].values)
+        written = []
+        for component in ("A", "B", "magnitude"):
+            if component in comps:
+                path = folder / f"gradient_heatmap_{component}.png"
+                self.create_heatmap(component, save_path=path)
+                written.append(path)
+        # the comparison plot needs one component: B when the method has it, else the first
+        main = "B" if "B" in comps else comps[0]
+        path = folder / "gradient_layer_comparison.png"
+        self.create_layer_comparison_plot(component=main, save_path=path)
+        written.append(path)
+        return written
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GradientFlowTracker":
+        """A read-only tracker over a stored gradient Dataset.
+
+        Args:
+            path (str | Path): ``gradient_flow_final.nc``, a live ``gradient_logs/gradient_flow.nc``,
+                or a run folder holding one of them.
+        """
+        path = Path(path)
+        if path.is_dir():
+            candidates = [path / FINAL_NAME, path / GRADIENT_DIR / STORE_NAME]
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                raise FileNotFoundError(
+                    f"No gradient data in {path}: expected {FINAL_NAME} or {GRADIENT_DIR}/{STORE_NAME}; "
+                    "was the run trained with gradient tracking enabled?")
+            path = found
+        ds = RunStore.open(path)
+        missing = [v for v in ("grad_norm", "total_grad_norm") if v not in ds]
+        if missing:
+            raise ValueError(f"{path} is not a gradient flow store (missing {missing}); "
+                             "expected a file written by GradientFlowTracker.")
+        tracker = cls(None, log_frequency=int(ds.attrs.get("log_frequency", 1)), save_dir=path.parent,
+                      peft_type=ds.attrs.get("peft_type"))
+        tracker._loaded = ds
+        return tracker
+
+    # ------------------------------------------------------------------------ reading
+    @property
+    def data(self) -> xr.Dataset:
+        """The recorded Dataset (the stored steps; a pending, unwritten step is not included)."""
+        if self._loaded is not None:
+            return self._loaded
+        return self.store.read()
+
+    def get_summary_stats(self) -> dict:
+        """A JSON-ready summary: steps, totals, clipping, per component and per layer means (NaN -> null)."""
+        from .heatmaps import module_aggregate
+
+        ds = self.data
+        if "step" not in ds.dims or ds.sizes["step"] == 0:
+            return {"num_steps": 0, "steps": []}
+        steps = [int(s) for s in ds["step"].values]
+        total = ds["total_grad_norm"].values
+        coef = ds["clip_coef"].values
+        summary = {
+            "num_steps": len(steps),
+            "first_step": steps[0],
+            "last_step": steps[-1],
+            "log_frequency": int(ds.attrs.get("log_frequency", self.log_frequency)),
+            "peft_type": ds.attrs.get("peft_type"),
+            "step_convention": STEP_CONVENTION,
+            "total_grad_norm": {**_stats(total), "last": _num(total[-1])},
+            "post_clip_grad_norm": _stats(ds["post_clip_grad_norm"].values),
+            "clipped_fraction": _num(np.mean(coef < 1.0)) if len(coef) else None,
+            "nonfinite_steps": [s for s, t in zip(steps, total) if not np.isfinite(t)],
+            "components": {},
+            "layers": {},
+        }
+        for component in ds["component"].values:
+            sel = ds.sel(component=component)
+            tracked = sel["numel"].values > 0  # (layer, module): cells this component exists in
+            summary["components"][str(component)] = {
+                name: _stats(sel[name].transpose("step", "layer", "module").values[:, tracked])
+                for name in ("grad_norm", "grad_to_weight_ratio", "update_ratio")
+            }
+            per_layer = module_aggregate(ds["grad_norm"].sel(component=component)).mean("step", skipna=True)
+            summary["layers"][str(component)] = {str(int(l)): _num(v) for l, v in zip(per_layer["layer"].values, per_layer.values)}
+        return summary
+
+    def get_gradient_matrix(self, component: str = "B", module_type: str | None = None) -> xr.DataArray:
+        """``grad_norm`` of one component as a (layer, step) DataArray.
+
+        Args:
+            component (str, defaults to "B"): ``A``, ``B``, ``magnitude``, ``E``, ``ia3``, ...
+            module_type (str, optional): one module (``q_proj``); default: all modules combined as
+                sqrt(sum of squares), the norm of the component's gradient over the whole layer.
+        """
+        from .heatmaps import module_aggregate
+
+        da = self._select("grad_norm", component, module_type)
+        if module_type is None:
+            da = module_aggregate(da)
+            da.attrs["module_aggregation"] = MODULE_AGGREGATION
+        return da.transpose("layer", "step")
+
+    def get_layer_history(self, layer_idx: int) -> xr.Dataset:
+        """Everything recorded for one layer over steps (with the per-step totals).
+
+        Args:
+            layer_idx (int): transformer block index (-1: tensors outside the blocks).
+        """
+        ds = self.data
+        layers = [int(v) for v in ds["layer"].values]
+        if layer_idx not in layers:
+            raise ValueError(f"Layer {layer_idx} was not tracked; tracked layers are {layers}.")
+        return ds.sel(layer=layer_idx)
+
+    def create_heatmap(self, component: str = "B", save_path: str | os.PathLike | None = None,
+                       module_type: str | None = None):
+        """A layers x steps heatmap of ``grad_norm`` (log colour scale, NaN blank); returns the Figure.
+
+        Args:
+            component (str, defaults to "B"): the component to draw.
+            save_path (str | Path, optional): also write a PNG there.
+            module_type (str, optional): one module instead of all modules combined.
+        """
+        from .heatmaps import gradient_heatmap, save_figure
+
+        matrix = self.get_gradient_matrix(component, module_type)
+        where = f"module {module_type}" if module_type else "modules combined per layer: √(Σ ‖g_module‖²)"
+        title = f"Pre-clip gradient norm of {component}\n{where}"
+        fig = gradient_heatmap(matrix, title=title, peft_type=self.data.attrs.get("peft_type"))
+        if save_path is not None:
+            save_figure(fig, save_path)
+        return fig
+
+    def create_layer_comparison_plot(self, layers: list[int] | None = None, component: str = "B",
+                                     save_path: str | os.PathLike | None = None):
+        """``grad_norm`` of one component over steps for a few layers; returns the Figure.
+
+        Args:
+            layers (list[int], optional): block indices; default the first, middle and last block.
+            component (str, defaults to "B"): the component to draw (modules combined per layer).
+            save_path (str | Path, optional): also write a PNG there.
+        """
+        from .heatmaps import layer_comparison, save_figure
+
+        matrix = self.get_gradient_matrix(component)
+        available = [int(v) for v in matrix["layer"].values]
+        blocks = [l for l in available if l >= 0] or available
+        if layers is None:
+            layers = list(dict.fromkeys([blocks[0], blocks[len(blocks) // 2], blocks[-1]]))
+        unknown = [l for l in layers if l not in available]
+        if unknown:
+            raise ValueError(f"Layers {unknown} were not tracked; tracked layers are {available}.")
+        fig = layer_comparison(matrix.sel(layer=layers), title=f"Pre-clip gradient norm of {component} by layer\n"
+                                                                "modules combined per layer: √(Σ ‖g_module‖²)")
+        if save_path is not None:
+            save_figure(fig, save_path)
+        return fig
+
+    def _select(self, variable: str, component: str, module_type: str | None) -> xr.DataArray:
+        ds = self.data
+        if "component" not in ds.coords:
+            raise ValueError("No gradient step has been recorded yet.")
+        comps = [str(c) for c in ds["component"].values]
+        if component not in comps:
+            raise ValueError(f"Component {component!r} was not recorded; recorded components are {comps}.")
+        da = ds[variable].sel(component=component)
+        if module_type is not None:
+            modules = [str(m) for m in ds["module"].values]
+            if module_type not in modules:
+                raise ValueError(f"Module {module_type!r} was not recorded; recorded modules are {modules}.")
+            da = da.sel(module=module_type)
+        return da
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _peft_type_of(model: nn.Module, tracked: list[TrackedTensor]) -> str:
+    config = peft_config_of(model)
+    if not config:
+        return "full"
+    cfg = next(iter(config.values()))
+    name = str(getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", "unknown"))).lower()
+    if name == "lora" and any(t.component == "magnitude" for t in tracked):
+        return "dora"
+    return name
+
+
+def _perl_version() -> str:
+    try:
+        from perl import __version__
+        return __version__
+    except ImportError:  # pragma: no cover - perl is always importable here
+        return "unknown"
+
+
+def _num(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _stats(values: np.ndarray) -> dict:
+    """mean / min / max over the finite values (null when there are none) and how many were not finite."""
+    values = np.asarray(values, dtype=float)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return {"mean": None, "min": None, "max": None, "nonfinite": int(values.size)}
+    return {"mean": _num(finite.mean()), "min": _num(finite.min()), "max": _num(finite.max()),
+            "nonfinite": int(values.size - finite.size)}

@@ -1,0 +1,307 @@
+"""Spectra of adapter weight changes and what they say: pure functions on tensors.
+
+Nothing here knows peft or netCDF. Every function takes factors or matrices and returns float64
+tensors; leading batch dimensions (stacked modules of equal shapes) are supported throughout.
+
+The main idea (DESIGN.md): never form the m x n product to take its SVD. With ``B = Q_b R_b`` and
+``A^T = Q_a R_a`` (thin QR), ``B @ A = Q_b (R_b R_a^T) Q_a^T``, so the singular values of ``B @ A``
+are exactly those of the small core ``R_b R_a^T``: cost O((m + n) k^2) instead of O(m n min(m, n)).
+QR and core run in float64: the factors are float32 (or bf16) numbers, so their product is an exact
+matrix whose small singular values would be lost to float32 rounding (relative error ~1e-7 * sigma_1
+/ sigma_i) but are kept by float64 (~1e-16).
+
+Conventions for the metrics (also stored as variable attrs by the tracker, see METRIC_ATTRS):
+
+- Padding: NaN entries of a spectrum are padding (a module with a smaller rank than the ``sv``
+  dimension) and are ignored.
+- Undefined: a spectrum with no finite entry, or with an Inf, gives NaN for every metric (the
+  weights held NaN/Inf; training may go on and the store shows the NaN).
+- Numerical support: values at or below ``rtol * sigma_1`` (``rtol`` = 1e-6 by default) count as
+  zero. They are what a rank-deficient factorisation leaves (e.g. the r unused slots of the 2r-slot
+  update of a plain LoRA, or AdaLoRA's pruned triplets), not data. ``numerical_rank`` counts the
+  values above it; ``sigma_min`` in ``spectral_gap`` and ``condition_number`` is the smallest value
+  above it, so the condition number lies in [1, 1/rtol] and never explodes to 1e10.
+- Zero matrix (all values exactly 0, e.g. LoRA's B = 0 at step 0, or the update since init at
+  step 0): ranks, norms and the gap are 0; ``condition_number`` and the ``top*_sv_ratio`` energy
+  ratios are NaN (0/0: undefined).
+- Every metric except the norms depends only on sigma / sigma_1, so a tiny matrix (1e-12 after a
+  first small step) has the same ranks and ratios as its scaled-up copy: no 1e10 artefacts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "factored_singular_values", "update_singular_values", "topk_singular_values", "dense_singular_values",
+    "top_singular_values", "spectrum_metrics", "vector_metrics", "dora_metrics", "METRIC_NAMES",
+    "METRIC_ATTRS", "DEFAULT_RTOL",
+]
+
+DEFAULT_RTOL = 1e-6
+
+METRIC_ATTRS: dict[str, dict[str, str]] = {
+    "spectral_gap": {
+        "long_name": "spectral gap", "units": "weight units",
+        "formula": "sigma_1 - sigma_min, sigma_min = smallest singular value above rtol*sigma_1",
+        "zero_matrix": "0",
+    },
+    "condition_number": {
+        "long_name": "condition number on the numerical support", "units": "1",
+        "formula": "sigma_1 / sigma_min, sigma_min = smallest singular value above rtol*sigma_1 (in [1, 1/rtol])",
+        "zero_matrix": "NaN (0/0 undefined)",
+    },
+    "effective_rank": {
+        "long_name": "effective rank (PeRL)", "units": "1",
+        "formula": "(sum sigma)^2 / sum sigma^2", "zero_matrix": "0",
+    },
+    "entropy_effective_rank": {
+        "long_name": "entropy effective rank (Roy & Vetterli 2007)", "units": "1",
+        "formula": "exp(-sum p log p), p = sigma / sum sigma", "zero_matrix": "0",
+    },
+    "stable_rank": {
+        "long_name": "stable rank", "units": "1", "formula": "sum sigma^2 / sigma_1^2", "zero_matrix": "0",
+    },
+    "nuclear_norm": {
+        "long_name": "nuclear norm", "units": "weight units", "formula": "sum sigma", "zero_matrix": "0",
+    },
+    "frobenius_norm": {
+        "long_name": "Frobenius norm", "units": "weight units", "formula": "sqrt(sum sigma^2)", "zero_matrix": "0",
+    },
+    "top1_sv_ratio": {
+        "long_name": "energy in the top singular value", "units": "1",
+        "formula": "sigma_1^2 / sum sigma^2", "zero_matrix": "NaN (0/0 undefined)",
+    },
+    "top5_sv_ratio": {
+        "long_name": "energy in the top 5 singular values", "units": "1",
+        "formula": "sum_{i<=5} sigma_i^2 / sum sigma^2 (1 when there are at most 5 values)",
+        "zero_matrix": "NaN (0/0 undefined)",
+    },
+    "top10_sv_ratio": {
+        "long_name": "energy in the top 10 singular values", "units": "1",
+        "formula": "sum_{i<=10} sigma_i^2 / sum sigma^2 (1 when there are at most 10 values)",
+        "zero_matrix": "NaN (0/0 undefined)",
+    },
+    "numerical_rank": {
+        "long_name": "numerical rank", "units": "1",
+        "formula": "count of sigma_i > rtol * sigma_1", "zero_matrix": "0",
+    },
+}
+METRIC_NAMES = tuple(METRIC_ATTRS)
+
+
+# -------------------------------------------------------------------- singular values
+def factored_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Singular values of ``scale * B @ A`` without forming it, descending, float64.
+
+    Args:
+        B (Tensor): (..., m, k).
+        A (Tensor): (..., k, n).
+        scale (float | Tensor): scalar, or one per batch entry (shape ``(...)``).
+
+    Returns:
+        Tensor (..., min(m, n, k)). A batch entry whose factors hold NaN/Inf gives NaN values.
+    """
+    B, A, bad = _finite_or_zero(B, A)
+    r_b = torch.linalg.qr(B, mode="r").R                  # (..., min(m,k), k)
+    r_a = torch.linalg.qr(A.mT, mode="r").R               # (..., min(n,k), k)
+    sv = torch.linalg.svdvals(r_b @ r_a.mT)
+    sv = sv * _abs_scale(scale, sv)
+    if bad is not None:
+        sv[bad] = float("nan")
+    return sv
+
+
+def update_singular_values(B_t: torch.Tensor, A_t: torch.Tensor, B_0: torch.Tensor, A_0: torch.Tensor,
+                           scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Singular values of the update since init ``scale * (B_t A_t - B_0 A_0)``, rank <= 2k, factored.
+
+    Written as ``[B_t - B_0, B_0] @ [A_t; A_t - A_0]`` (equal to ``[B_t, -B_0] @ [A_t; A_0]``)
+    so that the differences are taken on the factors, exactly, before any QR: no cancellation
+    noise, and exactly zero when nothing moved (step 0).
+
+    Args:
+        B_t, A_t (Tensor): current factors (..., m, k) and (..., k, n).
+        B_0, A_0 (Tensor): factors at initialisation, same shapes.
+        scale (float | Tensor): as in :func:`factored_singular_values`.
+
+    Returns:
+        Tensor (..., min(m, n, 2k)).
+    """
+    m, k, n = B_t.shape[-2], B_t.shape[-1], A_t.shape[-1]
+    width = min(m, n, 2 * k)
+    if not B_0.any() or not A_0.any():
+        # B_0 A_0 = 0 (plain LoRA, AdaLoRA, MiSS): the update is the product, rank <= k
+        sv = factored_singular_values(B_t, A_t, scale)
+        return torch.nn.functional.pad(sv, (0, width - sv.shape[-1]))
+    B_t, B_0 = B_t.double(), B_0.double()
+    A_t, A_0 = A_t.double(), A_0.double()
+    return factored_singular_values(torch.cat([B_t - B_0, B_0], dim=-1), torch.cat([A_t, A_t - A_0], dim=-2), scale)
+
+
+def topk_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor = 1.0, k: int = 8) -> torch.Tensor:
+    """The top ``k`` singular values of ``scale * B @ A`` (``compute_full_svd=False``).
+
+    The factored path costs the same for k values as for all of them (the SVD of the small core
+    is negligible next to the QRs), so this is the factored spectrum truncated.
+    """
+    return factored_singular_values(B, A, scale)[..., :k]
+
+
+def dense_singular_values(W: torch.Tensor) -> torch.Tensor:
+    """All singular values of a dense matrix, float64 (the reference path; O(m n min(m, n)))."""
+    W, _, bad = _finite_or_zero(W, W)
+    sv = torch.linalg.svdvals(W)
+    if bad is not None:
+        sv[bad] = float("nan")
+    return sv
+
+
+def top_singular_values(W: torch.Tensor, k: int, oversample: int | None = None, max_iter: int = 60,
+                        tol: float = 1e-10, seed: int = 0) -> torch.Tensor:
+    """Top ``k`` singular values of a dense matrix by randomized subspace iteration (float64).
+
+    Converges geometrically at rate sigma_{k+p+1}/sigma_k per iteration and stops once the top k
+    estimates move by less than ``tol * sigma_1``; for a spectrum without a gap after the k-th value
+    the result after ``max_iter`` iterations is a close lower bound (Rayleigh-Ritz values never
+    exceed the true ones). Small matrices go through the dense SVD, which is then cheaper.
+
+    Args:
+        W (Tensor): (m, n).
+        k (int): how many values.
+        oversample (int, optional): extra subspace columns p; default max(k, 8).
+        max_iter (int): iteration cap. tol (float): stopping tolerance relative to sigma_1.
+        seed (int): seed of the start block (results are reproducible).
+    """
+    m, n = W.shape
+    width = min(k + (max(k, 8) if oversample is None else oversample), m, n)
+    if not torch.isfinite(W).all():
+        return torch.full((min(k, m, n),), float("nan"), dtype=torch.float64, device=W.device)
+    W = W.double()
+    if 2 * width >= min(m, n):
+        return torch.linalg.svdvals(W)[:k]
+    gen = torch.Generator(device=W.device).manual_seed(seed)
+    Q = torch.linalg.qr(W @ torch.randn(n, width, generator=gen, dtype=W.dtype, device=W.device)).Q
+    previous = None
+    for _ in range(max_iter):
+        Z = torch.linalg.qr(W.T @ Q).Q
+        Y = W @ Z
+        estimate = torch.linalg.svdvals(Y)[:k]
+        if previous is not None and (estimate - previous).abs().max() <= tol * max(float(estimate[0]), 1e-300):
+            break
+        previous = estimate
+        Q = torch.linalg.qr(Y).Q
+    return estimate
+
+
+# -------------------------------------------------------------------- metrics
+def spectrum_metrics(sv: torch.Tensor, rtol: float = DEFAULT_RTOL) -> dict[str, torch.Tensor]:
+    """Every metric of METRIC_NAMES for each spectrum in a batch (conventions: module docstring).
+
+    Args:
+        sv (Tensor): (..., k) singular values; NaN entries are padding.
+        rtol (float): numerical-support tolerance relative to sigma_1.
+
+    Returns:
+        dict name -> float64 Tensor (...).
+    """
+    sv = sv.double()
+    present = ~torch.isnan(sv)
+    defined = present.any(-1) & torch.where(present, torch.isfinite(sv), True).all(-1)
+    x = torch.where(present & torch.isfinite(sv), sv.abs(), 0.0)
+    x = torch.sort(x, dim=-1, descending=True).values
+    s1 = x[..., 0] if x.shape[-1] else torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    zero = s1 == 0
+    u = x / torch.where(zero, 1.0, s1).unsqueeze(-1)          # relative to sigma_1: scale-free
+    sum_u, sum_u2 = u.sum(-1), (u * u).sum(-1)
+    safe_u2 = torch.where(zero, 1.0, sum_u2)
+    p = u / torch.where(zero, 1.0, sum_u).unsqueeze(-1)
+    entropy = -(torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0)).sum(-1)
+    support = u > rtol
+    n_support = support.sum(-1)
+    last = (n_support - 1).clamp(min=0).unsqueeze(-1)
+    s_min = torch.gather(x, -1, last).squeeze(-1) if x.shape[-1] else s1
+    energy = torch.cumsum(u * u, -1) / safe_u2.unsqueeze(-1)
+
+    def top(k):
+        return energy[..., min(k, x.shape[-1]) - 1] if x.shape[-1] else torch.zeros_like(s1)
+
+    nan = torch.full_like(s1, float("nan"))
+    out = {
+        "spectral_gap": torch.where(zero, 0.0, s1 - s_min),
+        "condition_number": torch.where(zero, nan, s1 / torch.where(zero, 1.0, s_min)),
+        "effective_rank": torch.where(zero, 0.0, sum_u * sum_u / safe_u2),
+        "entropy_effective_rank": torch.where(zero, 0.0, torch.exp(entropy)),
+        "stable_rank": torch.where(zero, 0.0, sum_u2),
+        "nuclear_norm": s1 * sum_u,
+        "frobenius_norm": s1 * torch.sqrt(sum_u2),
+        "top1_sv_ratio": torch.where(zero, nan, top(1)),
+        "top5_sv_ratio": torch.where(zero, nan, top(5)),
+        "top10_sv_ratio": torch.where(zero, nan, top(10)),
+        "numerical_rank": n_support.double(),
+    }
+    return {name: torch.where(defined, value, nan) for name, value in out.items()}
+
+
+def vector_metrics(v: torch.Tensor, v0: torch.Tensor) -> dict[str, torch.Tensor]:
+    """IA3 / LayerNorm tuning: ``vector_norm`` = ||v||, ``vector_distance_from_init`` = ||v - v0||."""
+    v, v0 = v.double(), v0.double()
+    return {"vector_norm": torch.linalg.vector_norm(v), "vector_distance_from_init": torch.linalg.vector_norm(v - v0)}
+
+
+def dora_metrics(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, magnitude: torch.Tensor,
+                 k: int, full: bool = False) -> dict[str, torch.Tensor]:
+    """DoRA's magnitude and direction, and the spectrum of its effective weight change.
+
+    DoRA's weight is ``W' = diag(m / n) V`` with the direction ``V = W0 + s B A`` and ``n`` the
+    per-output-row norms of V (peft computes n in the weights' dtype and treats it as a constant;
+    so does this function, so that W' = W0 exactly at step 0). Returned:
+
+    - ``magnitude_norm`` = ||m||; ``direction_norm`` = ||V||_F (the rows of the normalised direction
+      V / n have unit norm, so its own norm is the constant sqrt(out); ||V||_F is what moves);
+      ``magnitude_direction_ratio`` = ||m|| / ||V||_F, exactly 1 at init (m = n then).
+    - ``effective_update_singular_values``: singular values of ``W' - W0 = (D - 1) W0 + D s B A``
+      (D = diag(m / n)). This matrix is full rank once m moves, so there is no factored form: it is
+      built densely (O(out*in) memory, what peft's DoRA forward builds anyway at every step) and its
+      top ``k`` values come from :func:`top_singular_values` (``full=True``: all values, dense SVD,
+      O(out*in*min(out, in))).
+
+    Args:
+        W0 (Tensor): base weight, out x in. B, A, scale: the LoRA factors. magnitude (Tensor): m (out,).
+        k (int): how many singular values of the effective change.
+        full (bool): all singular values by dense SVD instead of the top k.
+    """
+    dtype = W0.dtype
+    lora = (B.to(dtype) @ A.to(dtype)) * scale
+    row_norm = torch.linalg.norm(W0 + lora, dim=1)           # as peft's DoraLinearLayer.get_weight_norm
+    factor = (magnitude.to(dtype) / row_norm).double()
+    change = (factor - 1.0).unsqueeze(1) * W0.double() + factor.unsqueeze(1) * (B.double() @ A.double()) * scale
+    magnitude_norm = torch.linalg.vector_norm(magnitude.double())
+    direction_norm = torch.linalg.vector_norm(row_norm.double())
+    sv = dense_singular_values(change) if full else top_singular_values(change, k)
+    return {
+        "magnitude_norm": magnitude_norm,
+        "direction_norm": direction_norm,
+        "magnitude_direction_ratio": magnitude_norm / direction_norm if direction_norm > 0 else torch.tensor(math.nan),
+        "effective_update_singular_values": sv,
+    }
+
+
+# -------------------------------------------------------------------- helpers
+def _finite_or_zero(B: torch.Tensor, A: torch.Tensor):
+    """Float64 copies with non-finite batch entries zeroed (LAPACK may fail on them) + their mask."""
+    B, A = B.double(), A.double()
+    finite = torch.isfinite(B).flatten(-2).all(-1) & torch.isfinite(A).flatten(-2).all(-1)
+    if bool(finite.all()):
+        return B, A, None
+    bad = ~finite
+    B = torch.where(bad[..., None, None], 0.0, B)
+    A = torch.where(bad[..., None, None], 0.0, A)
+    return B, A, bad
+
+
+def _abs_scale(scale, sv: torch.Tensor) -> torch.Tensor:
+    scale = torch.as_tensor(scale, dtype=sv.dtype, device=sv.device).abs()
+    return scale.unsqueeze(-1) if scale.ndim else scale

@@ -1,0 +1,173 @@
+"""RunStore: round trip, schema rules, resume truncation, a live reader in a second process, SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from perl.trackers.store import RunStore, StoreError
+
+MODULES = ["q_proj", "v_proj", "down_proj"]
+
+
+def snapshot(step, n_layers=2, n_sv=3, extra=False):
+    """A step whose values all equal the step number, except one NaN cell (layer 1, down_proj)."""
+    sv = np.full((1, n_layers, len(MODULES), n_sv), float(step))
+    sv[0, 1, 2, :] = np.nan
+    data = {
+        "singular_values": (("step", "layer", "module", "sv"), sv, {"long_name": "singular values", "units": "1"}),
+        "effective_rank": (("step", "layer", "module"), sv[..., 0].copy()),
+        "finite": (("step",), np.array([True])),
+        "scale": (("layer", "module"), np.full((n_layers, len(MODULES)), 0.5)),
+    }
+    if extra:
+        data["magnitude_norm"] = (("step", "layer", "module"), np.full((1, n_layers, len(MODULES)), -float(step)))
+    return xr.Dataset(data, coords={"step": [step], "layer": np.arange(n_layers), "module": MODULES,
+                                    "sv": np.arange(n_sv)})
+
+
+def test_round_trip_strings_nan_attrs_and_late_variable(tmp_path):
+    path = tmp_path / "logs" / "history.nc"
+    store = RunStore(path, attrs={"peft_type": "dora", "target_modules": ["q_proj", "v_proj"], "r": 4,
+                                  "config": {"seed": 3}, "flag": True, "nothing": None})
+    for step in (0, 5):
+        store.append(snapshot(step))
+    store.append(snapshot(10, extra=True))  # a variable first seen at step 10
+
+    ds = RunStore.open(path)
+    assert store.steps == [0, 5, 10] and list(ds.step.values) == [0, 5, 10]
+    assert [str(m) for m in ds.module.values] == MODULES
+    assert ds.attrs["peft_type"] == "dora" and list(ds.attrs["target_modules"]) == ["q_proj", "v_proj"]
+    assert ds.attrs["config_json"] == {"seed": 3} and ds.attrs["flag"] == 1 and "nothing" not in ds.attrs
+    assert ds.singular_values.attrs["long_name"] == "singular values"
+    np.testing.assert_array_equal(ds.singular_values.sel(step=5, layer=0, module="v_proj").values, [5.0] * 3)
+    assert np.isnan(ds.singular_values.sel(step=5, layer=1, module="down_proj").values).all()
+    assert ds.finite.dtype == bool and ds.finite.values.all()
+    assert ds.scale.dims == ("layer", "module")
+    late = ds.magnitude_norm
+    assert np.isnan(late.sel(step=[0, 5]).values).all() and (late.sel(step=10).values == -10).all()
+
+
+def test_scalar_step_coordinate_and_reopen_continues(tmp_path):
+    path = tmp_path / "s.nc"
+    RunStore(path).append(snapshot(0).drop_vars("scale").isel(step=0))  # scalar step coordinate
+    again = RunStore(path)
+    assert again.steps == [0]
+    again.append(snapshot(1).drop_vars("scale"))
+    assert RunStore(path).steps == [0, 1]
+    assert RunStore.open(path).effective_rank.sel(layer=0, module="q_proj").values.tolist() == [0.0, 1.0]
+
+
+def test_schema_is_fixed_by_the_first_append(tmp_path):
+    store = RunStore(tmp_path / "s.nc")
+    store.append(snapshot(0))
+    with pytest.raises(StoreError, match="not after the last stored step"):
+        store.append(snapshot(0))
+    with pytest.raises(StoreError, match="Dimension 'layer' has size 3"):
+        store.append(snapshot(1, n_layers=3))
+    with pytest.raises(StoreError, match="Coordinate 'module' differs"):
+        store.append(snapshot(1).assign_coords(module=["q_proj", "k_proj", "down_proj"]))
+    assert store.steps == [0] and RunStore.open(store.path).sizes["step"] == 1
+
+
+def test_truncate_after_for_resume_and_finalize(tmp_path):
+    store = RunStore(tmp_path / "s.nc", attrs={"peft_type": "lora"})
+    for step in range(0, 50, 10):
+        store.append(snapshot(step))
+    store.truncate_after(25)
+    assert store.steps == [0, 10, 20] and RunStore(store.path).steps == [0, 10, 20]
+    store.append(snapshot(30))  # continues after the resume point
+    final = store.finalize(tmp_path / "final.nc")
+    ds = RunStore.open(final)
+    assert list(ds.step.values) == [0, 10, 20, 30]
+    assert ds.attrs["peft_type"] == "lora"
+    np.testing.assert_array_equal(ds.effective_rank.sel(layer=0, module="q_proj").values, [0, 10, 20, 30])
+
+
+def test_unreadable_or_missing_file_gives_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.nc"
+    bad.write_text("not netcdf")
+    with pytest.raises(StoreError, match="expected a netCDF4 file"):
+        RunStore(bad)
+    with pytest.raises(FileNotFoundError, match="No run store"):
+        RunStore.open(tmp_path / "missing.nc")
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from test_store import snapshot
+    from perl.trackers.store import RunStore
+    store = RunStore({path!r})
+    for step in range({n}):
+        store.append(snapshot(step, n_layers={layers}, n_sv={n_sv}))
+        print(step, flush=True)
+        time.sleep({pause})
+""")
+
+
+def _start_writer(tmp_path, n, layers=2, n_sv=3, pause=0.0):
+    script = tmp_path / "writer.py"
+    path = tmp_path / "live.nc"
+    script.write_text(WRITER.format(tests=os.path.dirname(__file__), path=str(path), n=n, layers=layers,
+                                    n_sv=n_sv, pause=pause))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, path
+
+
+def _check_consistent(ds):
+    steps = [int(s) for s in ds.step.values]
+    assert steps == list(range(len(steps))), steps  # a prefix, no gaps, no half-written step
+    values = ds.singular_values.values
+    expected = np.asarray(steps, dtype=float)[:, None, None, None] * np.ones_like(values)
+    expected[:, 1, 2, :] = np.nan
+    np.testing.assert_array_equal(values, expected)
+    return len(steps)
+
+
+def test_second_process_reads_while_the_first_appends(tmp_path):
+    proc, path = _start_writer(tmp_path, n=40, pause=0.01)
+    seen, reads = [], 0
+    try:
+        while proc.poll() is None or not seen or seen[-1] < 40:
+            if path.exists():
+                seen.append(_check_consistent(RunStore.open(path)))
+                reads += 1
+            if proc.poll() is not None and path.exists() and seen and seen[-1] == 40:
+                break
+            if proc.poll() is not None and proc.returncode != 0:
+                break
+    finally:
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert reads >= 3 and seen == sorted(seen)  # the reader saw the store grow, never shrink
+    assert seen[-1] == 40
+
+
+def test_sigkill_leaves_the_last_complete_file(tmp_path):
+    proc, path = _start_writer(tmp_path, n=100000, layers=24, n_sv=64)
+    printed = 0
+    while printed < 8:  # let a few appends complete
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        printed += 1
+    time.sleep(0.05)  # most likely inside an append now
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    ds = RunStore.open(path)
+    n = int(ds.sizes["step"])
+    assert n >= 8
+    steps = [int(s) for s in ds.step.values]
+    assert steps == list(range(n))
+    assert np.all(ds.singular_values.sel(layer=0, module="q_proj").values == np.asarray(steps)[:, None])
+    # a new writer removes the killed writer's temporary and continues the store
+    store = RunStore(path)
+    assert not list(tmp_path.glob(".live.nc.*.tmp"))
+    store.append(snapshot(n, n_layers=24, n_sv=64))
+    assert RunStore(path).steps[-1] == n
