@@ -13,7 +13,7 @@
    tiny Qwen2 with a plain Trainer; pass your own trainer factory to measure another setup (e.g.
    GRPO on the embedded countdown-nano model; target < 2 % of step time).
 
-Run: ``python benchmarks/gradient_overhead.py`` (about a minute on 2 CPU cores).
+Run: ``python benchmarks/gradient_overhead.py [--threads N]`` (a minute or two on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -193,8 +193,19 @@ def tiny_lora_trainer(callbacks: list, save_dir: str, steps: int):
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine OpenMP barriers, not the work, dominate "
+                             "multi-threaded timings; use the core count on a dedicated machine)")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens of the adapter backward reference")
+    parser.add_argument("--skip-trainer", action="store_true", help="skip the whole-step Trainer measurement")
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
     torch.manual_seed(0)
-    r = qwen15b_logged_step_cost()
+    print(f"torch threads: {torch.get_num_threads()}")
+    r = qwen15b_logged_step_cost(tokens=options.tokens)
     print(f"Qwen2.5-1.5B LoRA r={RANK}: {r['tensors']} adapter tensors, {r['adapter_params'] / 1e6:.1f}M parameters")
     print(f"  one logged step (norms, copy, update norms, store append): {r['logged_step_s'] * 1e3:8.1f} ms")
     print(f"    of which the netCDF store append:                        {r['store_append_s'] * 1e3:8.1f} ms")
@@ -203,6 +214,8 @@ def main() -> None:
           f"({r['matmul_gflops']:.0f} GFLOP/s):   {r['full_backward_estimate_s'] * 1e3:8.1f} ms")
     print(f"  ratio logged step / adapter backward:      {r['logged_step_s'] / r['adapter_backward_s']:.3f}")
     print(f"  ratio logged step / full backward (est.):  {r['logged_step_s'] / r['full_backward_estimate_s']:.4f}")
+    if options.skip_trainer:
+        return
     e = embedded_model_overhead(tiny_lora_trainer)
     print("Whole Trainer step, tracking at frequency 1 (tiny 4-block Qwen2 LoRA stand-in; "
           "pass the embedded-model GRPO factory to embedded_model_overhead for the real number):")

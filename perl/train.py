@@ -48,12 +48,14 @@ class TrainResult:
         tracking_dir (`Path`): where spectral_logs/ and gradient_logs/ are (``tracking_output_dir`` or ``output_dir``).
         log_history (`list[dict]`): the Trainer's logged values, one dict per log.
         global_step (`int`): optimizer steps done.
+        model (`nn.Module`, *optional*): the trained model (the PeftModel), for inspection in a notebook.
     """
 
     output_dir: Path
     tracking_dir: Path
     log_history: list[dict] = field(default_factory=list)
     global_step: int = 0
+    model: object = field(default=None, repr=False)
 
 
 def _is_main_process() -> bool:
@@ -247,9 +249,10 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
     peft_model = setup.model
 
     callbacks = list(setup.callbacks)
-    if _is_main_process():
-        callbacks.append(MetricsCallback(output_dir / METRICS_FILE))
     callbacks += tracking_callbacks(config, peft_model, tracking_dir, run_attributes(config, peft_model))
+    if _is_main_process():
+        # note: after the trackers, so the scalars they add to each log are in metrics.jsonl too
+        callbacks.append(MetricsCallback(output_dir / METRICS_FILE))
     callbacks += list(extra_callbacks or [])
 
     optimizers = (None, None)
@@ -264,9 +267,14 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
     )
     if setup.optimizer_factory is not None:
         trainer.optimizer = setup.optimizer_factory(trainer.model, grpo_args)
-    for cb in callbacks:
+    handler = trainer.callback_handler
+    for cb in reversed(callbacks):
         if hasattr(cb, "bind_trainer"):
             cb.bind_trainer(trainer)
+        # note: run our callbacks first, so the scalars they add to the logs reach the
+        # report_to integrations (tensorboard, wandb), which the Trainer registers before them
+        handler.callbacks.remove(cb)
+        handler.callbacks.insert(0, cb)
 
     trainer.train(resume_from_checkpoint=checkpoint)
     if _is_main_process():
@@ -278,4 +286,5 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
         tracking_dir=tracking_dir,
         log_history=list(trainer.state.log_history),
         global_step=int(trainer.state.global_step),
+        model=trainer.model,
     )

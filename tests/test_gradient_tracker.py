@@ -184,7 +184,7 @@ def test_nonfinite_total_stores_nan_per_tensor(tmp_path, caplog):
     ds = tracker.data.sel(step=1)
     assert np.isposinf(float(ds.total_grad_norm))
     assert np.isnan(ds.grad_norm.values).all()
-    assert "not finite" in caplog.text or "inf" in caplog.text
+    assert "destroyed" in caplog.text
 
 
 def test_full_fine_tuning_tracks_every_weight_under_named_cells(tmp_path):

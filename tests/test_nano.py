@@ -132,3 +132,108 @@ def test_quick_recipe_learns_the_format(tmp_path):
     result = evaluate(model, tok, problems, greedy=True, progress=False)
     assert result["format_rate"] >= 0.8
     assert sum(f.stat().st_size for f in out.iterdir()) <= 20 * 2**20
+
+
+# ----------------------------------------------------------------------------------- perl eval
+def independent_score(text, nums, target):
+    """(format ok, equation correct) of one completion, computed without perl.data.rewards."""
+    import ast
+    from collections import Counter
+    from fractions import Fraction
+
+    full = "<think>" + text
+    if not re.fullmatch(r"<think>((?!</?think>)[\s\S])*</think>\n<answer>[\s\S]*?</answer>", full):
+        return False, False
+    answer = full[full.rindex("<answer>") + 8: full.rindex("</answer>")]
+    if not re.fullmatch(r"[0-9+\-*/() ]+", answer):
+        return True, False
+    try:
+        tree = ast.parse(answer, mode="eval")
+    except SyntaxError:
+        return True, False
+    used = Counter()
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.BinOp):
+            a, b = walk(node.left), walk(node.right)
+            op = type(node.op)
+            if op is ast.Div and b == 0:
+                raise ZeroDivisionError
+            return {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                    ast.Div: lambda: a / b}[op]()
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used[node.value] += 1
+            return Fraction(node.value)
+        raise ValueError(ast.dump(node))
+
+    try:
+        value = walk(tree)
+    except (ValueError, KeyError, ZeroDivisionError):
+        return True, False
+    return True, value == target and used == Counter(nums)
+
+
+def test_evaluate_matches_an_independent_scoring():
+    from perl.evaluate import evaluate
+    from perl.models.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("countdown-nano")
+    problems = generate_problems(24, seed=4, min_numbers=3, max_numbers=3, split="test")
+    result = evaluate(model, tok, problems, greedy=True, batch_size=7, progress=False, n_examples=24)
+    fmt = correct = tokens = 0
+    for p, example in zip(problems, result["examples"]):
+        enc = tok(build_prompt(p["nums"], p["target"], tok), return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=False, max_new_tokens=64, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        text = tok.decode(new, skip_special_tokens=True)
+        assert example["completion"] == text
+        ok_format, ok_eq = independent_score(text, p["nums"], p["target"])
+        fmt += ok_format
+        correct += ok_eq
+        tokens += new.index(tok.eos_token_id) + 1 if tok.eos_token_id in new else len(new)
+    assert result["n"] == 24
+    assert result["format_rate"] == pytest.approx(fmt / 24)
+    assert result["correct_rate"] == pytest.approx(correct / 24)
+    assert result["mean_completion_tokens"] == pytest.approx(tokens / 24)
+    assert fmt > 12, "the shipped model writes the format on most held-out problems"
+
+
+def test_eval_cli_on_a_run_folder_with_an_adapter(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from perl.evaluate import main
+    from perl.models.loading import load_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  model_name_or_path: countdown-nano\n")
+    torch.manual_seed(0)
+    # init_lora_weights=False: a random, non-zero update, so the adapter visibly changes the model
+    peft_model = get_peft_model(load_model("countdown-nano"), LoraConfig(
+        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(run))
+    assert main([str(run), "--n", "12", "--output", str(tmp_path / "run.json"), "--no-progress"]) == 0
+    assert main(["countdown-nano", "--n", "12", "--output", str(tmp_path / "base.json"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "adapter" in printed and "sample T=1" in printed
+    adapted = json.loads((tmp_path / "run.json").read_text())["results"]
+    base = json.loads((tmp_path / "base.json").read_text())["results"]
+    assert set(adapted) == {"greedy", "sample T=1"}
+    assert adapted["greedy"]["n"] == 12 and 0.0 <= adapted["greedy"]["format_rate"] <= 1.0
+    assert [e["completion"] for e in adapted["greedy"]["examples"]] != \
+        [e["completion"] for e in base["greedy"]["examples"]]
+
+
+def test_eval_cli_refuses_bad_input(tmp_path, capsys):
+    from perl.evaluate import main
+
+    assert main([str(tmp_path / "missing"), "--n", "4"]) == 2
+    (tmp_path / "config.yaml").write_text("model:\n  model_name_or_path: countdown-nano\n")
+    assert main([str(tmp_path), "--n", "4"]) == 2
+    assert main(["countdown-nano", "--n", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "adapter_config.json" in err[1] and "--n" in err[2]

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import netCDF4
@@ -105,7 +104,7 @@ def test_refresh_sees_new_steps_of_a_run_still_training(tmp_path):
 def test_stores_are_not_held_open(lora_dir, tmp_path):
     d = synthetic_run(tmp_path / "r", steps=3, layers=2, modules=("q_proj",), r=2, pngs=False)
     run = open_run(d)
-    run.spectral, run.gradients
+    assert run.spectral is not None and run.gradients is not None  # read, then closed
     fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []
     targets = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not any(t.endswith(".nc") and t.startswith(str(d)) for t in targets)
@@ -142,7 +141,7 @@ def test_open_runs_labels_and_outer_join(tmp_path):
     m = runs.metrics
     np.testing.assert_allclose(m["reward"].sel(run="dora r=4 seed=1").values, open_run(b).metrics["reward"].values)
     # a glob opens the same runs; identical labels are made unique with the folder name
-    c = synthetic_run(tmp_path / "c", steps=4, layers=2, modules=("q_proj",), r=4, seed=0, pngs=False)
+    synthetic_run(tmp_path / "c", steps=4, layers=2, modules=("q_proj",), r=4, seed=0, pngs=False)
     (tmp_path / "not_a_run").mkdir()
     globbed = open_runs(str(tmp_path / "*"))
     assert globbed.labels == ["lora r=4 seed=0 (a)", "dora r=4 seed=1", "lora r=4 seed=0 (c)"]
@@ -162,7 +161,7 @@ def test_errors_are_one_clear_line(tmp_path, lora_dir):
     (bad / "spectral_history_final.nc").write_bytes(b"this is not netCDF" * 100)
     run = open_run(bad)
     with pytest.raises(RunError) as err:
-        run.spectral
+        _ = run.spectral
     assert "\n" not in str(err.value) and "spectral_history_final.nc" in str(err.value)
     assert run.gradients is not None  # the other store still reads
 
@@ -178,7 +177,7 @@ def test_errors_are_one_clear_line(tmp_path, lora_dir):
     (partial / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\nnot json\n{"step": 2, "reward": 0.7}\n')
     run = open_run(partial)
     with pytest.raises(RunError, match="line 2"):
-        run.metrics
+        _ = run.metrics
     with pytest.warns(MissingDataWarning, match="enable_spectral_tracking"):
         assert run.spectral is None
 

@@ -5,9 +5,9 @@ Expected values come from ``ds[...].sel(...)`` on the run's Datasets (or numpy o
 the code under test.
 """
 
+import html
 import json
 import re
-import warnings
 
 import numpy as np
 import pytest
@@ -146,6 +146,26 @@ def test_static_pngs(run, tmp_path):
     assert all(p.stat().st_size > 1000 for p in written)
 
 
+def test_heatmap_view_places_uneven_steps():
+    from perl.viz.views import HeatmapView, regular_grid
+
+    steps = np.array([0, 1, 2, 5, 9, 20, 41])
+    z = np.arange(2 * len(steps), dtype=float).reshape(2, -1)
+    z[1, 3] = np.nan
+    view = HeatmapView("t", "step", "layer")
+    view.set_data(z, steps, np.array([0, 1]))
+    image = view.source.data["image"][0]
+    x0, dw = view.source.data["x"][0], view.source.data["dw"][0]
+    centers = x0 + (np.arange(image.shape[1]) + 0.5) * dw / image.shape[1]
+    for j, c in enumerate(centers):  # each pixel shows the stored step at or before it
+        k = np.searchsorted(steps, c + 1e-9, side="right") - 1
+        np.testing.assert_array_equal(image[:, j], z[:, k].astype(np.float32))
+    assert centers[0] == pytest.approx(steps[0]) and centers[-1] >= steps[-1] - 1e-9
+    assert {int(np.searchsorted(steps, c + 1e-9, side="right") - 1) for c in centers} == set(range(len(steps)))
+    index, start, width = regular_grid(np.array([0, 10, 20, 30]))  # even steps: one pixel per step
+    assert list(index) == [0, 1, 2, 3] and (start, width) == (-5, 40)
+
+
 # ------------------------------------------------------------------------------ explorers
 def test_spectral_explorer_follows_its_controls(run):
     sp = run.spectral
@@ -272,9 +292,12 @@ def test_report_is_self_contained_with_subsampled_frames(tmp_path):
     d = synthetic_run(tmp_path / "rep", steps=12, layers=3, modules=("q_proj", "v_proj"), r=4, pngs=True)
     path = write_report(d, tmp_path / "out" / "report.html", max_frames=5)
     page = path.read_text(encoding="utf-8")
-    assert not re.search(r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", page, re.I)
+    # HTML panes are stored escaped inside the embedded JSON: unescape to see every tag the page will create
+    tags = html.unescape(html.unescape(page))
+    assert not re.search(r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", tags, re.I)
     assert "showing 5 of 12 stored steps" in page
-    assert page.count("data:image/png;base64,") == 3  # the gradient logs' PNGs
+    for name in ("gradient_heatmap_A.png", "gradient_heatmap_B.png", "gradient_layer_comparison.png"):
+        assert re.search(rf"<img alt='{name}'[^>]*src='data:image/png;base64,", tags), name  # embedded, not linked
     states = _states(page)
     assert states, "no embedded slider states"
     for n, sizes in states:

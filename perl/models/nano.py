@@ -315,6 +315,10 @@ def save_model(model, tokenizer, out_dir: str | Path, recipe: NanoRecipe) -> Non
     )
     model.save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(tokenizer, out_dir)
+    # note: safetensors writes its file owner-only; package data must be readable by every user.
+    for file in out_dir.iterdir():
+        if file.name in _OUR_FILES:
+            file.chmod(0o644)
 
 
 def _check_output_dir(out_dir: Path) -> None:

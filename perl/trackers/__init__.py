@@ -29,3 +29,8 @@ def __getattr__(name):
 _LAZY.update({"GradientFlowTracker": (".gradient", "GradientFlowTracker"),
               "GradientFlowCallback": (".callbacks", "GradientFlowCallback")})
 __all__ = list(_LAZY)
+
+# alignment of adapter updates with the base weights (issue 7)
+_LAZY.update({"AlignmentTracker": (".alignment", "AlignmentTracker"),
+              "AlignmentTrackingCallback": (".alignment", "AlignmentTrackingCallback")})
+__all__ = list(_LAZY)

@@ -24,11 +24,13 @@ class SpectralTrackingCallback(TrainerCallback):
     - ``on_train_begin``: a new run (global_step 0) replaces any store an earlier run left in the
       folder and logs step 0. A resumed run (global_step = N > 0) truncates the store to steps <= N,
       restores the initial factors from ``checkpoint-N`` and continues: no duplicated, no missing step.
-    - ``on_save``: with ``save_with_checkpoints`` the initial factors (B_0, A_0; safetensors, a few MB
-      at most) go into the checkpoint folder, never the history itself.
-    - ``on_log``: the last snapshot's scalars (``spectral/effective_rank/q_proj/mean``, ...) are added
-      to the Trainer's log record once. For ``report_to`` integrations (tensorboard, wandb) to see
-      them, this callback must come before them in ``trainer.callback_handler.callbacks``.
+    - ``on_save``: with ``save_with_checkpoints`` the initial factors go into the checkpoint folder
+      (safetensors; the adapter's size for PiSSA / MiLoRA, nearly empty for plain LoRA whose
+      B_0 = 0), never the history itself.
+    - ``on_log``: the last snapshot's scalars (``spectral/effective_rank/mean``,
+      ``spectral/effective_rank/q_proj``, ...) are added to the Trainer's log record once. For
+      ``report_to`` integrations (tensorboard, wandb) to see them, this callback must come before
+      them in ``trainer.callback_handler.callbacks`` (the Trainer puts its integrations first).
     - ``on_train_end``: logs the final step if needed, writes the summary JSON and the final file.
 
     Only the global main process (``state.is_world_process_zero``) computes and writes.

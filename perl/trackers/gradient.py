@@ -52,7 +52,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from .discovery import DiscoveryError, discover_adapters, peft_config_of
+from .discovery import DiscoveryError, _clean_name, _layer_and_rest, discover_adapters, peft_config_of
 from .store import RunStore
 
 __all__ = ["GradientFlowTracker", "TrackedTensor", "tracked_tensors", "STEP_CONVENTION"]
@@ -139,21 +139,15 @@ class TrackedTensor:
 
 
 _PEFT_WRAPPER_PARTS = re.compile(r"\.(?:base_layer|modules_to_save\.[^.]+)(?=\.)")
-_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-def _extra_coordinates(name: str) -> tuple[int, str, str]:
-    """``(layer, module path inside the block, component)`` of a plain (non-adapter) parameter name."""
-    for prefix in ("module.", "base_model.model."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
+def _extra_coordinates(name: str) -> tuple[int, str, str, str]:
+    """``(layer, module path inside the block, component, module path)`` of a plain (non-adapter)
+    parameter name, by the naming rules adapters get in discovery."""
     # peft keeps a trained base bias / a modules_to_save copy under a wrapper: name it after the module
-    name = _PEFT_WRAPPER_PARTS.sub("", name)
-    path, _, component = name.rpartition(".")
-    match = _INDEX.search(path)
-    if match is None:
-        return -1, path, component
-    return int(match.group(1)), path[match.end():], component
+    path, _, component = _PEFT_WRAPPER_PARTS.sub("", _clean_name(name)).rpartition(".")
+    layer, rest = _layer_and_rest(path)
+    return layer, rest, component, path
 
 
 def tracked_tensors(model: nn.Module, track_adapter_only: bool = True) -> list[TrackedTensor]:
@@ -194,16 +188,17 @@ def tracked_tensors(model: nn.Module, track_adapter_only: bool = True) -> list[T
 
     extras = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     coords = [_extra_coordinates(n) for n, _ in extras]
-    # short module names unless two module paths of one layer share the last component
-    paths_by_short: dict[tuple[int, str], set[str]] = {}
-    for layer, path, _ in coords:
-        paths_by_short.setdefault((layer, path.rpartition(".")[2]), set()).add(path)
-    for t in out:  # an adapter module counts as taken too
-        paths_by_short.setdefault((t.layer, t.module), set()).add(t.module)
-    for (n, p), (layer, path, component) in zip(extras, coords):
-        short = path.rpartition(".")[2]
-        ambiguous = len(paths_by_short[(layer, short)]) > 1
-        out.append(TrackedTensor(layer, path if ambiguous else short, component, n, p))
+    # short module names unless two different modules of one layer share the last name component
+    modules_by_short: dict[tuple[int, str], set[str]] = {}
+    for am in adapters:
+        modules_by_short.setdefault((am.layer, am.module), set()).add(am.name)
+    for layer, rest, _, path in coords:
+        modules_by_short.setdefault((layer, rest.rpartition(".")[2]), set()).add(path)
+    for (n, p), (layer, rest, component, path) in zip(extras, coords):
+        short = rest.rpartition(".")[2]
+        if len(modules_by_short[(layer, short)]) > 1:
+            short = rest if layer >= 0 else path
+        out.append(TrackedTensor(layer, short, component, n, p))
     return out
 
 
@@ -381,10 +376,6 @@ class GradientFlowTracker:
         self._pending["update_sq"] = self._cells(update.square())
         self._write_pending()
 
-    def discard_pending(self) -> None:
-        """Forget a recorded step that will not be completed (e.g. the optimizer step was skipped)."""
-        self._pending = None
-
     def _stack(self, tensors) -> torch.Tensor:
         if self._single_device:
             return torch.stack(tensors)
@@ -408,8 +399,8 @@ class GradientFlowTracker:
             arr[self._empty] = np.nan
         self.store.append(self._snapshot(pending["step"], grad, weight, upd, total, coef, post))
         if not math.isfinite(total):
-            logger.warning("Gradient tracker: total gradient norm at step %d is %s; per-tensor pre-clip norms "
-                           "are stored as NaN for that step.", pending["step"], total)
+            lost = "; the clip destroyed the per-tensor values, stored as NaN" if not (math.isfinite(coef) and coef > 0) else ""
+            logger.warning("Gradient tracker: total gradient norm at step %d is %s%s.", pending["step"], total, lost)
 
     def _snapshot(self, step, grad, weight, upd, total, coef, post) -> xr.Dataset:
         dims = ("step", "layer", "module", "component")

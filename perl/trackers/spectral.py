@@ -23,6 +23,7 @@ quantity is undefined. The global attribute ``tracked_variables`` lists them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -159,16 +160,21 @@ class SpectralTracker:
         self._data: xr.Dataset | None = None
 
         self.adapters = discover_adapters(self.model, adapter_name, max_layers_to_track)
+        self.enabled = not _sharded(self.adapters)
+        if not self.enabled:
+            logger.warning("Spectral tracking is unsupported with sharded parameters (DeepSpeed ZeRO-3, FSDP): "
+                           "the adapter factors are partitioned across processes. Nothing will be recorded.")
         self.adapter_name = self.adapters[0].adapter
         self.layers = sorted({a.layer for a in self.adapters})
         present = {a.module for a in self.adapters}
         self.modules = [m for m in MODULE_ORDER if m in present] + sorted(present - set(MODULE_ORDER))
         self._cell = {a.name: (self.layers.index(a.layer), self.modules.index(a.module)) for a in self.adapters}
 
-        self._spectral = [a for a in self.adapters if a.kind in ("lora", "adalora", "vera", "miss")]
-        self._vectors = [a for a in self.adapters if a.kind in ("ia3", "ln_tuning")]
-        self._dora = [a for a in self.adapters if a.is_dora]
-        self._adalora = [a for a in self.adapters if a.kind == "adalora"]
+        tracked = self.adapters if self.enabled else []
+        self._spectral = [a for a in tracked if a.kind in ("lora", "adalora", "vera", "miss")]
+        self._vectors = [a for a in tracked if a.kind in ("ia3", "ln_tuning")]
+        self._dora = [a for a in tracked if a.is_dora]
+        self._adalora = [a for a in tracked if a.kind == "adalora"]
         self._capture_init()
         self._n_sv, self._n_update = self._spectrum_sizes()
         self.peft_type = peft_type or _derive_peft_type(self.model, self.adapter_name)
@@ -275,7 +281,7 @@ class SpectralTracker:
 
         Returns the snapshot (None on processes that do not write, or if ``step`` is already stored).
         """
-        if not self.is_world_process_zero:
+        if not self.is_world_process_zero or not self.enabled:
             return None
         step = int(step)
         if step in self.store.steps:
@@ -285,9 +291,12 @@ class SpectralTracker:
         self.last_scalars = self._scalars(snapshot)
         return snapshot
 
-    @torch.no_grad()
     def snapshot(self, step: int) -> xr.Dataset:
         """The Dataset of one step (dims step=1, layer, module, sv, sv_update), without storing it."""
+        with torch.no_grad(), _one_cpu_thread():
+            return self._snapshot(step)
+
+    def _snapshot(self, step: int) -> xr.Dataset:
         L, M = len(self.layers), len(self.modules)
         nan = np.nan
         values: dict[str, np.ndarray] = {}
@@ -467,8 +476,8 @@ class SpectralTracker:
         return {k: v for k, v in attrs.items() if v is not None}
 
     def _scalars(self, snapshot: xr.Dataset) -> dict[str, float]:
-        """Scalars for the Trainer's logs: mean/min/max of effective rank and condition number per
-        module type, and the mean over modules of a few others."""
+        """Scalars for the Trainer's logs: mean/min/max over all modules and the mean per module
+        type of effective rank and condition number, and the mean of a few others."""
         out: dict[str, float] = {"spectral/step": float(snapshot.step.values[0])}
 
         def finite(da):
@@ -479,18 +488,20 @@ class SpectralTracker:
             if metric not in snapshot:
                 continue
             da = snapshot[metric].isel(step=0)
+            vals = finite(da)
+            if vals.size:
+                out.update({f"spectral/{metric}/mean": float(vals.mean()), f"spectral/{metric}/min": float(vals.min()),
+                            f"spectral/{metric}/max": float(vals.max())})
             for module in self.modules:
                 vals = finite(da.sel(module=module))
                 if vals.size:
-                    out.update({f"spectral/{metric}/{module}/mean": float(vals.mean()),
-                                f"spectral/{metric}/{module}/min": float(vals.min()),
-                                f"spectral/{metric}/{module}/max": float(vals.max())})
-        for metric in ("effective_rank", "update_frobenius_norm", "update_effective_rank", "magnitude_direction_ratio",
+                    out[f"spectral/{metric}/{module}"] = float(vals.mean())
+        for metric in ("update_frobenius_norm", "update_effective_rank", "magnitude_direction_ratio",
                        "vector_distance_from_init", "rank_budget"):
             if metric in snapshot:
                 vals = finite(snapshot[metric])
                 if vals.size:
-                    out[f"spectral/{metric}_mean"] = float(vals.mean())
+                    out[f"spectral/{metric}/mean"] = float(vals.mean())
         return out
 
     def save(self, path: str | os.PathLike | None = None) -> Path | None:
@@ -616,6 +627,33 @@ def _jsonable(value):
     if value is None or isinstance(value, str):
         return value
     return str(value)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread():
+    """Run CPU linear algebra on one thread, then restore the setting.
+
+    The snapshot is hundreds of small LAPACK calls (QR of n x r factors): intra-op threads gain
+    little on them, and on a shared CPU OpenMP's spin-waiting made them up to 60x slower (measured
+    with benchmarks/spectral_snapshot.py: 9.8 s with 2 threads vs 0.16 s with 1 on a loaded 2-core
+    machine). GPU work is unaffected.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _sharded(adapters: list[AdapterModule]) -> bool:
+    """Parameters partitioned by DeepSpeed ZeRO-3 (``ds_id``) or FSDP (empty local shards, DTensors)."""
+    for a in adapters:
+        for tensors in a.components.values():
+            for p in tensors:
+                if hasattr(p, "ds_id") or p.numel() == 0 or type(p).__name__ == "DTensor":
+                    return True
+    return False
 
 
 def _is_rank_zero() -> bool:

@@ -104,12 +104,17 @@ def factored_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | to
     Returns:
         Tensor (..., min(m, n, k)). A batch entry whose factors hold NaN/Inf gives NaN values.
     """
-    B, A, bad = _finite_or_zero(B, A)
+    B, A = B.double(), A.double()
     r_b = torch.linalg.qr(B, mode="r").R                  # (..., min(m,k), k)
     r_a = torch.linalg.qr(A.mT, mode="r").R               # (..., min(n,k), k)
-    sv = torch.linalg.svdvals(r_b @ r_a.mT)
+    core = r_b @ r_a.mT
+    # a NaN/Inf anywhere in a factor poisons its R (column norms): checking the small core is enough
+    bad = ~torch.isfinite(core).flatten(-2).all(-1)
+    if bool(bad.any()):
+        core = torch.where(bad[..., None, None], 0.0, core)  # LAPACK's SVD refuses non-finite input
+    sv = torch.linalg.svdvals(core)
     sv = sv * _abs_scale(scale, sv)
-    if bad is not None:
+    if bool(bad.any()):
         sv[bad] = float("nan")
     return sv
 

@@ -38,7 +38,6 @@ SPECTRAL_HEATMAP_METRICS = (
     "vector_norm", "vector_distance_from_init",
 )
 GRADIENT_VARIABLES = ("grad_norm", "grad_to_weight_ratio", "update_ratio")
-TRAINING_KEYS = ("reward", "completions/mean_length")
 MEAN = "mean"  # RunComparison's layer slider value for the mean over layers
 
 
@@ -50,8 +49,7 @@ def _fmt(value) -> str:
 def _index(options, value, what: str) -> int:
     """Position of ``value`` among ``options`` (exact), or a clear error naming what exists."""
     for i, option in enumerate(options):
-        if option == value or (not isinstance(option, str) and not isinstance(value, str) and value is not None
-                               and option is not None and float(option) == float(value)):
+        if option == value:
             return i
     shown = list(options)
     listing = f"{shown[0]} .. {shown[-1]} ({len(shown)} values)" if len(shown) > 12 else ", ".join(map(str, shown))
@@ -104,10 +102,10 @@ class _Explorer:
             yield
         finally:
             self._holding -= 1
-        if not self._holding:
-            parts, self._pending = self._pending, set()
-            if parts:
-                self._redraw(parts)
+            if not self._holding:
+                parts, self._pending = self._pending, set()
+                if parts:
+                    self._redraw(parts)
 
     def _changed(self, parts: set[str]) -> None:
         if self._holding:
@@ -139,6 +137,16 @@ class _Explorer:
     def _ipython_display_(self):
         # IPython calls this for the last expression of a cell: two outputs, controls and figures
         self.display()
+
+    def _set(self, targets: dict) -> None:
+        """Move several controls at once: ``{widget: (options, value or None, name)}``.
+
+        Every value is checked before any control moves, so a bad value changes nothing.
+        """
+        moves = {w: _index(options, value, name) for w, (options, value, name) in targets.items() if value is not None}
+        with self._hold():
+            for widget, index in moves.items():
+                widget.index = index
 
     def _observe(self, widget, parts: set[str]) -> None:
         widget.observe(lambda change: self._changed(parts), names="value")
@@ -192,7 +200,7 @@ class SpectralExplorer(_Explorer):
         self.length = LinesView("completion length", "optimizer step", "tokens", x_range=self.heatmap.figure.x_range, height=150)
         self.layout = column(row(self.spectrum.figure, self.trajectories.figure),
                              row(self.heatmap.figure, column(self.reward.figure, self.length.figure)))
-        for w, parts in ((self.module_w, {"spectrum", "trajectories", "heatmap"}), (self.layer_w, {"spectrum", "trajectories_y"}),
+        for w, parts in ((self.module_w, {"spectrum", "trajectories", "heatmap"}), (self.layer_w, {"spectrum", "trajectories"}),
                          (self.step_w, {"spectrum"}), (self.kind_w, {"spectrum", "trajectories", "heatmap"}),
                          (self.metric_w, {"heatmap"})):
             self._observe(w, parts | {"markers", "info"})
@@ -208,17 +216,15 @@ class SpectralExplorer(_Explorer):
         ds = self.run.spectral
         if ds is None:
             raise ValueError(f"Run {self.run.path} has no spectral data; train with --enable_spectral_tracking to explore spectra.")
-        if "singular_values" not in ds:
-            raise ValueError(f"The spectral store of {self.run.path} has no 'singular_values' variable; is it a spectral store?")
         self.steps = [int(s) for s in ds["step"].values]
         self.layers = [int(v) for v in ds["layer"].values]
         self.modules = [str(m) for m in ds["module"].values]
         self._attrs = {"step": dict(ds["step"].attrs), "layer": dict(ds["layer"].attrs)}
         order = ("step", "layer", "module")
-        self.sv = {PRODUCT: ds["singular_values"].transpose(*order, ...).values}
-        if "update_singular_values" in ds:
-            self.sv[UPDATE] = ds["update_singular_values"].transpose(*order, ...).values
-        self.kinds = list(self.sv)
+        # IA3 and LayerNorm tuning adapt vectors: no spectrum, only norms (the heatmap still works)
+        self.sv = {kind: ds[name].transpose(*order, ...).values
+                   for kind, name in ((PRODUCT, "singular_values"), (UPDATE, "update_singular_values")) if name in ds}
+        self.kinds = list(self.sv) or [PRODUCT]
         self.arrays, self.labels = {}, {}
         for name, da in ds.data_vars.items():
             if set(da.dims) == set(order):
@@ -226,9 +232,12 @@ class SpectralExplorer(_Explorer):
                 self.labels[name] = axis_label(da, name)
         self.metric_names = [m for m in SPECTRAL_HEATMAP_METRICS if m in self.arrays] or [
             n for n in self.arrays if not n.startswith("update_")]
-        self.training = {key: _training_series(_quiet(lambda: self.run.metrics), key) for key in TRAINING_KEYS}
-        self.training.update({k: _training_series(_quiet(lambda: self.run.metrics), k) for k in
-                              ("rewards/format_reward/mean", "rewards/equation_reward/mean")})
+        if not self.metric_names:
+            raise ValueError(f"The spectral store of {self.run.path} has no (step, layer, module) variables; is it a spectral store?")
+        metrics = _quiet(lambda: self.run.metrics)
+        per_reward = [] if metrics is None else [
+            str(metrics[k].attrs.get("long_name", k)) for k in metrics.data_vars if k.startswith("rewards.") and k.endswith(".mean")]
+        self.training = {key: _training_series(metrics, key) for key in ("reward", *per_reward, "completions/mean_length")}
 
     def _layer_options(self):
         return [(str(v), v) for v in self.layers]
@@ -251,17 +260,9 @@ class SpectralExplorer(_Explorer):
             kind (str): "product" (s·B·A) or "update since init" (s(B·A - B0·A0)).
             metric (str): heatmap metric, e.g. "effective_rank", "stable_rank", "condition_number".
         """
-        with self._hold():
-            if module is not None:
-                self.module_w.index = _index(self.modules, module, "module")
-            if layer is not None:
-                self.layer_w.index = _index(self.layers, layer, "layer")
-            if step is not None:
-                self.step_w.index = _index(self.steps, step, "step")
-            if kind is not None:
-                self.kind_w.index = _index(self.kinds, kind, "spectrum kind")
-            if metric is not None:
-                self.metric_w.index = _index(self.metric_names, metric, "metric")
+        self._set({self.module_w: (self.modules, module, "module"), self.layer_w: (self.layers, layer, "layer"),
+                   self.step_w: (self.steps, step, "step"), self.kind_w: (self.kinds, kind, "spectrum kind"),
+                   self.metric_w: (self.metric_names, metric, "metric")})
         return self
 
     @property
@@ -269,9 +270,10 @@ class SpectralExplorer(_Explorer):
         """The selection and the values drawn for it."""
         s, l, m = self.step_w.index, self.layer_w.index, self.module_w.index
         var = self._metric_var()
+        kind = self.kind_w.value
         return {
-            "layer": self.layers[l], "step": self.steps[s], "module": self.modules[m], "kind": self.kind_w.value,
-            "metric": var, "sigma": self.sv[self.kind_w.value][s, l, m].astype(float),
+            "layer": self.layers[l], "step": self.steps[s], "module": self.modules[m], "kind": kind, "metric": var,
+            "sigma": self.sv[kind][s, l, m].astype(float) if kind in self.sv else np.zeros(0),
             "metric_value": float(self.arrays[var][s, l, m]),
         }
 
@@ -279,7 +281,9 @@ class SpectralExplorer(_Explorer):
     def _draw(self, parts: set[str]) -> None:
         s, l, m = self.step_w.index, self.layer_w.index, self.module_w.index
         kind = self.kind_w.value
-        sv = self.sv[kind]
+        sv = self.sv.get(kind)
+        if sv is None:  # a vector adapter: nothing to draw in the spectrum views
+            parts = parts - {"spectrum", "trajectories"}
         if "spectrum" in parts:
             earlier = np.unique(np.linspace(0, s, self.history + 1).astype(int)[:-1]) if s > 0 and self.history > 0 else []
             shown = [*earlier, s]
@@ -293,11 +297,10 @@ class SpectralExplorer(_Explorer):
             )
             self.spectrum.set_points(x, sv[s, l, m])
             self.spectrum.figure.title.text = f"{self.modules[m]}, layer {self.layers[l]}: {kind} at step {self.steps[s]}"
-        if "trajectories" in parts or "trajectories_y" in parts:
+        if "trajectories" in parts:
             k = sv.shape[-1]
             ys = [sv[:, l, m, i] for i in range(k)]
-            self.trajectories.set_lines([self.steps] * k, ys, colors=depth_colors(k), labels=[f"σ{i}" for i in range(k)],
-                                        only_y="trajectories" not in parts)
+            self.trajectories.set_lines([self.steps] * k, ys, colors=depth_colors(k), labels=[f"σ{i}" for i in range(k)])
             self.trajectories.figure.title.text = f"{self.modules[m]}, layer {self.layers[l]}: singular values ({kind})"
         if "heatmap" in parts:
             var = self._metric_var()
@@ -312,10 +315,10 @@ class SpectralExplorer(_Explorer):
                 view.set_marker(step)
         if "info" in parts:
             cur = self.current
-            sigma = ", ".join(_fmt(v) for v in cur["sigma"])
+            sigma = f"σ = [{', '.join(_fmt(v) for v in cur['sigma'])}]" if sv is not None else "no spectrum (vector adapter)"
             self.info.value = (
                 f"<span class='perl-info'>layer <b>{cur['layer']}</b> | module <b>{html.escape(cur['module'])}</b> | "
-                f"step <b>{cur['step']}</b> | {html.escape(cur['kind'])} | σ = [{sigma}] | "
+                f"step <b>{cur['step']}</b> | {html.escape(cur['kind'])} | {sigma} | "
                 f"{html.escape(cur['metric'])} = {_fmt(cur['metric_value'])}</span>"
             )
 
@@ -428,17 +431,10 @@ class GradientExplorer(_Explorer):
 
     def select(self, component=None, module=None, layer=None, step=None, variable=None) -> "GradientExplorer":
         """Set any of the controls (the figures redraw once). Values must exist in the run."""
-        with self._hold():
-            if variable is not None:
-                self.variable_w.index = _index(self.variables, variable, "variable")
-            if component is not None:
-                self.component_w.index = _index(self.components, component, "component")
-            if module is not None:
-                self.module_w.index = _index(self.modules, module, "module")
-            if layer is not None:
-                self.layer_w.index = _index(self.layers, layer, "layer")
-            if step is not None:
-                self.step_w.index = _index(self.steps, step, "step")
+        self._set({self.variable_w: (self.variables, variable, "variable"),
+                   self.component_w: (self.components, component, "component"),
+                   self.module_w: (self.modules, module, "module"), self.layer_w: (self.layers, layer, "layer"),
+                   self.step_w: (self.steps, step, "step")})
         return self
 
     def _ab(self, arr, s=slice(None), l=slice(None), m=0):
@@ -628,15 +624,11 @@ class RunComparison(_Explorer):
 
     def select(self, metric=None, module=None, layer="keep", step=None) -> "RunComparison":
         """Set any of the controls; ``layer=None`` means the mean over layers."""
-        with self._hold():
-            if metric is not None:
-                self.metric_w.index = _index(self.metric_names, metric, "metric")
-            if module is not None:
-                self.module_w.index = _index(self.modules, module, "module")
-            if layer != "keep":
-                self.layer_w.index = 0 if layer is None else 1 + _index(self.layers, layer, "layer")
-            if step is not None:
-                self.step_w.index = _index(self.steps, step, "step")
+        layers = [MEAN, *self.layers]
+        self._set({self.metric_w: (self.metric_names, metric, "metric"), self.module_w: (self.modules, module, "module"),
+                   self.layer_w: (layers, MEAN if layer is None else None if layer == "keep" else layer, "layer")})
+        # the step slider's options depend on the metric (spectral or gradient steps): set it after
+        self._set({self.step_w: (self.steps, step, "step")})
         return self
 
     def _at_layer(self, values: np.ndarray, m: int) -> np.ndarray:

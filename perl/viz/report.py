@@ -77,7 +77,9 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
             notes.append(f"Spectral steps: showing {len(keep)} of {spectral.sizes['step']} stored steps "
                          f"(evenly subsampled, first and last kept; --max-steps sets how many).")
         sp = spectral.isel(step=keep)
-        sections += [_spectra_section(sp), _trajectory_section(sp), _spectral_heatmap_section(sp)]
+        if "singular_values" in sp:  # IA3 / LayerNorm tuning store norms only
+            sections += [_spectra_section(sp), _trajectory_section(sp)]
+        sections.append(_spectral_heatmap_section(sp))
         if "rank_budget" in sp:
             sections.append(_rank_budget_section(spectral))
     if gradients is not None:
@@ -89,6 +91,7 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
         sections += [_gradient_heatmap_section(gr), _depth_section(gr)]
         if {"A", "B"} <= {str(c) for c in gr["component"].values}:
             sections.append(_ab_section(gr))
+    sections = [s for s in sections if s is not None]
     if not sections and metrics is None:
         raise RunError(f"Run {run.path} has nothing to report: no spectral, gradient or metrics data.")
 
@@ -130,14 +133,14 @@ def _section(title: str, text: str, controls: list, layout):
 def _select(name, options):
     import panel as pn
 
-    return pn.widgets.Select(name=name, options=options if isinstance(options, dict) else list(options))
+    return pn.widgets.Select(label=name, options=options if isinstance(options, dict) else list(options))
 
 
 def _slider(name, values):
     import panel as pn
 
     values = [int(v) for v in values]
-    return pn.widgets.DiscreteSlider(name=name, options=values, value=values[-1], width=420)
+    return pn.widgets.DiscreteSlider(label=name, options=values, value=values[-1], width=420)
 
 
 def _watch(update, *widgets):
@@ -198,8 +201,7 @@ def _trajectory_section(sp):
 
     def update():
         m, l = modules.index(module_w.value), layers.index(layer_w.value)
-        view.set_lines([steps] * k, [arr[:, l, m, i] for i in range(k)], colors=depth_colors(k), labels=[f"σ{i}" for i in range(k)],
-                       only_y=True)  # x and colours are the same in every state: store only y
+        view.set_lines([steps] * k, [arr[:, l, m, i] for i in range(k)], colors=depth_colors(k), labels=[f"σ{i}" for i in range(k)])
         view.figure.title.text = f"{module_w.value}, layer {layer_w.value}: singular values over training (dark = largest)"
 
     _watch(update, module_w, layer_w)
@@ -219,6 +221,8 @@ def _spectral_heatmap_section(sp):
         for name in (base, f"update_{base}"):
             if name in sp and set(sp[name].dims) == set(order):
                 names.append(name)
+    if not names:
+        return None
     options = _heatmap_options(sp, names)
     arrays = {n: sp[n].transpose(*order).values for n in names}
     steps, layers = sp["step"].values, sp["layer"].values
@@ -279,7 +283,7 @@ def _depth_section(gr):
     def update():
         s, m = int(np.flatnonzero(steps == step_w.value)[0]), modules.index(module_w.value)
         view.set_lines([layers] * len(components), [arr[s, :, m, c] for c in range(len(components))],
-                       colors=category_colors(len(components)), labels=components, only_y=True)
+                       colors=category_colors(len(components)), labels=components)
         view.figure.title.text = f"{module_w.value}: gradient norm by layer at step {step_w.value}"
 
     _watch(update, module_w, step_w)

@@ -40,7 +40,8 @@ SPECTRAL_METRICS = {
     "numerical_rank": ("numerical rank", "1", "count of s > 1e-6 s_max"),
 }
 
-_COMPONENTS = {"dora": ("A", "B", "magnitude"), "adalora": ("A", "B", "E")}
+_COMPONENTS = {"dora": ("A", "B", "magnitude"), "adalora": ("A", "B", "E"), "ia3": ("ia3",), "ln_tuning": ("ln",)}
+_VECTOR = ("ia3", "ln_tuning")  # vector adapters: norms, no spectrum
 _NONZERO_INIT = ("pissa", "milora", "milora_plus")
 
 
@@ -74,7 +75,8 @@ def synthetic_run(
         seed (int, default 0): seed of the noise, also written as the run's seed.
         method (str, default "lora"): peft type; "dora" adds magnitude/direction variables and the
             ``magnitude`` gradient component, "adalora" the rank budget, importance scores and
-            ``E``; "pissa"/"milora" start from a nonzero product (update since init differs).
+            ``E``; "pissa"/"milora" start from a nonzero product (update since init differs);
+            "ia3"/"ln_tuning" store vector norms only (no ``sv`` dimension).
         every (int, default 1): optimizer steps between snapshots.
         unadapted (sequence of str, default ()): modules present in the Dataset but not adapted
             (all their values NaN, as a method that does not adapt them stores them).
@@ -234,6 +236,17 @@ def _spectral_dataset(rng, steps, every, layer_ids, modules, adapted, r, method)
         budget = np.where(adapted, np.clip(budget, 1, r), np.nan)
         data["rank_budget"] = (dims, budget.astype(np.float32), {"long_name": "AdaLoRA rank budget", "units": "1", "formula": "count of nonzero E entries"})
         data["importance_scores"] = ((*dims, "sv"), importance.astype(np.float32), {"long_name": "AdaLoRA importance score", "units": "1", "formula": "smoothed sensitivity x uncertainty"})
+    if method in _VECTOR:
+        norm = np.broadcast_to(1.0 + 0.05 * growth[..., 0] * depth[..., 0] * module_scale[..., 0], (S, L, M))
+        dist = norm - 1.0
+        data = {
+            "vector_norm": (dims, np.where(adapted, norm, np.nan).astype(np.float32), {"long_name": "adapter vector norm (IA3 / LayerNorm tuning)", "units": "1", "formula": "||v||_2"}),
+            "vector_distance_from_init": (dims, np.where(adapted, dist, np.nan).astype(np.float32), {"long_name": "adapter vector distance from init", "units": "1", "formula": "||v_t - v_0||_2"}),
+        }
+        ds = xr.Dataset(data, coords=coords)
+        ds["step"].attrs.update(long_name="optimizer step", units="steps")
+        ds["layer"].attrs.update(long_name="layer (transformer block)", units="1")
+        return ds
     ds = xr.Dataset(data, coords=coords)
     ds["sv"] = ("sv", np.arange(r, dtype=np.int64), {"long_name": "singular value index (0 = largest)", "units": "1"})
     ds["sv_update"] = ("sv_update", np.arange(2 * r, dtype=np.int64), {"long_name": "update singular value index", "units": "1"})
@@ -249,7 +262,8 @@ def _gradient_dataset(rng, steps, every, layer_ids, modules, adapted, method, cf
     C = len(components)
     t = (np.arange(S)[:, None, None, None] + 1) / S
     depth = np.linspace(1.5, 0.7, L)[None, :, None, None]  # early layers get more gradient
-    scale = {"A": 1e-3 * (1 - np.exp(-6 * t)), "B": 2e-3 * (0.3 + np.exp(-3 * t)), "magnitude": 5e-4 + 0 * t, "E": 3e-4 + 0 * t}
+    scale = {"A": 1e-3 * (1 - np.exp(-6 * t)), "B": 2e-3 * (0.3 + np.exp(-3 * t)), "magnitude": 5e-4 + 0 * t, "E": 3e-4 + 0 * t,
+             "ia3": 4e-4 + 0 * t, "ln": 2e-4 + 0 * t}
     base = np.concatenate([np.broadcast_to(scale[c], (S, 1, 1, 1)) for c in components], axis=-1)
     noise = np.exp(0.3 * rng.standard_normal((S, L, M, C)))
     grad = base * depth * noise
@@ -261,6 +275,7 @@ def _gradient_dataset(rng, steps, every, layer_ids, modules, adapted, method, cf
         ratio = np.where(weight > 0, grad / weight, np.nan)
         update = np.where(weight > 0, 10 * cfg.training.learning_rate * noise / weight, np.nan)
     update[:, :, ~adapted, :] = np.nan
+    r_numel = 8  # elements per tracked tensor / 64: the sizes are made up, only "0 = not tracked" matters
     total = np.sqrt(np.nansum(grad**2, axis=(1, 2, 3)))
     max_norm = cfg.training.max_grad_norm
     clip = np.minimum(1.0, max_norm / (total + 1e-6)) if max_norm > 0 else np.ones_like(total)
@@ -269,6 +284,8 @@ def _gradient_dataset(rng, steps, every, layer_ids, modules, adapted, method, cf
     ds = xr.Dataset(
         {
             "grad_norm": (dims, grad.astype(np.float32), {"long_name": "gradient norm (accumulated, pre-clip)", "units": "1", "formula": "||dL/dθ||_F"}),
+            "weight_norm": (dims, np.where(np.isnan(grad), np.nan, weight).astype(np.float32), {"long_name": "weight norm (before the step)", "units": "1", "formula": "||θ||_F"}),
+            "numel": (dims[1:], np.where(adapted[None, :, None], 64 * r_numel, 0).astype(np.int64) * np.ones((L, M, C), dtype=np.int64), {"long_name": "elements tracked", "units": "1", "description": "0 = not tracked"}),
             "grad_to_weight_ratio": (dims, ratio.astype(np.float32), {"long_name": "gradient / weight norm", "units": "1", "formula": "||g||_F / ||θ||_F; NaN where θ = 0"}),
             "update_ratio": (dims, update.astype(np.float32), {"long_name": "update / weight norm", "units": "1", "formula": "||Δθ||_F / ||θ||_F; NaN where θ = 0"}),
             "total_grad_norm": (("step",), total.astype(np.float32), {"long_name": "total gradient norm (pre-clip)", "units": "1"}),
@@ -290,7 +307,7 @@ def _gradient_dataset(rng, steps, every, layer_ids, modules, adapted, method, cf
 def _weight_norm(component, t, method):
     if component == "B" and method not in _NONZERO_INIT:
         return np.where(t <= t.min(), 0.0, 0.05 * np.sqrt(t))  # B starts at zero
-    return {"A": 0.5, "B": 0.5, "magnitude": 8.0, "E": 0.1}[component] + 0 * t
+    return {"A": 0.5, "B": 0.5, "magnitude": 8.0, "E": 0.1, "ia3": 5.0, "ln": 5.0}[component] + 0 * t
 
 
 # ------------------------------------------------------------------------------ side files
@@ -335,11 +352,10 @@ def _write_metrics(path: Path, rng, steps, every, gradients, final) -> None:
 
 def _write_summaries(out: Path, spectral: xr.Dataset, gradients: xr.Dataset) -> None:
     last = spectral.isel(step=-1)
-    summary = {
-        "last_step": int(last.step),
-        "mean_effective_rank": float(last.effective_rank.mean()),
-        "mean_condition_number": float(last.condition_number.mean()),
-    }
+    summary = {"last_step": int(last.step)}
+    for name in ("effective_rank", "condition_number", "vector_norm"):
+        if name in last:
+            summary[f"mean_{name}"] = float(last[name].mean())
     (out / "spectral_logs" / "spectral_history_summary.json").write_text(json.dumps(summary, indent=2))
     gsum = {
         "last_step": int(gradients.step[-1]),

@@ -59,7 +59,7 @@ def regular_grid(coords: np.ndarray, max_size: int = MAX_GRID) -> tuple[np.ndarr
     if np.allclose(d, d[0], rtol=1e-6, atol=0):
         return np.arange(c.size), c[0] - d[0] / 2, d[0] * c.size
     step = max(d.min(), (c[-1] - c[0]) / (max_size - 1))
-    n = int(np.floor((c[-1] - c[0]) / step + 1e-9)) + 1
+    n = int(np.ceil((c[-1] - c[0]) / step - 1e-9)) + 1  # the last pixel reaches the last coordinate
     centers = c[0] + step * np.arange(n)
     index = np.clip(np.searchsorted(c, centers + 1e-9 * step, side="right") - 1, 0, c.size - 1)
     return index, c[0] - step / 2, step * n
@@ -134,6 +134,20 @@ class HeatmapView:
             self.hspan.location = float(layer)
 
 
+def _same(old: list, new: list) -> bool:
+    """Column equality for lists of arrays or scalars (NaN equal to NaN)."""
+    if len(old) != len(new):
+        return False
+    for a, b in zip(old, new):
+        if isinstance(b, np.ndarray) or isinstance(a, np.ndarray):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.shape != b.shape or not np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f"):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
 class LinesView:
     """Several lines, highlighted points, and an optional vertical marker (e.g. the current step).
 
@@ -179,20 +193,23 @@ class LinesView:
         y = np.asarray(y, dtype=np.float32)
         return np.where(y > 0, y, np.float32(np.nan)) if self.y_log else y
 
-    def set_lines(self, xs, ys, colors, alphas=None, labels=None, widths=None, only_y: bool = False) -> None:
-        """Replace the lines. ``only_y`` sends only the y values (x and styles unchanged: less to push)."""
+    def set_lines(self, xs, ys, colors, alphas=None, labels=None, widths=None) -> None:
+        """Replace the lines. Only the columns that changed are sent (usually just the y values)."""
         n = len(ys)
-        ys = [self._clean(y) for y in ys]
-        if only_y and len(self.lines.data["ys"]) == n:
-            self.lines.data.update(ys=ys)
-            return
-        self.lines.data = dict(
-            xs=[np.asarray(x, dtype=float) for x in xs], ys=ys,
+        new = dict(
+            xs=[np.asarray(x, dtype=float) for x in xs], ys=[self._clean(y) for y in ys],
             color=list(colors) if not isinstance(colors, str) else [colors] * n,
             alpha=list(alphas) if alphas is not None else [1.0] * n,
             label=list(labels) if labels is not None else [""] * n,
             width=list(widths) if widths is not None else [1.5] * n,
         )
+        old = self.lines.data
+        if n and len(old.get("ys", [])) == n:
+            changed = {k: v for k, v in new.items() if not _same(old[k], v)}
+            if changed:
+                self.lines.data.update(changed)
+        else:
+            self.lines.data = new
 
     def set_points(self, x, y, color="black") -> None:
         """Replace the highlighted points."""
