@@ -95,8 +95,14 @@ def build_grpo_args(config: TrainConfig):
     """The ``trl.GRPOConfig`` of this run: our training section, minus what TRL does not know."""
     from trl import GRPOConfig
 
+    import torch
+
     kwargs = to_grpo_kwargs(config)
     kwargs["data_seed"] = config.common.seed
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # note: without use_cpu accelerate only forms a process group for accelerators, so each
+        # process of `accelerate launch --num_processes N` on a CPU would train alone (and all write)
+        kwargs["use_cpu"] = True
     return GRPOConfig(**kwargs)
 
 

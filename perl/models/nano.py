@@ -417,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{SHIPPED_DIR})")
     p.add_argument("--quick", action="store_true",
                    help="a small, fast variant (about a minute) that learns the format only")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 2; on a machine shared with other jobs 1 is often faster)")
     p.add_argument("--no-progress", action="store_true", help="hide the evaluation progress bars")
     return p
 
@@ -426,10 +428,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_output_dir(Path(args.output_dir))
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {args.threads}.")
     except ValueError as exc:
         print(f"perl build-model: {exc}", file=sys.stderr)
         return 2
-    build(args.output_dir, seed=args.seed, quick=args.quick, progress=not args.no_progress,
+    recipe = NanoRecipe.quick(seed=args.seed) if args.quick else NanoRecipe(seed=args.seed)
+    if args.threads is not None:
+        recipe.threads = args.threads
+    build(args.output_dir, recipe=recipe, progress=not args.no_progress,
           log=lambda line: print(line, flush=True))
     return 0
 

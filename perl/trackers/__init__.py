@@ -12,6 +12,10 @@ _LAZY = {
     "SpectralTracker": (".spectral", "SpectralTracker"),
     "SpectralTrackingCallback": (".callbacks", "SpectralTrackingCallback"),
     "discover_adapters": (".discovery", "discover_adapters"),
+    "GradientFlowTracker": (".gradient", "GradientFlowTracker"),
+    "GradientFlowCallback": (".callbacks", "GradientFlowCallback"),
+    "AlignmentTracker": (".alignment", "AlignmentTracker"),
+    "AlignmentTrackingCallback": (".alignment", "AlignmentTrackingCallback"),
 }
 
 __all__ = list(_LAZY)
@@ -25,12 +29,3 @@ def __getattr__(name):
     globals()[name] = value
     return value
 
-# gradient flow
-_LAZY.update({"GradientFlowTracker": (".gradient", "GradientFlowTracker"),
-              "GradientFlowCallback": (".callbacks", "GradientFlowCallback")})
-__all__ = list(_LAZY)
-
-# alignment of adapter updates with the base weights (issue 7)
-_LAZY.update({"AlignmentTracker": (".alignment", "AlignmentTracker"),
-              "AlignmentTrackingCallback": (".alignment", "AlignmentTrackingCallback")})
-__all__ = list(_LAZY)

@@ -75,7 +75,8 @@ def base_svd(W: torch.Tensor, k: int, randomized: bool = False, niter: int = 6, 
              seed: int = 0, keep_full_left: bool = False) -> BaseSVD:
     """The top-k and (full SVD only) bottom-k singular triplets of a dense weight.
 
-    Full: ``torch.linalg.svd`` in float64 (O(m n p)); gives both ends of the spectrum.
+    Full: ``torch.linalg.svd`` in float64 (O(m n p); wide weights through their transpose); gives
+    both ends of the spectrum.
     Randomized: ``torch.svd_lowrank`` with ``q = min(p, k + oversample)`` columns and ``niter``
     power iterations (seeded; the subspace error decays like (sigma_{q+1}/sigma_k)^(2 niter + 1));
     a randomized range finder resolves only the largest values, so the bottom-k is None then.
@@ -99,8 +100,7 @@ def base_svd(W: torch.Tensor, k: int, randomized: bool = False, niter: int = 6, 
             torch.manual_seed(seed)
             U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
         return BaseSVD(U[:, :k], S[:k], V[:, :k], None, None, None, None, True)
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    V = Vh.mT
+    U, S, V = _thin_svd(W)
     low = slice(p - k, p)
     return BaseSVD(U[:, :k], S[:k], V[:, :k], U[:, low].flip(-1), S[low].flip(-1), V[:, low].flip(-1),
                    U if keep_full_left else None, False)
@@ -108,7 +108,17 @@ def base_svd(W: torch.Tensor, k: int, randomized: bool = False, niter: int = 6, 
 
 def full_left_basis(W: torch.Tensor) -> torch.Tensor:
     """Every left singular vector of the thin SVD of W (m x p, float64): the intruder reference set."""
-    return torch.linalg.svd(W.detach().double(), full_matrices=False).U
+    return _thin_svd(W.detach().double())[0]
+
+
+def _thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, V)`` of the thin SVD; a wide matrix goes through its transpose (LAPACK's gesdd is several
+    times slower on wide than on tall inputs on CPU: measured 76 s vs 23 s for 1536 x 8960 float64)."""
+    if W.shape[0] < W.shape[1]:
+        U, S, Vh = torch.linalg.svd(W.mT, full_matrices=False)
+        return Vh.mT, S, U
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U, S, Vh.mT
 
 
 # -------------------------------------------------------------------- the factored update
@@ -257,6 +267,6 @@ def intruder_dimensions(W_t: torch.Tensor, U0: torch.Tensor, k: int,
     if not bool(torch.isfinite(W_t).all()):
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=W_t.device)
         return nan, torch.full((k,), float("nan"), dtype=torch.float64, device=W_t.device)
-    Y = torch.linalg.svd(W_t.double(), full_matrices=False).U[:, :k]
+    Y = _thin_svd(W_t.double())[0][:, :k]
     max_cos = (U0.double().mT @ Y).abs().amax(0)
     return (max_cos < epsilon).sum().double(), max_cos
