@@ -121,10 +121,10 @@ def evaluate(
 
 def format_table(results: dict[str, dict]) -> str:
     """A small text table of ``{label: evaluate(...) result}``."""
-    lines = [f"{'decoding':<14} {'n':>5} {'format':>8} {'correct':>8} {'tokens':>7} {'cut':>6}"]
+    lines = [f"{'decoding':<24} {'n':>5} {'format':>8} {'correct':>8} {'tokens':>7} {'cut':>6}"]
     for label, r in results.items():
         lines.append(
-            f"{label:<14} {r['n']:>5} {r['format_rate']:>8.1%} {r['correct_rate']:>8.1%} "
+            f"{label:<24} {r['n']:>5} {r['format_rate']:>8.1%} {r['correct_rate']:>8.1%} "
             f"{r['mean_completion_tokens']:>7.1f} {r['truncated_rate']:>6.1%}"
         )
     return "\n".join(lines)

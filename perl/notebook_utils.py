@@ -17,14 +17,25 @@ import glob as _glob
 import html
 import math
 import os
+import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-from perl.run import CONFIG_FILE, GRADIENT_FINAL, GRADIENT_LIVE, METRICS_FILE, SPECTRAL_FINAL, SPECTRAL_LIVE
-from perl.run import MissingDataWarning, RunError, Runs, metric_name
+from perl.run import (
+    CONFIG_FILE,
+    GRADIENT_FINAL,
+    GRADIENT_LIVE,
+    METRICS_FILE,
+    SPECTRAL_FINAL,
+    SPECTRAL_LIVE,
+    MissingDataWarning,
+    RunError,
+    Runs,
+    metric_name,
+)
 
 __all__ = ["LiveRewardPlot", "find_run_dirs", "is_run_dir", "run_summary"]
 
@@ -109,8 +120,6 @@ class LiveRewardPlot:
     @property
     def text(self) -> str:
         """The text line shown above the plot, without markup."""
-        import re
-
         return html.unescape(re.sub(r"<[^>]+>", "", self.info.value))
 
     def _series(self):

@@ -99,6 +99,8 @@ def build_grpo_args(config: TrainConfig):
 
     kwargs = to_grpo_kwargs(config)
     kwargs["data_seed"] = config.common.seed
+    if not torch.cuda.is_available():
+        kwargs.setdefault("dataloader_pin_memory", False)  # note: pinning needs an accelerator
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # note: without use_cpu accelerate only forms a process group for accelerators, so each
         # process of `accelerate launch --num_processes N` on a CPU would train alone (and all write)
@@ -118,6 +120,21 @@ class MetricsCallback(TrainerCallback):
 
     def __init__(self, path: Path):
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # note: resuming from checkpoint-N drops records of steps > N that a crashed run logged after it
+        if state.global_step == 0 or not state.is_world_process_zero or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= state.global_step:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                continue  # a torn last line of a killed run
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import xarray as xr
 import yaml
-
 from conftest import EMBEDDED
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -158,7 +157,7 @@ def test_01_trains_shows_live_reward_and_opens_both_explorers(notebook01):
     assert len(info) == 2
     spectral_line = next(t for t in info if "σ =" in t)
     gradient_line = next(t for t in info if "component" in t)
-    assert spectral_line.startswith(f"layer {int(spectral.layer[0])} | module {str(spectral.module.values[0])} | "
+    assert spectral_line.startswith(f"layer {int(spectral.layer[0])} | module {spectral.module.values[0]!s} | "
                                     f"step {int(spectral.step[-1])} |")
     assert gradient_line.startswith(f"step {int(gradients.step[-1])} |")
     assert "component magnitude" not in gradient_line and "magnitude:" in gradient_line  # DoRA's own component

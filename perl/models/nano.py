@@ -137,32 +137,36 @@ class NanoRecipe:
         n_train_problems (`int`): distinct problems drawn from the generator's train partition.
         four_number_share (`float`): share of training problems with four numbers (the rest three).
         max_number (`int`), max_target (`int`): the generator's ranges (its defaults).
-        max_failed (`int`): failed tries per trace, uniform in 0..max_failed.
+        max_failed (`int`): failed tries per 3-number trace, uniform in 0..max_failed.
+        max_failed_four (`int`): the same for 4-number traces (longer lines, so fewer of them).
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size (`int`): the Qwen2 shape.
         steps (`int`), batch_size (`int`), learning_rate (`float`), warmup_steps (`int`),
         weight_decay (`float`): the optimisation (AdamW, linear warmup, cosine decay to 10%).
-        eval_n (`int`): held-out 3-number problems for the final table.
+        eval_n (`int`): held-out 3-number problems for the final table (greedy and sampled).
+        eval_n_four (`int`): held-out 4-number problems, sampled (0 skips that row).
         eval_max_new_tokens (`int`): completion budget of the evaluation.
         threads (`int`): torch CPU threads.
     """
 
     seed: int = 0
-    n_train_problems: int = 60000
-    four_number_share: float = 0.0
+    n_train_problems: int = 40000
+    four_number_share: float = 0.25
     max_number: int = 100
     max_target: int = 1000
     max_failed: int = 2
+    max_failed_four: int = 1
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    steps: int = 3000
+    steps: int = 1200
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
     eval_n: int = 500
+    eval_n_four: int = 200
     eval_max_new_tokens: int = 64
     threads: int = 2
     log_every: int = 100
@@ -171,7 +175,7 @@ class NanoRecipe:
     def quick(cls, **overrides) -> "NanoRecipe":
         """A small variant (about a minute) for the slow test: it learns the format, not the task."""
         base = dict(n_train_problems=3000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=128, steps=300, batch_size=32, eval_n=64, log_every=50)
+                    intermediate_size=128, steps=300, batch_size=32, eval_n=64, eval_n_four=0, log_every=50)
         base.update(overrides)
         return cls(**base)
 
@@ -273,8 +277,11 @@ def train_model(recipe: NanoRecipe, tokenizer, problems: Sequence[dict], log=pri
     t0 = time.time()
     running = None
     for step in range(recipe.steps):
-        batch = [encode_example(rng.choice(problems), tokenizer, rng, recipe.max_failed)
-                 for _ in range(recipe.batch_size)]
+        batch = []
+        for _ in range(recipe.batch_size):
+            problem = rng.choice(problems)
+            max_failed = recipe.max_failed if len(problem["nums"]) <= 3 else recipe.max_failed_four
+            batch.append(encode_example(problem, tokenizer, rng, max_failed))
         input_ids, mask, labels = collate(batch, tokenizer.pad_token_id)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, recipe)
@@ -352,7 +359,7 @@ def build(out_dir: str | Path, seed: int = 0, quick: bool = False, recipe: NanoR
     import torch
 
     from perl.data.countdown import generate_problems
-    from perl.evaluate import format_table, run_eval
+    from perl.evaluate import evaluate, format_table, run_eval
 
     out_dir = Path(out_dir)
     _check_output_dir(out_dir)
@@ -382,9 +389,17 @@ def build(out_dir: str | Path, seed: int = 0, quick: bool = False, recipe: NanoR
         seconds["save"] = time.time() - t0
 
         t0 = time.time()
-        log(f"[nano] phase 4/4 evaluation: {recipe.eval_n} held-out 3-number problems")
+        log(f"[nano] phase 4/4 evaluation: {recipe.eval_n} held-out 3-number problems"
+            + (f", {recipe.eval_n_four} 4-number problems" if recipe.eval_n_four else ""))
         results = run_eval(model, tokenizer, eval_problems, max_new_tokens=recipe.eval_max_new_tokens,
                            seed=recipe.seed, progress=progress)
+        if recipe.eval_n_four:
+            four = generate_problems(recipe.eval_n_four, seed=recipe.seed, min_numbers=4, max_numbers=4,
+                                     max_number=recipe.max_number, max_target=recipe.max_target,
+                                     split="test")
+            results["sample T=1 (4 numbers)"] = evaluate(
+                model, tokenizer, four, greedy=False, max_new_tokens=recipe.eval_max_new_tokens,
+                seed=recipe.seed, progress=progress)
         seconds["eval"] = time.time() - t0
     finally:
         torch.set_num_threads(threads_before)
