@@ -380,6 +380,19 @@ class TrackerConfig:
     top_k_singular_values: int = _f(8, "Singular values kept when compute_full_svd is false.", ge=1)
     enable_alignment_tracking: bool = _f(False, "Enable alignment tracking of adapter subspaces.")
     alignment_log_frequency: int = _f(100, "Log alignment metrics every N steps.", ge=1)
+    alignment_top_k: Optional[int] = _f(
+        None, "Size k of the base weight's top and bottom singular subspaces; none = 2r.", ge=1
+    )
+    intruder_log_frequency: Optional[int] = _f(
+        None,
+        "Count intruder dimensions every N steps (a dense SVD per module); none = 10 x alignment_log_frequency, "
+        "0 = only at the end.",
+        ge=0,
+    )
+    intruder_epsilon: float = _f(
+        0.5, "A tuned singular vector is an intruder when its largest |cosine| with the base's is below this.",
+        gt=0.0, lt=1.0,
+    )
 
 
 @dataclass

@@ -75,7 +75,7 @@ def resolve_checkpoint(output_dir: Path, resume: str | None) -> str | None:
 
 # note: what a fresh run (not resuming) removes from a folder it was allowed to overwrite, so that
 # old stores and metrics never mix with the new run's. Only files this package writes.
-_STALE_OUTPUTS = ("metrics.jsonl", "spectral_logs", "gradient_logs", "spectral_history_final.nc",
+_STALE_OUTPUTS = ("metrics.jsonl", "spectral_logs", "gradient_logs", "alignment_logs", "spectral_history_final.nc",
                   "gradient_flow_final.nc", "alignment_final.nc")
 
 
@@ -183,6 +183,12 @@ def tracking_callbacks(config: TrainConfig, model, tracking_dir: Path, run_attrs
             run_attrs=run_attrs,
         )
         callbacks.append(GradientFlowCallback(tracker))
+    if tc.enable_alignment_tracking:
+        from perl.trackers import AlignmentTracker, AlignmentTrackingCallback
+
+        tracker = AlignmentTracker.from_config(tc, model, tracking_dir, peft_type=config.peft.type,
+                                               run_attrs=run_attrs)
+        callbacks.append(AlignmentTrackingCallback(tracker, save_with_checkpoints=tc.save_with_checkpoints))
     return callbacks
 
 

@@ -46,25 +46,12 @@ def check_config_defaults() -> str:
 
 
 def check_tiny_run() -> str:
-    from perl.config import TrainConfig
+    from perl.testing import distinct_characters_reward, tiny_train_config
     from perl.trackers import GradientFlowTracker, SpectralTracker
     from perl.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig()
-        cfg.model.model_name_or_path = "tiny-random"
-        cfg.training.output_dir = str(Path(tmp) / "run")
-        cfg.training.max_steps = 2
-        cfg.training.max_completion_length = 12
-        cfg.training.num_generations = 4
-        cfg.training.per_device_train_batch_size = 4
-        cfg.dataset.example_numbers = 16
-        cfg.dataset.test_size = 4
-        cfg.tracker.enable_spectral_tracking = True
-        cfg.tracker.enable_gradient_tracking = True
-        cfg.tracker.spectral_log_frequency = 1
-        cfg.tracker.gradient_log_frequency = 1
-        result = train(cfg, reward_funcs=[lambda completions, **kw: [float(len(set(c))) for c in completions]])
+        result = train(tiny_train_config(Path(tmp) / "run", max_steps=2), reward_funcs=[distinct_characters_reward])
         spectral = SpectralTracker.load(result.output_dir / "spectral_history_final.nc").data
         gradients = GradientFlowTracker.load(result.output_dir / "gradient_flow_final.nc").data
         return (f"spectral steps {list(map(int, spectral.step.values))}, "

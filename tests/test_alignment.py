@@ -5,8 +5,6 @@ computations; the tracker on a tiny peft Qwen2 (LoRA, PiSSA, MiLoRA) after a few
 against a dense recomputation from peft's own ``get_delta_weight`` and the untouched base weights.
 """
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -100,9 +98,10 @@ def test_update_inside_top_k_space_scores_one_there_and_zero_in_bottom_k(shape):
 @pytest.mark.parametrize("planted", [1, 3])
 def test_update_orthogonal_to_top_vectors_yields_the_planted_intruders(planted):
     gen = torch.Generator().manual_seed(planted)
-    m, n, K, k = 48, 40, 6, 8
-    S = torch.cat([torch.linspace(10, 5, K), torch.full((n - K,), 1e-2)])
-    W0, U, V = planted_weight(m, n, S, gen)
+    m, n, K = 48, 40, 6
+    k = K + planted  # the tuned weight's top-k: W0's top K and the planted directions (well separated)
+    S = torch.cat([torch.linspace(10, 5, K), torch.linspace(1e-2, 1e-3, n - K)])
+    W0, U, _ = planted_weight(m, n, S, gen)
     # intruder directions: orthonormal, orthogonal to W0's top-K left vectors, spread over the rest
     X = torch.linalg.qr(U[:, K:] @ torch.randn(m - K, planted, generator=gen, dtype=torch.float64)).Q
     Yr = orthonormal(n, planted, gen)
@@ -152,7 +151,7 @@ def test_zero_update_is_nan_and_nonfinite_factors_are_nan():
 def test_randomized_base_svd_finds_the_top_subspace_and_no_bottom():
     gen = torch.Generator().manual_seed(5)
     S = torch.cat([torch.linspace(10, 6, 4), torch.linspace(0.5, 0.01, 26)])
-    W0, U, V = planted_weight(40, 30, S, gen)
+    W0, U, _ = planted_weight(40, 30, S, gen)
     fast = am.base_svd(W0, 4, randomized=True)
     assert fast.randomized and fast.U_bottom is None and fast.S_bottom is None
     np.testing.assert_allclose(fast.S_top.numpy(), S[:4].numpy(), rtol=1e-8)
@@ -369,3 +368,60 @@ def test_callback_steps_intruders_and_resume_restore_the_pre_split_weight(tmp_pa
     for name in ("energy_fraction_top_left", "energy_fraction_bottom_left", "amplification_factor"):
         np.testing.assert_allclose(resumed[name].sel(step=5).values, first[name].sel(step=5).values,
                                    rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(50, 20), (20, 50), (30, 30)])
+def test_top_left_singular_vectors_match_the_svd(shape):
+    gen = torch.Generator().manual_seed(6)
+    W = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    U = torch.linalg.svd(W, full_matrices=False).U[:, :5]
+    Y = am.top_left_singular_vectors(W, 5)
+    np.testing.assert_allclose((U.T @ Y).abs().diagonal().numpy(), np.ones(5), atol=1e-10)
+    # rank-deficient: the Gram route cannot normalise, the SVD fallback still gives orthonormal vectors
+    low_rank = W[:, :2] @ torch.randn(2, shape[1], generator=gen, dtype=torch.float64)
+    Z = am.top_left_singular_vectors(low_rank, 5)
+    np.testing.assert_allclose((Z.T @ Z).numpy(), np.eye(5), atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["dora", "adalora", "vera", "miss", "rslora"])
+def test_other_factored_methods_equal_dense_recomputation(method, tmp_path):
+    from types import SimpleNamespace
+
+    registry = pytest.importorskip("perl.adapters.registry")
+    base = tiny_model()
+    originals = {n: p.detach().clone().double() for n, p in base.named_parameters()}
+    cfg = SimpleNamespace(type=method, r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+                          init_r=6, target_r=3, miss_init="balance")
+    model = registry.build_adapter(base, cfg, total_steps=3).model
+
+    def peft_delta(a):  # peft's own dense delta, independent of discovery's factors
+        m = a.peft_module
+        if a.kind == "miss":
+            w0 = m.get_base_layer().weight.detach()
+            return (m.get_delta_weight_miss(a.adapter, w0.clone()) - w0).detach().double()
+        return m.get_delta_weight(a.adapter).detach().double()
+
+    init = {a.name: peft_delta(a) for a in discover_adapters(model)}
+    tracker = AlignmentTracker(model, log_frequency=1, save_dir=tmp_path, intruder_log_frequency=0)
+    tracker.log_step(0)
+    train_steps(model, 2)
+    ds = tracker.log_step(2)
+    for a in discover_adapters(model):
+        k = int(ds.alignment_k.sel(layer=a.layer, module=a.module))
+        ref = dense_reference(originals[a.name + ".weight"], peft_delta(a) - init[a.name], k)
+        cell = ds.sel(step=2, layer=a.layer, module=a.module)
+        for name in ("energy_fraction_top_left", "energy_fraction_bottom_right", "amplification_factor"):
+            np.testing.assert_allclose(float(cell[name]), ref[name], rtol=1e-5, atol=TOL, err_msg=f"{a.name} {name}")
+
+
+def test_from_config_reads_knobs_with_defaults(tmp_path):
+    from perl.config import TrackerConfig
+
+    model, _ = peft_model("lora")
+    tc = TrackerConfig(enable_alignment_tracking=True, alignment_log_frequency=7)
+    tracker = AlignmentTracker.from_config(tc, model, tmp_path, peft_type="lora", run_attrs={"seed": 3})
+    assert tracker.log_frequency == 7 and tracker.intruder_log_frequency == 70 and tracker.epsilon == 0.5
+    assert tracker.top_k is None and tracker.attrs["seed"] == 3
+    tc.intruder_epsilon, tc.alignment_top_k, tc.intruder_log_frequency = 0.3, 5, 0  # knobs the lead may add
+    tracker = AlignmentTracker.from_config(tc, model, tmp_path)
+    assert (tracker.epsilon, tracker.top_k, tracker.intruder_log_frequency) == (0.3, 5, 0)

@@ -7,37 +7,22 @@ import json
 import numpy as np
 
 from perl.config import TrainConfig
+from perl.testing import distinct_characters_reward, tiny_train_config
 from perl.trackers import RunStore
 from perl.train import train
 
 
-def _variance_reward(completions, **kwargs):
-    return [float(len(set(c))) for c in completions]
-
-
 def _config(output_dir, max_steps: int) -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.model.model_name_or_path = "tiny-random"
-    cfg.training.output_dir = str(output_dir)
-    cfg.training.max_steps = max_steps
-    cfg.training.max_completion_length = 12
-    cfg.training.num_generations = 4
-    cfg.training.per_device_train_batch_size = 4
+    cfg = tiny_train_config(output_dir, max_steps=max_steps)
     cfg.training.learning_rate = 1e-2
     cfg.training.save_strategy = "steps"
     cfg.training.save_steps = 2
-    cfg.dataset.example_numbers = 32
-    cfg.dataset.test_size = 4
-    cfg.tracker.enable_spectral_tracking = True
-    cfg.tracker.enable_gradient_tracking = True
-    cfg.tracker.spectral_log_frequency = 1
-    cfg.tracker.gradient_log_frequency = 1
     return cfg
 
 
 def test_resume_continues_stores_and_metrics(tmp_path):
     out = tmp_path / "run"
-    first = train(_config(out, max_steps=2), reward_funcs=[_variance_reward])
+    first = train(_config(out, max_steps=2), reward_funcs=[distinct_characters_reward])
     assert (out / "checkpoint-2" / "spectral_tracker_init.safetensors").is_file()
     spectral_before = RunStore.open(out / "spectral_logs" / "spectral_history.nc")
 
@@ -46,7 +31,7 @@ def test_resume_continues_stores_and_metrics(tmp_path):
         fh.write(json.dumps({"step": 3, "grad_norm": 123.0}) + "\n")
     cfg = _config(out, max_steps=4)
     cfg.training.resume_from_checkpoint = "true"
-    second = train(cfg, reward_funcs=[_variance_reward])
+    second = train(cfg, reward_funcs=[distinct_characters_reward])
     assert (first.global_step, second.global_step) == (2, 4)
 
     spectral = RunStore.open(out / "spectral_history_final.nc")

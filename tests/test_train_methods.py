@@ -12,25 +12,13 @@ import torch
 from perl.adapters import PEFT_METHODS, build_adapter
 from perl.config import TrainConfig
 from perl.models.loading import load_model
+from perl.testing import distinct_characters_reward, tiny_train_config
 from perl.train import train
 
 
-def distinct_chars_reward(completions, **kwargs):
-    return [float(len(set(c))) for c in completions]
-
-
 def tiny_config(tmp_path, method: str) -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.model.model_name_or_path = "tiny-random"
-    cfg.peft.type = method
-    cfg.training.output_dir = str(tmp_path / method)
-    cfg.training.max_steps = 2
-    cfg.training.max_completion_length = 12
-    cfg.training.num_generations = 4
-    cfg.training.per_device_train_batch_size = 4
+    cfg = tiny_train_config(tmp_path / method, max_steps=2, method=method, tracking_frequency=None)
     cfg.training.learning_rate = 1e-2
-    cfg.dataset.example_numbers = 16
-    cfg.dataset.test_size = 4
     return cfg
 
 
@@ -48,7 +36,7 @@ def test_two_grpo_steps_train_adapter_and_keep_base(tmp_path, method):
     cfg = tiny_config(tmp_path, method)
     torch.manual_seed(cfg.common.seed)
     frozen0, trainable0 = _reference_base(cfg)
-    result = train(cfg, reward_funcs=[distinct_chars_reward])
+    result = train(cfg, reward_funcs=[distinct_characters_reward])
 
     assert result.global_step == 2
     assert (result.output_dir / "adapter_config.json").is_file()

@@ -12,8 +12,8 @@ At every logged step it computes from the factored update since init ``dW = s (B
 (see :mod:`perl.trackers.alignment_math`; never the m x n product) the energy fractions of dW in
 W0's top-k / bottom-k left / right subspaces, the principal angle cosines between dW's column
 space and W0's top-k left space, and the LoRA paper's amplification factor. At a lower frequency
-(``intruder_log_frequency`` and at the final step) it counts intruder dimensions, which needs a
-dense SVD of the m x n tuned weight ``W_base + s B_t A_t``.
+(``intruder_log_frequency`` and at the final step) it counts intruder dimensions, which needs the
+top singular vectors of the dense m x n tuned weight ``W_base + s B_t A_t``.
 
 Cost (measured by ``benchmarks/alignment_snapshot.py`` at Qwen2.5-1.5B shapes):
 - base SVD, once: a full float64 SVD per weight, O(m n p) (p = min(m, n)); weights with
@@ -21,7 +21,8 @@ Cost (measured by ``benchmarks/alignment_snapshot.py`` at Qwen2.5-1.5B shapes):
   (a randomized range finder only resolves the largest values; stated in the attrs).
 - alignment snapshot: factored O((m + n) r (r + k)) per module, plus one dense ``W0 @ V_dW``
   (O(m n r)) for the amplification factor.
-- intruder snapshot: a dense SVD of each tuned weight, O(m n p), plus W0's full left basis, kept
+- intruder snapshot: the top-k left singular vectors of each dense tuned weight (eigendecomposition
+  of its smaller Gram matrix, float64), O(m n p), against W0's full left basis, kept
   in memory up to ``intruder_cache_mb`` and recomputed (another SVD) for modules past the budget.
 
 Methods: LoRA family, AdaLoRA, VeRA and MiSS (low-rank forms). DoRA: dW is the update of the LoRA
@@ -103,7 +104,8 @@ ALIGNMENT_ATTRS: dict[str, dict[str, str]] = {
     "intruder_dimensions": {
         "long_name": "intruder dimensions (Shuttleworth et al. 2024)", "units": "1",
         "formula": "#{j <= k : max_i |<y_j, u_i>| < epsilon}, y_j = top-k left singular vectors of W_base + s B_t A_t "
-                   "(dense SVD), u_i = all min(m, n) left singular vectors of W0's thin SVD",
+                   "(dense, float64, eigh of the smaller Gram matrix), u_i = all min(m, n) left singular "
+                   "vectors of W0's thin SVD",
         "zero_update": "0 (the tuned weight is W0)",
         "missing": "NaN at steps without an intruder snapshot and where W0's SVD was randomized",
     },
@@ -246,7 +248,7 @@ class AlignmentTracker:
 
     @classmethod
     def from_config(cls, tracker_config, model, save_dir, peft_type: str | None = None,
-                    run_attrs: dict | None = None) -> "AlignmentTracker":
+                    run_attrs: dict | None = None) -> AlignmentTracker:
         """Build from ``config.tracker`` (knobs read with getattr defaults, see the class Args)."""
         tc = tracker_config
 
@@ -325,7 +327,7 @@ class AlignmentTracker:
 
         restored: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self._init}
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 name, _, part = key.rpartition("::")
                 if name not in restored:
                     raise ValueError(f"{path} holds initial factors for {name!r}, which this model does not have; "

@@ -24,7 +24,8 @@ Quantities (all rotation-invariant, so the arbitrary signs of singular vectors d
 - intruder dimensions (Shuttleworth et al. 2024, "LoRA vs full fine-tuning: an illusion of
   equivalence"): among the top-k left singular vectors y_j of the tuned weight ``W0 + dW``, those
   whose largest |cosine| with any left singular vector of W0 (all p of the thin SVD) is below
-  epsilon (0.5 in the paper). Needs a dense SVD of the m x n tuned weight: O(m n p).
+  epsilon (0.5 in the paper). Needs the top-k singular vectors of the dense m x n tuned weight
+  (:func:`top_left_singular_vectors`): O(m n p).
 
 Conventions: a zero update (B = 0 at LoRA init, every method at step 0) has no direction: energy
 fractions, angles and the amplification factor are NaN (0/0); its intruder count is 0 (the tuned
@@ -42,9 +43,11 @@ from .spectral_math import DEFAULT_RTOL
 
 __all__ = ["BaseSVD", "UpdateSVD", "base_svd", "full_left_basis", "update_factors", "factored_update_svd",
            "subspace_energy_fraction", "principal_angle_cosines", "amplification_factor", "intruder_dimensions",
+           "top_left_singular_vectors",
            "DEFAULT_EPSILON", "DEFAULT_RTOL"]
 
 DEFAULT_EPSILON = 0.5
+_GRAM_RTOL = 1e-8  # sigma_k^2 / sigma_1^2 below which the Gram route hands over to the SVD
 
 
 # -------------------------------------------------------------------- the base weight
@@ -249,12 +252,36 @@ def amplification_factor(W0V: torch.Tensor, U: torch.Tensor, S: torch.Tensor, ra
     return torch.where((rank > 0) & torch.isfinite(norm), out, float("nan"))
 
 
+def top_left_singular_vectors(W: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k left singular vectors of a dense matrix (m x k, float64, largest first).
+
+    Through the symmetric eigendecomposition of the smaller Gram matrix (``W W^T`` for a wide W,
+    whose eigenvectors are U; ``W^T W`` for a tall one, then ``U_k = W V_k / sigma_k``): exact for the
+    top of the spectrum (float64 error ~1e-16 sigma_1^2 / gap) and 4-6x faster than ``torch.linalg.svd``
+    on CPU at 1.5B shapes (measured 3.8 s vs 22.6 s for 8960 x 1536). Falls back to the SVD when
+    sigma_k <= 1e-4 sigma_1, where the Gram's rounding (~1e-16 sigma_1^2) would show.
+    """
+    W = W.detach().double()
+    m, n = W.shape
+    if m <= n:
+        evals, evecs = torch.linalg.eigh(W @ W.mT)
+        if evals[-1] > 0 and evals[-k] > _GRAM_RTOL * evals[-1]:
+            return evecs[:, -k:].flip(-1)
+    else:
+        evals, evecs = torch.linalg.eigh(W.mT @ W)
+        if evals[-1] > 0 and evals[-k] > _GRAM_RTOL * evals[-1]:
+            V = evecs[:, -k:].flip(-1)
+            return (W @ V) / torch.sqrt(evals[-k:].flip(-1))
+    return _thin_svd(W)[0][:, :k]
+
+
 def intruder_dimensions(W_t: torch.Tensor, U0: torch.Tensor, k: int,
                         epsilon: float = DEFAULT_EPSILON) -> tuple[torch.Tensor, torch.Tensor]:
     """Intruder dimensions of a tuned weight against the base weight's left singular vectors.
 
     Args:
-        W_t (Tensor): (m, n) the tuned weight W0 + dW, dense. Its SVD is dense: O(m n min(m, n)).
+        W_t (Tensor): (m, n) the tuned weight W0 + dW, dense; its top-k left singular vectors come
+            from :func:`top_left_singular_vectors`, O(m n min(m, n)).
         U0 (Tensor): (m, K) W0's reference left singular vectors (all p of the thin SVD for the
             definition of Shuttleworth et al.).
         k (int): how many top singular vectors of W_t to test.
@@ -267,6 +294,6 @@ def intruder_dimensions(W_t: torch.Tensor, U0: torch.Tensor, k: int,
     if not bool(torch.isfinite(W_t).all()):
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=W_t.device)
         return nan, torch.full((k,), float("nan"), dtype=torch.float64, device=W_t.device)
-    Y = _thin_svd(W_t.double())[0][:, :k]
+    Y = top_left_singular_vectors(W_t, k)
     max_cos = (U0.double().mT @ Y).abs().amax(0)
     return (max_cos < epsilon).sum().double(), max_cos

@@ -16,30 +16,13 @@ import pytest
 STEPS = 3
 
 
-def _variance_reward(completions, **kwargs):
-    # note: the random tiny model earns no Countdown reward; this gives GRPO non-zero advantages
-    return [float(len(set(c))) for c in completions]
-
-
 @pytest.fixture(scope="module")
 def both_trackers_run(tmp_path_factory):
-    from perl.config import TrainConfig
+    from perl.testing import distinct_characters_reward, tiny_train_config
     from perl.train import train
 
-    cfg = TrainConfig()
-    cfg.model.model_name_or_path = "tiny-random"
-    cfg.training.output_dir = str(tmp_path_factory.mktemp("integration") / "run")
-    cfg.training.max_steps = STEPS
-    cfg.training.max_completion_length = 12
-    cfg.training.num_generations = 4
-    cfg.training.per_device_train_batch_size = 4
-    cfg.dataset.example_numbers = 16
-    cfg.dataset.test_size = 4
-    cfg.tracker.enable_spectral_tracking = True
-    cfg.tracker.enable_gradient_tracking = True
-    cfg.tracker.spectral_log_frequency = 1
-    cfg.tracker.gradient_log_frequency = 1
-    return train(cfg, reward_funcs=[_variance_reward])
+    cfg = tiny_train_config(tmp_path_factory.mktemp("integration") / "run", max_steps=STEPS)
+    return train(cfg, reward_funcs=[distinct_characters_reward])
 
 
 def test_step_labels_line_up(both_trackers_run):

@@ -1,0 +1,869 @@
+"""`perl sweep SWEEP.yaml`: a grid of trainings (methods x ranks x seeds x learning rates x ...),
+each in its own run folder under one sweep folder, then the comparison notebooks on the result.
+
+A sweep file is YAML:
+
+```yaml
+sweep_dir: sweeps/methods_nano        # the sweep folder (relative to the working directory)
+base_config: ../base.yaml             # optional: a TrainConfig YAML (relative to this file)
+training: {max_steps: 200}            # optional: config sections inline, over base_config
+tracker: {enable_spectral_tracking: true}
+grid:
+  methods: [lora, dora, pissa]        # peft.type
+  ranks: [8, 16]                      # peft.r (adalora: its target_r, init_r keeps its ratio)
+  seeds: [0, 1]                       # common.seed
+  learning_rates: [5e-4]              # training.learning_rate
+  training.beta: [0.0, 0.04]          # any section.field (also written config.section.field)
+launcher: accelerate launch --num_processes 8   # optional; default: this Python interpreter
+parallel: 1                           # optional; --parallel N wins
+notebooks: true                       # optional: false, or a list such as [04_compare_runs]
+```
+
+Every grid point becomes a run folder named after its values, ``lora-r8-s0-lr5e-4`` (plus
+``-beta_0.04`` for each further axis), trained by ``<launcher> -m perl.cli train --config
+<run>/launch_config.yaml`` in a subprocess whose output goes to ``<run>/train.log``. Every grid
+point's config is validated (and its model and dataset found) before anything starts; a bad sweep
+file is one line on stderr and exit code 2.
+
+A run is *finished* when the sweep wrote ``<run>/sweep_run.json`` with status ``finished`` after
+the training process exited 0 and left its trained weights (``adapter_model.safetensors``, or
+``model.safetensors`` for full fine-tuning) and its ``config.yaml``. Finished runs are skipped on
+a restart; any other folder (a crash, a kill, a failure) is trained again from scratch with
+``overwrite_output_dir``. A finished run whose config differs from the sweep's is refused (exit 2),
+never silently overwritten or mistaken for the new one.
+
+Failed runs do not stop the others; they are listed at the end with their log and the command
+exits 1. Afterwards ``notebooks/04_compare_runs.ipynb`` and ``05_spectral_alignment.ipynb`` are
+executed with papermill on the finished runs into the sweep folder.
+
+Usage:
+    perl sweep configs/sweeps/methods_nano.yaml --parallel 2
+    perl sweep configs/sweeps/methods_nano.yaml --dry-run      # the plan; nothing is written
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import fcntl
+import hashlib
+import itertools
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from perl.config import (
+    MAX_CONFIG_BYTES,
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    _check_key,
+    _suggest,
+    _yaml_load,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+    validate,
+)
+
+__all__ = [
+    "SweepError", "Sweep", "SweepRun", "SweepResult", "load_sweep", "run_state", "launch_command",
+    "run_sweep", "execute_notebooks", "main", "run_name", "MARKER", "LAUNCH_CONFIG", "LOG_FILE",
+]
+
+MARKER = "sweep_run.json"
+LAUNCH_CONFIG = "launch_config.yaml"
+LOG_FILE = "train.log"
+SWEEP_COPY = "sweep.yaml"
+LOCK_FILE = ".sweep.lock"
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+DEFAULT_NOTEBOOKS = ("04_compare_runs", "05_spectral_alignment")
+# the trained weights Trainer.save_model leaves in output_dir: an adapter, or a whole model (full)
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+# fields that say where and how a run was launched, not what it is: ignored when a finished run's
+# config.yaml is compared with the sweep's (the sweep folder may have been moved)
+_LOCATION_FIELDS = {("training", "output_dir"), ("training", "overwrite_output_dir")}
+
+# grid axis -> config field, in the order they appear in a run's name
+NAMED_AXES = {"methods": "peft.type", "ranks": "peft.r", "seeds": "common.seed", "learning_rates": "training.learning_rate"}
+_NAME_PREFIX = {"peft.r": "r", "common.seed": "s", "training.learning_rate": "lr"}
+SWEEP_KEYS = ("sweep_dir", "base_config", "grid", "launcher", "parallel", "notebooks", *SECTIONS)
+# fields a sweep decides per run; a sweep file that sets them is refused (see _check_reserved)
+_RESERVED = {
+    "training.output_dir": "each run's folder is <sweep_dir>/<run name>; set sweep_dir instead",
+    "tracker.tracking_output_dir": "every run would write its tracking data into the same folder; leave it unset",
+    "training.resume_from_checkpoint": "a sweep restarts unfinished runs from scratch; leave it unset",
+}
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class SweepError(ConfigError):
+    """A sweep file (or sweep folder) a user can fix; the message is one sentence that says how."""
+
+
+# ============================================================================================ model
+@dataclass
+class SweepRun:
+    """One grid point: its name, its folder and its validated `TrainConfig`.
+
+    Args:
+        name (`str`): the folder name, e.g. ``lora-r8-s0-lr5e-4``.
+        path (`Path`): ``<sweep_dir>/<name>``.
+        config (`TrainConfig`): the run's config (output_dir, run_name set; overwrite_output_dir off).
+        point (`dict`): the grid values of this point, ``{"peft.type": "lora", ...}``.
+    """
+
+    name: str
+    path: Path
+    config: TrainConfig
+    point: dict[str, Any]
+
+
+@dataclass
+class Sweep:
+    """A loaded, validated sweep file.
+
+    Usage:
+        sweep = load_sweep("configs/sweeps/methods_nano.yaml")
+        [run.name for run in sweep.runs]
+
+    Args:
+        source (`Path`): the sweep file.
+        text (`str`): its text (copied to ``<sweep_dir>/sweep.yaml`` when the sweep runs).
+        sweep_dir (`Path`): where the run folders go.
+        runs (`list[SweepRun]`): the grid points, seeds outermost and methods innermost.
+        launcher (`list[str]`): command prefix that runs a Python module given ``-m``.
+        parallel (`int`, defaults to 1): runs at a time.
+        notebooks (`list[str]`): notebooks (names in ``notebooks/``) executed after the runs.
+    """
+
+    source: Path
+    text: str
+    sweep_dir: Path
+    runs: list[SweepRun]
+    launcher: list[str]
+    parallel: int = 1
+    notebooks: list[str] = field(default_factory=lambda: list(DEFAULT_NOTEBOOKS))
+
+
+@dataclass
+class SweepResult:
+    """What `run_sweep` did.
+
+    Args:
+        trained, skipped, failed (`list[str]`): run names trained now, skipped as finished, failed.
+        logs (`dict[str, Path]`): each launched run's log.
+        notebooks (`list[Path]`): executed notebooks; notebook_failures: ``name -> one-line reason``.
+        interrupted (`bool`): Ctrl-C stopped the sweep.
+    """
+
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+    notebooks: list[Path] = field(default_factory=list)
+    notebook_failures: dict[str, str] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.failed or self.notebook_failures else 0
+
+
+# ============================================================================================ loading
+def _read_yaml_mapping(path: Path, what: str) -> dict:
+    if not path.is_file():
+        state = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
+        raise SweepError(f"{what} {path} {state}; pass the path of a sweep YAML file.")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise SweepError(f"{what} {path} is larger than {MAX_CONFIG_BYTES} bytes; pass a sweep YAML file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = _yaml_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SweepError(f"cannot read {what} {path} as UTF-8 text ({type(e).__name__}).") from None
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError and its kin
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "invalid syntax"
+        raise SweepError(f"malformed YAML in {what} {path}{where}: {problem}.") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{what} {path} must be a YAML mapping (sweep_dir, grid, ...), not {type(data).__name__}.")
+    return data
+
+
+def _axis_field(key: str, where: str) -> str:
+    """A grid key -> the dotted config field it sets (``methods`` -> ``peft.type``)."""
+    if key in NAMED_AXES:
+        return NAMED_AXES[key]
+    dotted = key.removeprefix("--").removeprefix("config.")
+    if dotted.count(".") == 1:
+        try:
+            _check_key(*dotted.split("."))
+        except ConfigError as e:
+            raise SweepError(f"{where}: grid axis {key}: {e}") from None
+        return dotted
+    hint = _suggest(key, list(NAMED_AXES)) or f"; use {', '.join(NAMED_AXES)} or a config field such as training.beta."
+    raise SweepError(f"{where}: unknown grid axis '{key}'{hint}")
+
+
+def _axis_values(key: str, values: Any, where: str) -> list:
+    if not isinstance(values, list):
+        values = [values]  # note: a single value is a one-point axis
+    if not values:
+        raise SweepError(f"{where}: grid.{key} is an empty list; give at least one value or remove the axis.")
+    seen = []
+    for v in values:
+        if v in seen:
+            raise SweepError(f"{where}: grid.{key} lists {v!r} twice; each value once.")
+        seen.append(v)
+    return values
+
+
+def _launcher(value: Any, where: str) -> list[str]:
+    if value is None:
+        return [sys.executable]
+    if isinstance(value, str):
+        try:
+            tokens = shlex.split(value)
+        except ValueError as e:
+            raise SweepError(f"{where}: launcher {value!r} is not a valid command line ({e}).") from None
+    elif isinstance(value, list) and all(isinstance(t, str) for t in value):
+        tokens = list(value)
+    else:
+        raise SweepError(f"{where}: launcher must be a command line such as 'accelerate launch --num_processes 8'.")
+    if not tokens:
+        raise SweepError(f"{where}: launcher is empty; remove it to run with this Python, or name a command.")
+    program = tokens[0]
+    if shutil.which(program) is None and not (os.sep in program and os.access(program, os.X_OK)):
+        raise SweepError(f"{where}: launcher program '{program}' is not found on PATH; install it or fix the launcher.")
+    return tokens
+
+
+def _launcher_world_size(tokens: Sequence[str]) -> int:
+    """Processes one run gets from its launcher (accelerate --num_processes, torchrun --nproc_per_node x --nnodes)."""
+    values: dict[str, str] = {}
+    for i, tok in enumerate(tokens):
+        name, eq, val = tok.partition("=")
+        if name in ("--num_processes", "--nproc_per_node", "--nproc-per-node", "--nnodes", "--num_machines"):
+            values[name.replace("-", "_").strip("_")] = val if eq else (tokens[i + 1] if i + 1 < len(tokens) else "")
+    try:
+        if "num_processes" in values:
+            return max(1, int(values["num_processes"]))
+        if "nproc_per_node" in values:
+            return max(1, int(values["nproc_per_node"])) * max(1, int(values.get("nnodes", "1").split(":")[-1]))
+    except ValueError:
+        return 1
+    return 1
+
+
+@contextlib.contextmanager
+def _world_size(n: int) -> Iterator[None]:
+    # note: validate() reads WORLD_SIZE (the GRPO batch must hold whole groups across processes);
+    # the sweep validates as the launched processes will see it
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(n)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = old
+
+
+def _notebook_list(value: Any, where: str) -> list[str]:
+    if value is None or value is True:
+        return list(DEFAULT_NOTEBOOKS)
+    if value is False:
+        return []
+    names = value if isinstance(value, list) else [value]
+    out = []
+    for name in names:
+        stem = str(name).removesuffix(".ipynb")
+        if not isinstance(name, str) or not (NOTEBOOKS_DIR / f"{stem}.ipynb").is_file():
+            have = ", ".join(sorted(p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb"))) or "none"
+            raise SweepError(f"{where}: notebook {name!r} is not in {NOTEBOOKS_DIR} (have: {have}).")
+        out.append(stem)
+    return out
+
+
+def _format_number(value: float) -> str:
+    """Compact and exact enough for a folder name: 5e-4, 2.5e-5, 0.04, 1."""
+    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+        mantissa, exponent = f"{value:.6e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{value:g}"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float):
+        text = _format_number(value)
+    elif isinstance(value, list):
+        text = "+".join(_format_value(v) for v in value)
+    elif value is None:
+        text = "none"
+    else:
+        text = str(value)
+    safe = "".join(c if c.isalnum() or c in "._+-" else "_" for c in text)
+    return safe or "_"
+
+
+def run_name(config: TrainConfig, extra_fields: Sequence[str] = ()) -> str:
+    """The folder name of a grid point: ``<method>-r<r>-s<seed>-lr<lr>`` then ``-<field>_<value>`` per further axis.
+
+    Usage:
+        >>> run_name(cfg)                        # 'lora-r8-s0-lr5e-4'
+        >>> run_name(cfg, ["training.beta"])     # 'lora-r8-s0-lr5e-4-beta_0.04'
+    """
+    parts = [_format_value(config.peft.type), f"r{config.peft.r}", f"s{config.common.seed}",
+             f"lr{_format_number(float(config.training.learning_rate))}"]
+    for dotted in extra_fields:
+        section, name = dotted.split(".")
+        parts.append(f"{name}_{_format_value(getattr(getattr(config, section), name))}")
+    return "-".join(parts)
+
+
+def _check_reserved(sections: dict, grid_fields: Sequence[str], where: str) -> None:
+    for dotted, why in _RESERVED.items():
+        section, name = dotted.split(".")
+        inline = isinstance(sections.get(section), dict) and name in sections[section]
+        if inline or dotted in grid_fields:
+            raise SweepError(f"{where} sets {dotted}, which a sweep decides: {why}.")
+
+
+def load_sweep(path: str | os.PathLike, parallel: Optional[int] = None) -> Sweep:
+    """Read and validate a sweep file; every grid point's config is validated (nothing is written).
+
+    Args:
+        path (`str | Path`): the sweep YAML file.
+        parallel (`int`, optional): runs at a time; defaults to the file's ``parallel`` (1).
+
+    Raises:
+        SweepError / ConfigError: the first problem, in one sentence naming the file (and run).
+    """
+    source = Path(path).expanduser()
+    where = f"sweep file {source}"
+    data = _read_yaml_mapping(source, "sweep file")
+    for key in data:
+        if key not in SWEEP_KEYS:
+            hint = _suggest(str(key), list(SWEEP_KEYS)) or f"; keys are {', '.join(SWEEP_KEYS)}."
+            raise SweepError(f"{where}: unknown key '{key}'{hint}")
+
+    sweep_dir = data.get("sweep_dir")
+    if not isinstance(sweep_dir, str) or not sweep_dir.strip():
+        raise SweepError(f"{where} needs sweep_dir: the folder the runs go to (e.g. sweeps/methods_nano).")
+    sweep_dir_path = Path(sweep_dir).expanduser().resolve()
+
+    # the base config: defaults, then base_config, then the inline sections
+    base = TrainConfig()
+    if data.get("base_config") is not None:
+        if not isinstance(data["base_config"], str):
+            raise SweepError(f"{where}: base_config must be the path of a config YAML file.")
+        base_path = Path(data["base_config"]).expanduser()
+        if not base_path.is_absolute():
+            base_path = source.parent / base_path  # note: beside the sweep file, so shipped sweeps can share a base
+        base = load_config(base_path)
+    sections = {k: v for k, v in data.items() if k in SECTIONS}
+    merged = config_to_dict(base)
+    for section, values in sections.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise SweepError(f"{where}: section '{section}' must be a mapping of field: value.")
+        merged[section].update(values)
+    try:
+        base = config_from_dict(merged, source=where)
+    except SweepError:
+        raise
+    except ConfigError as e:
+        raise SweepError(str(e) if where in str(e) else f"{where}: {e}") from None
+
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise SweepError(f"{where}: grid must be a mapping such as {{methods: [lora, dora], seeds: [0, 1]}}.")
+    axes: dict[str, list] = {}
+    for key, values in grid.items():
+        dotted = _axis_field(str(key), where)
+        if dotted in axes:
+            raise SweepError(f"{where}: grid sets {dotted} twice; keep one of its axes.")
+        axes[dotted] = _axis_values(str(key), values, where)
+    _check_reserved(sections, list(axes), where)
+    if base.tracker.tracking_output_dir or base.training.resume_from_checkpoint is not None:
+        key = "tracker.tracking_output_dir" if base.tracker.tracking_output_dir else "training.resume_from_checkpoint"
+        raise SweepError(f"{where}: base_config sets {key}, which a sweep decides: {_RESERVED[key]}.")
+
+    launcher = _launcher(data.get("launcher"), where)
+    parallel = parallel if parallel is not None else data.get("parallel", 1)
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise SweepError(f"{where}: parallel must be a positive integer (runs at a time), got {parallel!r}.")
+    notebooks = _notebook_list(data.get("notebooks"), where)
+
+    runs = _expand(base, axes, sweep_dir_path, where, _launcher_world_size(launcher))
+    return Sweep(source=source, text=source.read_text(encoding="utf-8"), sweep_dir=sweep_dir_path, runs=runs,
+                 launcher=launcher, parallel=parallel, notebooks=notebooks)
+
+
+def _expand(base: TrainConfig, axes: dict[str, list], sweep_dir: Path, where: str, world: int) -> list[SweepRun]:
+    """Every grid point, validated; seeds outermost and methods innermost (each seed sees every method first)."""
+    order = ["common.seed", "training.learning_rate", "peft.r"]
+    extra = [f for f in axes if f not in NAMED_AXES.values()]
+    keys = [f for f in order if f in axes] + extra + (["peft.type"] if "peft.type" in axes else [])
+    runs: list[SweepRun] = []
+    names: dict[str, dict] = {}
+    for values in itertools.product(*(axes[k] for k in keys)):
+        point = dict(zip(keys, values))
+        label = ", ".join(f"{k}={v}" for k, v in point.items()) or "the base config"
+        try:
+            cfg = apply_overrides(base, point)
+            if "peft.r" in point and cfg.peft.type == "adalora":
+                cfg = _adalora_rank(base, cfg, point)
+            name = run_name(cfg, extra)
+            cfg.training.output_dir = str(sweep_dir / name)
+            cfg.training.run_name = name
+            cfg.training.overwrite_output_dir = False
+            with _world_size(world):
+                validate(cfg)
+        except ConfigError as e:
+            raise SweepError(f"{where}: grid point {label}: {e}") from None
+        if name in names:
+            raise SweepError(f"{where}: grid points {names[name]} and {point} both make the run folder {name}; "
+                             "make their values differ in the name (e.g. not 1e-4 and 0.0001).")
+        names[name] = point
+        runs.append(SweepRun(name=name, path=sweep_dir / name, config=cfg, point=point))
+    return runs
+
+
+def _adalora_rank(base: TrainConfig, cfg: TrainConfig, point: dict) -> TrainConfig:
+    """AdaLoRA ignores peft.r: a grid rank is its target_r, and init_r keeps the base's init_r/target_r ratio."""
+    r = int(cfg.peft.r)
+    overrides: dict[str, Any] = {}
+    if "peft.target_r" not in point:
+        overrides["peft.target_r"] = r
+    if "peft.init_r" not in point:
+        overrides["peft.init_r"] = max(r, math.ceil(r * base.peft.init_r / base.peft.target_r))
+    return apply_overrides(cfg, overrides)
+
+
+# ============================================================================================ state
+def _read_marker(path: Path) -> dict:
+    try:
+        data = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _has_weights(path: Path) -> bool:
+    return any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+def run_state(run: SweepRun) -> str:
+    """``"new"`` (nothing there), ``"finished"`` (marker, weights, config.yaml) or ``"unfinished"`` (redo it)."""
+    if not run.path.exists():
+        return "new"
+    from perl.preflight import earlier_run
+
+    if (_read_marker(run.path).get("status") == "finished" and _has_weights(run.path)
+            and (run.path / "config.yaml").is_file()):
+        return "finished"
+    if not run.path.is_dir():
+        return "unfinished"
+    return "unfinished" if earlier_run(run.path) or (run.path / LOG_FILE).exists() else "new"
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    data = config_to_dict(cfg)
+    for section, name in _LOCATION_FIELDS:
+        data[section].pop(name, None)
+    return data
+
+
+def _config_difference(run: SweepRun) -> Optional[str]:
+    """None when the finished run's config.yaml is this grid point's config; else the first difference."""
+    try:
+        stored = _comparable(load_config(run.path / "config.yaml"))
+    except ConfigError:
+        return "its config.yaml cannot be read"
+    planned = _comparable(run.config)
+    for section, fields in planned.items():
+        for name, value in fields.items():
+            if stored.get(section, {}).get(name) != value:
+                return f"{section}.{name} is {stored.get(section, {}).get(name)!r} there, {value!r} in the sweep"
+    return None
+
+
+def _fingerprint(cfg: TrainConfig) -> str:
+    return hashlib.sha256(json.dumps(_comparable(cfg), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def plan(sweep: Sweep) -> dict[str, str]:
+    """Each run's state; raises `SweepError` for a finished run whose config differs from the sweep's."""
+    states = {}
+    for run in sweep.runs:
+        state = run_state(run)
+        if state == "finished":
+            diff = _config_difference(run)
+            if diff is not None:
+                raise SweepError(
+                    f"{run.path} holds a finished run of another config ({diff}); delete that folder to train it "
+                    "again, or set another sweep_dir."
+                )
+        states[run.name] = state
+    return states
+
+
+def _preflight(sweep: Sweep, states: dict[str, str]) -> None:
+    """Model, dataset and folder checks of every run to launch, before any starts (nothing written)."""
+    from perl.preflight import preflight
+
+    with _world_size(_launcher_world_size(sweep.launcher)):
+        for run in sweep.runs:
+            if states[run.name] == "finished":
+                continue
+            cfg = copy.deepcopy(run.config)
+            cfg.training.overwrite_output_dir = states[run.name] == "unfinished"
+            try:
+                preflight(cfg)
+            except ConfigError as e:
+                raise SweepError(f"sweep file {sweep.source}: run {run.name}: {e}") from None
+
+
+def launch_command(sweep: Sweep, run: SweepRun) -> list[str]:
+    """``<launcher> -m perl.cli train --config <run>/launch_config.yaml``."""
+    return [*sweep.launcher, "-m", "perl.cli", "train", "--config", str(run.path / LAUNCH_CONFIG)]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _child_env(parallel: int) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = str(max(1, _cores() // parallel))
+    # note: N runs on N cores with one thread each beat N runs fighting over every core; a value the
+    # user exported wins
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"  # note: train.log shows progress as it happens
+    return env
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _last_line(path: Path, limit: int = 200) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 8192))
+            lines = [ln.strip() for ln in fh.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    text = lines[-1] if lines else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _final_reward(path: Path, last: int = 10) -> Optional[float]:
+    """Mean of the last ``last`` logged rewards in metrics.jsonl (as `run_summary` computes final_reward)."""
+    rewards = []
+    try:
+        for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            try:
+                value = json.loads(line).get("reward")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                rewards.append(float(value))
+    except OSError:
+        return None
+    return sum(rewards[-last:]) / len(rewards[-last:]) if rewards else None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# ============================================================================================ running
+@dataclass
+class _Running:
+    run: SweepRun
+    process: Any
+    log: Any
+    started: float
+    command: list[str]
+
+
+def _start(sweep: Sweep, run: SweepRun, redo: bool, env: dict) -> _Running:
+    import subprocess
+
+    run.path.mkdir(parents=True, exist_ok=True)
+    (run.path / MARKER).unlink(missing_ok=True)
+    cfg = copy.deepcopy(run.config)
+    cfg.training.overwrite_output_dir = redo
+    save_config(cfg, run.path / LAUNCH_CONFIG)
+    command = launch_command(sweep, run)
+    log = open(run.path / LOG_FILE, "w", encoding="utf-8")
+    log.write(f"# perl sweep: {shlex.join(command)}\n")
+    log.flush()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    return _Running(run, process, log, time.monotonic(), command)
+
+
+def _finish(job: _Running, returncode: int) -> Optional[str]:
+    """Write the run's marker; return None when it finished, else the reason it failed."""
+    job.log.close()
+    run = job.run
+    seconds = time.monotonic() - job.started
+    reason = None
+    if returncode != 0:
+        reason = f"exit code {returncode}: {_last_line(run.path / LOG_FILE)}"
+    elif not _has_weights(run.path) or not (run.path / "config.yaml").is_file():
+        reason = "the training process exited 0 but left no trained weights or config.yaml"
+    _write_json(run.path / MARKER, {
+        "status": "finished" if reason is None else "failed",
+        "run": run.name,
+        "returncode": returncode,
+        "reason": reason,
+        "seconds": round(seconds, 1),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config_sha256": _fingerprint(run.config),
+        "command": job.command,
+    })
+    return reason
+
+
+def _stop(jobs: list[_Running]) -> None:
+    for job in jobs:
+        if job.process.poll() is None:
+            job.process.terminate()
+    deadline = time.monotonic() + 15
+    for job in jobs:
+        try:
+            job.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+            job.process.kill()
+            job.process.wait()
+        job.log.close()
+
+
+@contextlib.contextmanager
+def _locked(sweep_dir: Path) -> Iterator[None]:
+    """One `perl sweep` per sweep folder at a time (a second would redo the first's runs in progress)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(sweep_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepError(f"another perl sweep is running in {sweep_dir}; wait for it, or stop it first.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # note: closing releases the lock; a killed sweep releases it too
+
+
+def run_sweep(sweep: Sweep, notebooks: bool = True, echo: Callable[[str], None] = print) -> SweepResult:
+    """Train every unfinished run (``sweep.parallel`` at a time), then execute the notebooks.
+
+    Usage:
+        result = run_sweep(load_sweep("configs/sweeps/methods_nano.yaml", parallel=2))
+        result.failed            # {} when every run finished
+
+    Args:
+        sweep (`Sweep`): from `load_sweep`.
+        notebooks (`bool`, defaults to True): execute ``sweep.notebooks`` on the finished runs.
+        echo (`callable`): where progress lines go.
+
+    Raises:
+        SweepError: a finished run of another config in the folder, a run that cannot start
+            (model, dataset), or another sweep running in the same folder; nothing was started.
+    """
+    states = plan(sweep)
+    _preflight(sweep, states)
+    result = SweepResult(skipped=[n for n, s in states.items() if s == "finished"])
+    todo = deque(run for run in sweep.runs if states[run.name] != "finished")
+    with _locked(sweep.sweep_dir):
+        (sweep.sweep_dir / SWEEP_COPY).write_text(sweep.text, encoding="utf-8")
+        parallel = max(1, min(sweep.parallel, len(todo) or 1))
+        env = _child_env(parallel)
+        redo = sum(states[r.name] == "unfinished" for r in todo)
+        echo(f"perl sweep: {len(sweep.runs)} runs in {sweep.sweep_dir}: {len(result.skipped)} finished (skipped), "
+             f"{len(todo)} to train" + (f" ({redo} unfinished, trained again)" if redo else "")
+             + (f"; {parallel} at a time, {env['OMP_NUM_THREADS']} thread(s) each" if todo else ""))
+        total, started = len(todo), 0
+        running: list[_Running] = []
+        try:
+            while todo or running:
+                while todo and len(running) < parallel:
+                    run = todo.popleft()
+                    started += 1
+                    running.append(_start(sweep, run, states[run.name] == "unfinished", env))
+                    result.logs[run.name] = run.path / LOG_FILE
+                    echo(f"[{started}/{total}] started {run.name} (log: {run.path / LOG_FILE})")
+                time.sleep(0.2)
+                for job in [j for j in running if j.process.poll() is not None]:
+                    running.remove(job)
+                    reason = _finish(job, job.process.returncode)
+                    took = _duration(time.monotonic() - job.started)
+                    if reason is None:
+                        result.trained.append(job.run.name)
+                        reward = _final_reward(job.run.path)
+                        tail = f", final reward {reward:.3f}" if reward is not None else ""
+                        echo(f"finished {job.run.name} in {took}{tail}")
+                    else:
+                        result.failed[job.run.name] = reason
+                        echo(f"FAILED {job.run.name} after {took}: {reason}")
+        except KeyboardInterrupt:
+            _stop(running)
+            result.interrupted = True
+            for job in running:
+                result.failed[job.run.name] = "interrupted"
+            echo(f"perl sweep: interrupted; {len(running)} run(s) stopped, trained again on the next start.")
+            return result
+
+        finished = [r for r in sweep.runs if r.name in result.skipped or r.name in result.trained]
+        if notebooks and sweep.notebooks and finished:
+            result.notebooks, result.notebook_failures = execute_notebooks(sweep, finished, echo=echo)
+    return result
+
+
+def _parameter_names(path: Path) -> set[str]:
+    import papermill
+
+    return set(papermill.inspect_notebook(str(path)))
+
+
+def execute_notebooks(sweep: Sweep, runs: Sequence[SweepRun], echo: Callable[[str], None] = print
+                      ) -> tuple[list[Path], dict[str, str]]:
+    """Execute ``sweep.notebooks`` with papermill into the sweep folder on ``runs``.
+
+    Each notebook gets ``run_dirs`` = the run folder names (relative to the sweep folder, where it
+    is executed, so the executed notebook re-runs in place in Jupyter).
+
+    Returns:
+        (the executed notebooks, ``{notebook name: one-line reason}`` for those that failed).
+    """
+    import papermill
+
+    done, failures = [], {}
+    run_dirs = [os.path.relpath(r.path, sweep.sweep_dir) for r in runs]
+    for name in sweep.notebooks:
+        source = NOTEBOOKS_DIR / f"{name}.ipynb"
+        out = sweep.sweep_dir / f"{name}.ipynb"
+        params = {"run_dirs": run_dirs} if "run_dirs" in _parameter_names(source) else {}
+        started = time.monotonic()
+        try:
+            papermill.execute_notebook(str(source), str(out), parameters=params, kernel_name="python3",
+                                       cwd=str(sweep.sweep_dir), progress_bar=False, log_output=False)
+        except Exception as e:  # noqa: BLE001 - a cell error, a missing kernel: reported, the sweep goes on
+            ename = getattr(e, "ename", type(e).__name__)
+            evalue = " ".join(str(getattr(e, "evalue", e)).split())[:200]
+            failures[name] = f"{ename}: {evalue} (see {out})"
+            echo(f"FAILED notebook {name}: {failures[name]}")
+            continue
+        done.append(out)
+        echo(f"executed {out} in {_duration(time.monotonic() - started)}")
+    return done, failures
+
+
+# ============================================================================================ CLI
+def build_parser() -> argparse.ArgumentParser:
+    from perl.cli import _Parser
+
+    parser = _Parser(
+        prog="perl sweep",
+        description="Train a grid of runs (methods x ranks x seeds x learning rates x any config field), "
+                    "each in its own folder under the sweep's sweep_dir, skipping finished runs; then execute "
+                    "the comparison notebooks on them. See perl/sweep.py for the sweep file format.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("sweep_file", metavar="SWEEP.yaml", help="The sweep file.")
+    parser.add_argument("--parallel", metavar="N", help="Runs at a time (default: the file's parallel, else 1).")
+    parser.add_argument("--dry-run", action="store_true", help="Print the runs and their commands; write nothing.")
+    parser.add_argument("--no-notebooks", action="store_true", help="Do not execute the notebooks after the runs.")
+    return parser
+
+
+def _print_plan(sweep: Sweep, states: dict[str, str]) -> None:
+    word = {"new": "to train", "unfinished": "to train again (unfinished)", "finished": "finished (skip)"}
+    print(f"perl sweep: {len(sweep.runs)} runs in {sweep.sweep_dir}, {sweep.parallel} at a time")
+    for run in sweep.runs:
+        print(f"  {run.name:<40} {word[states[run.name]]:<28} {shlex.join(launch_command(sweep, run))}")
+    if sweep.notebooks:
+        print(f"then: {', '.join(n + '.ipynb' for n in sweep.notebooks)} executed into {sweep.sweep_dir}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`perl sweep SWEEP.yaml [--parallel N] [--dry-run] [--no-notebooks]`; returns the exit code.
+
+    0: every run finished (and every notebook executed); 1: some run or notebook failed (listed on
+    stderr with its log); 2: a bad sweep file or command line (one line on stderr, nothing started);
+    130: interrupted.
+    """
+    from perl.cli import UsageError, _fail
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        parallel = None
+        if args.parallel is not None:
+            try:
+                parallel = int(args.parallel)
+            except ValueError:
+                parallel = 0
+            if parallel < 1:
+                raise UsageError(f"--parallel expects a positive integer (runs at a time), got {args.parallel!r}.")
+        sweep = load_sweep(args.sweep_file, parallel=parallel)
+        if args.no_notebooks:
+            sweep.notebooks = []
+        if args.dry_run:
+            _print_plan(sweep, plan(sweep))
+            return 0
+        result = run_sweep(sweep)
+    except (UsageError, ConfigError) as e:
+        return _fail(str(e))
+    if result.failed or result.notebook_failures:
+        lines = [f"perl sweep: {len(result.failed)} of {len(sweep.runs)} runs failed"
+                 + (f", {len(result.notebook_failures)} notebook(s) failed" if result.notebook_failures else "") + ":"]
+        lines += [f"  {name}: {reason}; log: {result.logs.get(name, '-')}" for name, reason in result.failed.items()]
+        lines += [f"  notebook {name}: {reason}" for name, reason in result.notebook_failures.items()]
+        print("\n".join(lines), file=sys.stderr)
+    else:
+        print(f"perl sweep: done; {len(sweep.runs)} runs in {sweep.sweep_dir} "
+              f"({len(result.trained)} trained now, {len(result.skipped)} skipped as finished)")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
