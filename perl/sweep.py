@@ -304,9 +304,9 @@ def _notebook_list(value: Any, where: str) -> list[str]:
     return out
 
 
-def _format_number(value: float) -> str:
-    """Compact and exact enough for a folder name: 5e-4, 2.5e-5, 0.04, 1."""
-    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+def _format_number(value: float, scientific: bool = False) -> str:
+    """Compact and exact enough for a folder name: 5e-4, 2.5e-5, 0.04, 1 (scientific: 1e-2, 4e-2, 1e0)."""
+    if value != 0 and (scientific or abs(value) < 1e-2 or abs(value) >= 1e5):
         mantissa, exponent = f"{value:.6e}".split("e")
         mantissa = mantissa.rstrip("0").rstrip(".")
         return f"{mantissa}e{int(exponent)}"
@@ -336,7 +336,7 @@ def run_name(config: TrainConfig, extra_fields: Sequence[str] = ()) -> str:
         >>> run_name(cfg, ["training.beta"])     # 'lora-r8-s0-lr5e-4-beta_0.04'
     """
     parts = [_format_value(config.peft.type), f"r{config.peft.r}", f"s{config.common.seed}",
-             f"lr{_format_number(float(config.training.learning_rate))}"]
+             f"lr{_format_number(float(config.training.learning_rate), scientific=True)}"]
     for dotted in extra_fields:
         section, name = dotted.split(".")
         parts.append(f"{name}_{_format_value(getattr(getattr(config, section), name))}")
@@ -854,8 +854,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, ConfigError) as e:
         return _fail(str(e))
     if result.failed or result.notebook_failures:
-        lines = [f"perl sweep: {len(result.failed)} of {len(sweep.runs)} runs failed"
-                 + (f", {len(result.notebook_failures)} notebook(s) failed" if result.notebook_failures else "") + ":"]
+        what = [f"{len(result.failed)} of {len(sweep.runs)} runs failed"] if result.failed else []
+        what += [f"{len(result.notebook_failures)} notebook(s) failed"] if result.notebook_failures else []
+        lines = [f"perl sweep: {', '.join(what)}:"]
         lines += [f"  {name}: {reason}; log: {result.logs.get(name, '-')}" for name, reason in result.failed.items()]
         lines += [f"  notebook {name}: {reason}" for name, reason in result.notebook_failures.items()]
         print("\n".join(lines), file=sys.stderr)

@@ -67,6 +67,9 @@ def test_tracker_options_match_the_tracking_docs():
         "top_k_singular_values",
         "enable_alignment_tracking",
         "alignment_log_frequency",
+        "alignment_top_k",
+        "intruder_log_frequency",
+        "intruder_epsilon",
     }
 
 
