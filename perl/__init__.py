@@ -4,6 +4,11 @@ The heavy parts (torch, transformers) load only when used, so ``import perl`` is
 ``perl.open_run`` works in an analysis notebook without touching a model.
 """
 
+import os as _os
+
+# note: idle OpenMP threads otherwise spin and, on a busy 2-core machine, slow torch tenfold
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 _LAZY = {

@@ -158,13 +158,14 @@ class LiveRewardPlot:
         from bokeh.models import Range1d
         from IPython.display import display
 
-        from perl.viz.views import LinesView
+        from perl.viz.views import LinesView, inline_notebook_resources
 
         if self._view is None:
             self._view = LinesView("reward during training", "optimizer step", "reward", legend=True, width=620, height=260,
                                    x_range=Range1d(0, max(1, self.total_steps or 1)))
             self._view.figure.legend.location = "top_left"
             self._pane = pn.pane.Bokeh(self._view.figure)
+        inline_notebook_resources()
         if not pn.extension._loaded:
             pn.extension()
         self._draw()

@@ -58,9 +58,10 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 from perl.config import (
     MAX_CONFIG_BYTES,
@@ -79,8 +80,21 @@ from perl.config import (
 )
 
 __all__ = [
-    "SweepError", "Sweep", "SweepRun", "SweepResult", "load_sweep", "run_state", "launch_command",
-    "run_sweep", "execute_notebooks", "main", "run_name", "MARKER", "LAUNCH_CONFIG", "LOG_FILE",
+    "LAUNCH_CONFIG",
+    "LOG_FILE",
+    "MARKER",
+    "Sweep",
+    "SweepError",
+    "SweepResult",
+    "SweepRun",
+    "execute_notebooks",
+    "launch_command",
+    "load_sweep",
+    "main",
+    "plan",
+    "run_name",
+    "run_state",
+    "run_sweep",
 ]
 
 MARKER = "sweep_run.json"
@@ -98,7 +112,6 @@ _LOCATION_FIELDS = {("training", "output_dir"), ("training", "overwrite_output_d
 
 # grid axis -> config field, in the order they appear in a run's name
 NAMED_AXES = {"methods": "peft.type", "ranks": "peft.r", "seeds": "common.seed", "learning_rates": "training.learning_rate"}
-_NAME_PREFIX = {"peft.r": "r", "common.seed": "s", "training.learning_rate": "lr"}
 SWEEP_KEYS = ("sweep_dir", "base_config", "grid", "launcher", "parallel", "notebooks", *SECTIONS)
 # fields a sweep decides per run; a sweep file that sets them is refused (see _check_reserved)
 _RESERVED = {
@@ -107,8 +120,7 @@ _RESERVED = {
     "training.resume_from_checkpoint": "a sweep restarts unfinished runs from scratch; leave it unset",
 }
 EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # bad sweep files and flags: 2, as every perl command (perl.cli._fail)
 
 
 class SweepError(ConfigError):
@@ -290,7 +302,8 @@ def _world_size(n: int) -> Iterator[None]:
 
 def _notebook_list(value: Any, where: str) -> list[str]:
     if value is None or value is True:
-        return list(DEFAULT_NOTEBOOKS)
+        # note: an install without the repository's notebooks/ folder simply runs none
+        return [n for n in DEFAULT_NOTEBOOKS if (NOTEBOOKS_DIR / f"{n}.ipynb").is_file()]
     if value is False:
         return []
     names = value if isinstance(value, list) else [value]
@@ -322,6 +335,8 @@ def _format_value(value: Any) -> str:
         text = "+".join(_format_value(v) for v in value)
     elif value is None:
         text = "none"
+    elif isinstance(value, str) and "/" in value.strip("/"):
+        text = value.rstrip("/").rsplit("/", 1)[-1]  # note: a path or hub id is named by its last part
     else:
         text = str(value)
     safe = "".join(c if c.isalnum() or c in "._+-" else "_" for c in text)
@@ -351,7 +366,7 @@ def _check_reserved(sections: dict, grid_fields: Sequence[str], where: str) -> N
             raise SweepError(f"{where} sets {dotted}, which a sweep decides: {why}.")
 
 
-def load_sweep(path: str | os.PathLike, parallel: Optional[int] = None) -> Sweep:
+def load_sweep(path: str | os.PathLike, parallel: int | None = None) -> Sweep:
     """Read and validate a sweep file; every grid point's config is validated (nothing is written).
 
     Args:
@@ -498,7 +513,7 @@ def _comparable(cfg: TrainConfig) -> dict:
     return data
 
 
-def _config_difference(run: SweepRun) -> Optional[str]:
+def _config_difference(run: SweepRun) -> str | None:
     """None when the finished run's config.yaml is this grid point's config; else the first difference."""
     try:
         stored = _comparable(load_config(run.path / "config.yaml"))
@@ -590,7 +605,7 @@ def _last_line(path: Path, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _final_reward(path: Path, last: int = 10) -> Optional[float]:
+def _final_reward(path: Path, last: int = 10) -> float | None:
     """Mean of the last ``last`` logged rewards in metrics.jsonl (as `run_summary` computes final_reward)."""
     rewards = []
     try:
@@ -607,7 +622,7 @@ def _final_reward(path: Path, last: int = 10) -> Optional[float]:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
@@ -630,14 +645,14 @@ def _start(sweep: Sweep, run: SweepRun, redo: bool, env: dict) -> _Running:
     cfg.training.overwrite_output_dir = redo
     save_config(cfg, run.path / LAUNCH_CONFIG)
     command = launch_command(sweep, run)
-    log = open(run.path / LOG_FILE, "w", encoding="utf-8")
+    log = open(run.path / LOG_FILE, "w", encoding="utf-8")  # noqa: SIM115 - open while the run lives; _finish closes it
     log.write(f"# perl sweep: {shlex.join(command)}\n")
     log.flush()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     return _Running(run, process, log, time.monotonic(), command)
 
 
-def _finish(job: _Running, returncode: int) -> Optional[str]:
+def _finish(job: _Running, returncode: int) -> str | None:
     """Write the run's marker; return None when it finished, else the reason it failed."""
     job.log.close()
     run = job.run
@@ -678,7 +693,7 @@ def _stop(jobs: list[_Running]) -> None:
 def _locked(sweep_dir: Path) -> Iterator[None]:
     """One `perl sweep` per sweep folder at a time (a second would redo the first's runs in progress)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(sweep_dir / LOCK_FILE, "a+", encoding="utf-8")
+    fh = open(sweep_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held (locked) until the finally
     try:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -817,14 +832,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_plan(sweep: Sweep, states: dict[str, str]) -> None:
     word = {"new": "to train", "unfinished": "to train again (unfinished)", "finished": "finished (skip)"}
-    print(f"perl sweep: {len(sweep.runs)} runs in {sweep.sweep_dir}, {sweep.parallel} at a time")
+    template = shlex.join([*sweep.launcher, "-m", "perl.cli", "train", "--config"]) + f" <run>/{LAUNCH_CONFIG}"
+    print(f"perl sweep: {len(sweep.runs)} runs in {sweep.sweep_dir}, {sweep.parallel} at a time; each: {template}")
+    width = max(len(run.name) for run in sweep.runs)
     for run in sweep.runs:
-        print(f"  {run.name:<40} {word[states[run.name]]:<28} {shlex.join(launch_command(sweep, run))}")
+        print(f"  {run.name:<{width}}  {word[states[run.name]]}")
     if sweep.notebooks:
         print(f"then: {', '.join(n + '.ipynb' for n in sweep.notebooks)} executed into {sweep.sweep_dir}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """`perl sweep SWEEP.yaml [--parallel N] [--dry-run] [--no-notebooks]`; returns the exit code.
 
     0: every run finished (and every notebook executed); 1: some run or notebook failed (listed on
@@ -853,6 +870,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run_sweep(sweep)
     except (UsageError, ConfigError) as e:
         return _fail(str(e))
+    except KeyboardInterrupt:  # note: during the notebooks; the runs' loop handles its own
+        print("perl sweep: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result.failed or result.notebook_failures:
         what = [f"{len(result.failed)} of {len(sweep.runs)} runs failed"] if result.failed else []
         what += [f"{len(result.notebook_failures)} notebook(s) failed"] if result.notebook_failures else []

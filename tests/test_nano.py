@@ -119,9 +119,14 @@ def test_build_refuses_a_foreign_output_dir(tmp_path, capsys):
 def test_quick_recipe_learns_the_format(tmp_path):
     out = tmp_path / "nano-quick"
     assert nano.main(["countdown-nano", "--quick", "--seed", "1", "--output-dir", str(out),
-                      "--no-progress"]) == 0
+                      "--no-progress", "--threads", "1"]) == 0
     record = json.loads((out / "recipe.json").read_text())
     assert record["eval"]["greedy"]["format_rate"] >= 0.8
+    # the recipe reproduces its checkpoint from the seed, bit for bit
+    again = tmp_path / "nano-quick-again"
+    assert nano.main(["countdown-nano", "--quick", "--seed", "1", "--output-dir", str(again),
+                      "--no-progress", "--threads", "1"]) == 0
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     # the saved folder is a loadable model whose greedy output has the format
     from perl.evaluate import evaluate
     from perl.models.loading import load_model_and_tokenizer
@@ -215,8 +220,8 @@ def test_eval_cli_on_a_run_folder_with_an_adapter(tmp_path, capsys):
     peft_model = get_peft_model(load_model("countdown-nano"), LoraConfig(
         r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
     peft_model.save_pretrained(str(run))
-    assert main([str(run), "--n", "12", "--output", str(tmp_path / "run.json"), "--no-progress"]) == 0
-    assert main(["countdown-nano", "--n", "12", "--output", str(tmp_path / "base.json"), "--no-progress"]) == 0
+    assert main([str(run), "--n", "12", "--output", str(tmp_path / "run.json"), "--no-progress", "--threads", "1"]) == 0
+    assert main(["countdown-nano", "--n", "12", "--output", str(tmp_path / "base.json"), "--no-progress", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "adapter" in printed and "sample T=1" in printed
     adapted = json.loads((tmp_path / "run.json").read_text())["results"]

@@ -131,6 +131,10 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
 class NanoRecipe:
     """Every knob of the countdown-nano recipe; the defaults build the shipped checkpoint.
 
+    Usage:
+        >>> build("out/nano", recipe=NanoRecipe(seed=1, steps=2000))
+        >>> NanoRecipe.quick()            # the small variant of `--quick`
+
     Args:
         seed (`int`, defaults to 0): seeds the problems, the traces, the initialisation and the eval.
         n_train_problems (`int`): distinct problems drawn from the generator's train partition.
@@ -172,7 +176,7 @@ class NanoRecipe:
 
     @classmethod
     def quick(cls, **overrides) -> "NanoRecipe":
-        """A small variant (about a minute) for the slow test: it learns the format, not the task."""
+        """A small variant (under a minute) for the slow test: it learns the format, not the task."""
         base = dict(n_train_problems=3000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=128, steps=300, batch_size=32, eval_n=64, eval_n_four=0, log_every=50)
         base.update(overrides)
@@ -439,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``perl build-model countdown-nano [--seed N] [--output-dir D] [--quick]``."""
+    from perl.evaluate import prefer_passive_openmp
+
+    prefer_passive_openmp()
     args = build_parser().parse_args(argv)
     try:
         _check_output_dir(Path(args.output_dir))

@@ -42,9 +42,21 @@ import xarray as xr
 from perl.run import MissingDataWarning, Run, RunError, Runs, _newer, read_store
 
 __all__ = [
-    "ALIGNMENT_LIVE", "ALIGNMENT_FINAL", "FRACTIONS", "alignment_source", "read_alignment", "open_alignment",
-    "final_values", "alignment_table", "fraction_over_training", "fraction_by_module", "fraction_by_layer",
-    "intruders_over_training", "reward_relation", "alignment_curves", "reward_scatter",
+    "ALIGNMENT_FINAL",
+    "ALIGNMENT_LIVE",
+    "FRACTIONS",
+    "alignment_curves",
+    "alignment_source",
+    "alignment_table",
+    "final_values",
+    "fraction_by_layer",
+    "fraction_by_module",
+    "fraction_over_training",
+    "intruders_over_training",
+    "open_alignment",
+    "read_alignment",
+    "reward_relation",
+    "reward_scatter",
 ]
 
 ALIGNMENT_LIVE = Path("alignment_logs") / "alignment_history.nc"
@@ -211,7 +223,7 @@ def alignment_table(runs: Runs, align: xr.Dataset | None, last: int = 10):
 
     summary = run_summary(runs, last=last)
     finals = {k: final_values(align, k) for k in VARIABLES if align is not None and VARIABLES[k] in align}
-    labels_with_data = set(str(v) for v in align["run"].values) if align is not None else set()
+    labels_with_data = {str(v) for v in align["run"].values} if align is not None else set()
     rows = []
     for label, run in zip(runs.labels, runs.runs):
         row = {"run": label, "method": run.method, "r": run.r, "seed": run.seed,
@@ -271,27 +283,28 @@ def intruders_over_training(align: xr.Dataset):
 
 def reward_relation(table, columns=("principal_left", "minor_left", "x_chance", "amplification", "intruders"),
                     reward: str = "final_reward"):
-    """Across runs: Spearman and Pearson correlation of each column with the final reward.
+    """Across runs: Spearman (rank) and Pearson correlation of each column with the final reward.
 
-    Only runs where both are finite count (``n``); with fewer than three runs the correlations are
-    NaN. A handful of runs, one seed each, can suggest a relation, not show one.
+    Only runs where both are finite count (``n``); with fewer than three runs, or a column that
+    does not vary, the correlations are NaN. A handful of runs, one seed each, can suggest a
+    relation, not show one.
 
     Returns:
-        pandas.DataFrame indexed by column name: ``spearman``, ``pearson``, ``n``.
+        pandas.DataFrame indexed by quantity: ``spearman``, ``pearson``, ``n``.
     """
     import pandas as pd
-    from scipy import stats
 
     rows = []
-    y_all = pd.to_numeric(table[reward], errors="coerce").to_numpy(dtype=float)
+    y_all = pd.to_numeric(table[reward], errors="coerce")
     for col in columns:
-        x_all = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=float) if col in table else np.full(len(table), np.nan)
-        ok = np.isfinite(x_all) & np.isfinite(y_all)
+        x_all = pd.to_numeric(table[col], errors="coerce") if col in table else pd.Series(np.nan, index=table.index)
+        ok = np.isfinite(x_all.to_numpy(dtype=float)) & np.isfinite(y_all.to_numpy(dtype=float))
         x, y = x_all[ok], y_all[ok]
         spearman = pearson = math.nan
-        if ok.sum() >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-            spearman = float(stats.spearmanr(x, y).statistic)
-            pearson = float(stats.pearsonr(x, y).statistic)
+        if ok.sum() >= 3 and x.nunique() > 1 and y.nunique() > 1:
+            pearson = float(np.corrcoef(x.to_numpy(dtype=float), y.to_numpy(dtype=float))[0, 1])
+            # Spearman = Pearson of the ranks (ties share their mean rank)
+            spearman = float(np.corrcoef(x.rank().to_numpy(dtype=float), y.rank().to_numpy(dtype=float))[0, 1])
         rows.append({"quantity": col, "spearman": spearman, "pearson": pearson, "n": int(ok.sum())})
     return pd.DataFrame(rows).set_index("quantity")
 
@@ -299,8 +312,7 @@ def reward_relation(table, columns=("principal_left", "minor_left", "x_chance", 
 # ====================================================================================== plots
 def _hv():
     import holoviews as hv
-
-    import holoviews.plotting.bokeh  # noqa: F401  (registers the Bokeh options used below)
+    import holoviews.plotting.bokeh
 
     if hv.Store.current_backend not in hv.Store.renderers:
         hv.Store.set_current_backend("bokeh")
@@ -361,5 +373,7 @@ def reward_scatter(table, x: str = "principal_left", y: str = "final_reward"):
     data = data[np.isfinite(data[x]) & np.isfinite(data[y])].reset_index()
     points = hv.Points(data, kdims=[x, y], vdims=["run", "method"]).opts(
         size=9, tools=["hover"], width=520, height=360, title=f"{y.replace('_', ' ')} vs {x.replace('_', ' ')}")
-    labels = hv.Labels(data, kdims=[x, y], vdims=["method"]).opts(text_font_size="8pt", yoffset=0.01)
+    span = float(np.ptp(data[y])) if len(data) > 1 else 0.0
+    labels = hv.Labels(data, kdims=[x, y], vdims=["method"]).opts(
+        text_font_size="8pt", text_baseline="bottom", yoffset=0.03 * span if span > 0 else 0.01)
     return points * labels

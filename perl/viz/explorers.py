@@ -25,7 +25,7 @@ import numpy as np
 from bokeh.layouts import column, row
 
 from perl.run import MissingDataWarning, Run, Runs, metric_name, open_runs
-from perl.viz.views import HeatmapView, LinesView, axis_label, category_colors, depth_colors
+from perl.viz.views import HeatmapView, LinesView, axis_label, category_colors, depth_colors, inline_notebook_resources
 
 __all__ = ["SpectralExplorer", "GradientExplorer", "RunComparison", "PRODUCT", "UPDATE"]
 
@@ -129,6 +129,7 @@ class _Explorer:
         from IPython.display import display
         import panel as pn
 
+        inline_notebook_resources()
         if not pn.extension._loaded:
             pn.extension()
         display(self.controls)

@@ -24,12 +24,14 @@ import holoviews.plotting.bokeh  # noqa: F401  (registers the Bokeh options used
 import holoviews.plotting.mpl  # noqa: F401  (and the matplotlib ones, for static PNGs)
 
 from perl.run import metric_name
-from perl.viz.views import axis_label
+from perl.viz.views import axis_label, inline_notebook_resources
 
 __all__ = [
     "spectrum", "sv_trajectories", "metric_heatmap", "gradient_heatmap", "ab_ratio",
     "dora_magnitude_direction", "rank_budget", "training_curves", "with_training", "dimension",
 ]
+
+inline_notebook_resources()  # before a notebook's hv.extension("bokeh"): no CDN, figures render offline
 
 if hv.Store.current_backend not in hv.Store.renderers:
     hv.Store.set_current_backend("bokeh")

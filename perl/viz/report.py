@@ -112,6 +112,7 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
             embed_state(section, root, doc, max_states=_MAX_STATES, progress=False)
         if pngs is not None:
             add_to_doc(pngs.get_root(doc, comm), doc)
+    _inline_panel_stylesheets(doc)
     resources = Resources.from_bokeh(INLINE, absolute=True)
     with set_resource_mode("inline"):
         page = file_html(doc, resources, doc.title)
@@ -121,6 +122,27 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
     return out
+
+
+def _inline_panel_stylesheets(doc) -> None:
+    """Replace the stylesheets Panel's widgets import from cdn.holoviz.org by inline copies of the
+    same files shipped in the panel package (one copy per file), so the page opens without network."""
+    from bokeh.models import ImportedStyleSheet, InlineStyleSheet, UIElement
+    from panel.io.resources import CDN_DIST, DIST_DIR
+
+    inlined = {}
+    for root in doc.roots:
+        for model in root.select({"type": UIElement}):
+            sheets = list(model.stylesheets)
+            for i, sheet in enumerate(sheets):
+                url = sheet.url if isinstance(sheet, ImportedStyleSheet) else ""
+                if url.startswith(CDN_DIST):
+                    if url not in inlined:
+                        path = DIST_DIR / url[len(CDN_DIST):].split("?")[0]
+                        inlined[url] = InlineStyleSheet(css=path.read_text(encoding="utf-8")) if path.is_file() else sheet
+                    sheets[i] = inlined[url]
+            if sheets != list(model.stylesheets):
+                model.stylesheets = sheets
 
 
 # ------------------------------------------------------------------------------ sections

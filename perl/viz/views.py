@@ -16,10 +16,44 @@ from bokeh.models import (
 from bokeh.palettes import Viridis256, Category10_10
 from bokeh.plotting import figure
 
-__all__ = ["HeatmapView", "LinesView", "axis_label", "depth_colors", "regular_grid", "MAX_GRID"]
+__all__ = ["HeatmapView", "LinesView", "axis_label", "depth_colors", "regular_grid", "inline_notebook_resources", "MAX_GRID"]
 
 MAX_GRID = 2000  # columns of a re-gridded heatmap; more than a screen shows
 NAN_COLOR = (0, 0, 0, 0)  # missing stays missing: transparent, never a colour of the scale
+
+
+_INLINE = False
+
+
+def inline_notebook_resources() -> None:
+    """Make notebook figures self-contained: BokehJS, Panel's JavaScript and its stylesheets travel
+    in the cell outputs instead of being fetched from cdn.bokeh.org / cdn.holoviz.org.
+
+    HoloViews and Panel load them from a CDN by default, which leaves every figure blank on a
+    machine without network. Called on import of `perl.viz.plots` (so a notebook's later
+    ``hv.extension("bokeh")`` loads inline) and by the explorers before they display. Idempotent.
+    """
+    global _INLINE
+    if _INLINE:
+        return
+    import holoviews as hv
+    import panel as pn
+    from bokeh.models import UIElement
+    from panel.io.notebook import patch_inline_stylesheets
+    from panel.viewable import Viewable
+
+    hv.extension.inline = True  # the default of every later hv.extension(...) call
+    pn.config.inline = True
+
+    def inline_stylesheets(viewable, root):
+        # note: HoloViews renders through Panel but skips Panel's inlining step, so Panel's layout
+        # stylesheets would still point at the CDN; inline them the way Panel does for its own output
+        if pn.config.inline:
+            for model in root.select({"type": UIElement}):
+                patch_inline_stylesheets(model)
+
+    Viewable._preprocessing_hooks.append(inline_stylesheets)
+    _INLINE = True
 
 
 def axis_label(attrs_or_da, name: str | None = None) -> str:
