@@ -214,7 +214,11 @@ def test_eval_cli_on_a_run_folder_with_an_adapter(tmp_path, capsys):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("model:\n  model_name_or_path: countdown-nano\n")
+    # the config training would have written for this adapter: eval rebuilds the adapter from it
+    (run / "config.yaml").write_text(
+        "model:\n  model_name_or_path: countdown-nano\n"
+        "peft:\n  type: lora\n  r: 4\n  lora_alpha: 64\n  target_modules: [q_proj, v_proj, down_proj]\n"
+    )
     torch.manual_seed(0)
     # init_lora_weights=False: a random, non-zero update, so the adapter visibly changes the model
     peft_model = get_peft_model(load_model("countdown-nano"), LoraConfig(

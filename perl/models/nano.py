@@ -153,7 +153,7 @@ class NanoRecipe:
 
     seed: int = 0
     n_train_problems: int = 40000
-    four_number_share: float = 0.15
+    four_number_share: float = 0.25
     max_number: int = 100
     max_target: int = 1000
     max_failed: int = 2
@@ -163,7 +163,7 @@ class NanoRecipe:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    steps: int = 1400
+    steps: int = 1200
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 100
