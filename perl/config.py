@@ -236,10 +236,15 @@ class TrainingConfig:
         Every field's help text says the rest.
     """
 
-    # --- DEMO: tuned for the embedded model on a laptop CPU; change these three for real models.
+    # --- DEMO: tuned for the embedded model on a 2-core CPU (measured: 300 steps in 5.6 min, the
+    # correct-equation reward rising from 0.23 to 0.33); change these for real models.
     learning_rate: float = _f(5e-4, "Peak learning rate of AdamW.", gt=0.0)
-    max_steps: int = _f(200, "Optimizer steps to run; -1 = run num_train_epochs instead.")
+    max_steps: int = _f(300, "Optimizer steps to run; -1 = run num_train_epochs instead.")
     max_completion_length: int = _f(64, "Maximum number of generated tokens per completion.", ge=1)
+    per_device_train_batch_size: int = _f(
+        64, "Completions per device per micro-batch; times accumulation, divisible by num_generations "
+        "(64 = 8 prompts x 8 completions: fewer prompts per step make the reward too noisy to learn from).", ge=1
+    )
     # --- end DEMO
 
     output_dir: str = _f("runs/demo", "Run folder: config.yaml, metrics, checkpoints, tracking data.")
@@ -254,9 +259,6 @@ class TrainingConfig:
         None, "Drop dataset prompts longer than this many tokens; none = keep all.", ge=1
     )
     num_generations: int = _f(8, "Completions sampled per prompt (the GRPO group size).", ge=2)
-    per_device_train_batch_size: int = _f(
-        8, "Completions per device per micro-batch; times accumulation, divisible by num_generations.", ge=1
-    )
     gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.", ge=1)
     num_train_epochs: float = _f(1.0, "Epochs over the dataset when max_steps is -1.", gt=0.0)
     num_iterations: int = _f(1, "Optimisation passes per generated batch (GRPO's mu).", ge=1)
