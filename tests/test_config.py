@@ -314,7 +314,7 @@ def test_non_utf8_config_file(tmp_path):
         ({"training.top_p": "1.5"}, ["top_p", "<= 1.0"]),
         ({"training.num_generations": "3"}, ["divisible by num_generations (3)"]),
         ({"peft.target_r": "16"}, ["target_r", "init_r"]),
-        ({"peft.type": "adalora", "peft.tinit": "150", "peft.tfinal": "50"}, ["tinit + peft.tfinal", "max_steps"]),
+        ({"peft.type": "adalora", "peft.tinit": "250", "peft.tfinal": "50"}, ["tinit + peft.tfinal", "max_steps"]),
         ({"peft.type": "miss", "peft.r": "8", "peft.miss_mini_r": "3"}, ["divisible by peft.miss_mini_r"]),
         ({"training.loss_type": "luspo"}, ["importance_sampling_level"]),
         ({"dataset.min_numbers": "5"}, ["min_numbers", "max_numbers"]),
