@@ -20,6 +20,7 @@ import difflib
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from perl.preflight import check_output_dir, optional_module, preflight
@@ -251,10 +252,27 @@ def _train(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; partial results are in {cfg.training.output_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    out = getattr(result, "output_dir", cfg.training.output_dir)
-    print(f"{PROG}: done; results are in {out} (config.yaml, metrics.jsonl, tracking data)")
-    print(f"{PROG}: explore them with `{PROG} report {out}` or notebooks/02_spectral_explorer.ipynb")
+    _print_where(result, cfg)
     return 0
+
+
+def _print_where(result: Any, cfg: TrainConfig) -> None:
+    """Tell the user where the run, its tracking data and the explorer notebooks are."""
+    out = Path(getattr(result, "output_dir", cfg.training.output_dir))
+    tracking = Path(getattr(result, "tracking_dir", cfg.tracker.tracking_output_dir or out))
+    lines = [f"{PROG}: done after {getattr(result, 'global_step', '?')} steps; the run is in {out}/",
+             f"  config and metrics:  {out / 'config.yaml'}, {out / 'metrics.jsonl'}"]
+    for label, name in (("spectra", "spectral_history_final.nc"), ("gradient flow", "gradient_flow_final.nc"),
+                        ("alignment", "alignment_final.nc")):
+        if (tracking / name).is_file():
+            lines.append(f"  {label + ':':<20} {tracking / name}")
+    if (tracking / "gradient_logs").is_dir():
+        lines.append(f"  {'heatmaps:':<20} {tracking / 'gradient_logs'}/gradient_heatmap_*.png")
+    lines += [f"  explore in JupyterLab: notebooks/02_spectral_explorer.ipynb and 03_gradient_explorer.ipynb "
+              f"with run_dir = {str(out)!r}",
+              f"  or in batch:  papermill notebooks/02_spectral_explorer.ipynb out.ipynb -p run_dir {out}",
+              f"  or as one HTML page:  {PROG} report {out}"]
+    print("\n".join(lines))
 
 
 def _delegate(command: str, argv: Sequence[str]) -> int:

@@ -194,7 +194,7 @@ def test_defaults_reach_train(captured, capsys):
     expected.model.model_name_or_path = "model"
     assert cfg == expected
     out = capsys.readouterr().out
-    assert "results are in out" in out
+    assert "the run is in out/" in out and "papermill notebooks/02_spectral_explorer.ipynb" in out
 
 
 def test_train_subcommand_is_the_same_as_the_default(captured):
