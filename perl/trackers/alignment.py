@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from transformers import TrainerCallback
 
 from . import alignment_math as am
+from .callbacks import SpectralTrackingCallback
 from .discovery import AdapterModule, discover_adapters, peft_config_of
 from .spectral import MODULE_ORDER, STEP_CONVENTION, _derive_peft_type, _is_rank_zero, _sharded
 from .store import RunStore
@@ -681,10 +681,11 @@ def _same_fingerprint(a, b, rtol: float = 1e-9) -> bool:
 
 
 # -------------------------------------------------------------------- the callback
-class AlignmentTrackingCallback(TrainerCallback):
+class AlignmentTrackingCallback(SpectralTrackingCallback):
     """Alignment snapshots at step 0, every ``log_frequency`` steps, intruders at their frequency and at the end.
 
-    Step labels and events as :class:`~perl.trackers.callbacks.SpectralTrackingCallback`: a snapshot
+    The spectral callback's lifecycle (fresh store or resume at train begin, initial factors saved
+    with checkpoints, scalars added to the logs), plus intruder snapshots. A snapshot
     at ``on_step_end`` describes the weights after ``state.global_step`` optimizer steps. The final
     step (``global_step == max_steps``) always gets an intruder snapshot; ``on_train_end`` logs it
     if the loop ended elsewhere. A new run replaces an earlier store in the folder; a resumed run
@@ -701,39 +702,11 @@ class AlignmentTrackingCallback(TrainerCallback):
         save_with_checkpoints (bool, defaults to True): save the initial factors into each checkpoint.
     """
 
-    def __init__(self, tracker: AlignmentTracker, save_with_checkpoints: bool = True):
-        self.tracker = tracker
-        self.save_with_checkpoints = save_with_checkpoints
-        self._pending: dict[str, float] = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.tracker.is_world_process_zero = bool(state.is_world_process_zero)
-        step = int(state.global_step)
-        if step == 0:
-            self.tracker.start_fresh()
-        else:
-            checkpoint = os.path.join(args.output_dir, f"checkpoint-{step}")
-            self.tracker.resume(step, checkpoint if os.path.isdir(checkpoint) else None)
-        if step == 0 or (self.tracker.should_log(step) and step not in self.tracker.steps):
-            self._log(step)
-
     def on_step_end(self, args, state, control, **kwargs):
         step = int(state.global_step)
         final = bool(state.max_steps) and step >= state.max_steps
         if self.tracker.should_log(step) or final:
             self._log(step, final)
-
-    def on_save(self, args, state, control, **kwargs):
-        if self.save_with_checkpoints and state.is_world_process_zero:
-            self.tracker.save_init_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._pending or logs is None:
-            return
-        logs.update(self._pending)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(self._pending)
-        self._pending = {}
 
     def on_train_end(self, args, state, control, **kwargs):
         if int(state.global_step) not in self.tracker.steps:
