@@ -304,3 +304,21 @@ def test_live_reward_plot_records_what_the_trainer_logs():
     state.is_world_process_zero = False  # only the main process draws
     other.on_log(args, state, None, logs={"reward": 1.0})
     assert other.history == {"step": []}
+
+
+def test_02_on_a_vector_adapter_shows_norms_instead_of_spectra(tmp_path):
+    """IA3 adapts vectors: no spectra, so 02 shows their norms and distance from init, and does not fail."""
+    from perl.testing import distinct_characters_reward, tiny_train_config
+    from perl.train import train
+
+    run = tmp_path / "ia3-run"
+    train(tiny_train_config(run, max_steps=2, method="ia3"), reward_funcs=[distinct_characters_reward])
+    nb = execute("02_spectral_explorer", tmp_path, run_dir=str(run))
+    sp = read_nc(run / "spectral_history_final.nc")
+    assert "singular_values" not in sp
+    texts = outputs_text(nb)
+    ranking = next(t for t in texts if re.search(r"\ndtype: float\d+$", t))
+    moved = sp.vector_distance_from_init.sel(step=int(sp.step[-1])).values.ravel()
+    expected = np.sort(moved[np.isfinite(moved)])[::-1][:10]
+    shown = numbers(" ".join(row.split()[-1] for row in ranking.splitlines()[1:-1]))
+    np.testing.assert_allclose(shown, expected, rtol=1e-3, atol=1e-6)
