@@ -35,6 +35,7 @@ import yaml
 
 __all__ = [
     "ConfigError",
+    "read_yaml_file",
     "CommonConfig",
     "ModelConfig",
     "PeftConfig",
@@ -643,6 +644,33 @@ def config_from_dict(data: Optional[Mapping[str, Any]], source: str = "config") 
     return cfg
 
 
+def read_yaml_file(path: Path, what: str, hint: str, error: type[ConfigError] = ConfigError) -> Any:
+    """Read a user's YAML file safely; every way it can be wrong is one ``error`` sentence.
+
+    Args:
+        path (`Path`): the file.
+        what (`str`): how messages name it, e.g. "config file".
+        hint (`str`): what the user should do instead, e.g. "pass another --config".
+        error (`type`): the `ConfigError` subclass to raise.
+    """
+    if not path.is_file():
+        state = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
+        raise error(f"{what} {path} {state}; {hint}.")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise error(f"{what} {path} is larger than {MAX_CONFIG_BYTES} bytes; {hint}.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read {what} {path} as UTF-8 text ({type(e).__name__}).") from None
+    try:
+        return _yaml_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "invalid syntax"
+        raise error(f"malformed YAML in {what} {path}{where}: {problem}; fix the file or {hint}.") from None
+
+
 def load_config(path: str | os.PathLike) -> TrainConfig:
     """Read a YAML config file into a `TrainConfig` (structure and types checked, not ranges).
 
@@ -653,22 +681,7 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         ConfigError: the file is missing, unreadable, malformed YAML, or has an unknown key.
     """
     p = Path(path)
-    if not p.is_file():
-        what = "is a directory, not a YAML file" if p.is_dir() else "does not exist"
-        raise ConfigError(f"config file {p} {what}; pass the path of a YAML file to --config.")
-    if p.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes; pass a YAML config file.")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {p} as UTF-8 text ({type(e).__name__}).") from None
-    try:
-        data = _yaml_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or "invalid syntax"
-        raise ConfigError(f"malformed YAML in {p}{where}: {problem}; fix the file or pass another --config.") from None
+    data = read_yaml_file(p, "config file", "pass another --config")
     return config_from_dict(data, source=f"config file {p}")
 
 

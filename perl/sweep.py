@@ -64,17 +64,16 @@ from pathlib import Path
 from typing import Any
 
 from perl.config import (
-    MAX_CONFIG_BYTES,
     SECTIONS,
     ConfigError,
     TrainConfig,
     _check_key,
     _suggest,
-    _yaml_load,
     apply_overrides,
     config_from_dict,
     config_to_dict,
     load_config,
+    read_yaml_file,
     save_config,
     validate,
 )
@@ -200,21 +199,7 @@ class SweepResult:
 
 # ============================================================================================ loading
 def _read_yaml_mapping(path: Path, what: str) -> dict:
-    if not path.is_file():
-        state = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
-        raise SweepError(f"{what} {path} {state}; pass the path of a sweep YAML file.")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise SweepError(f"{what} {path} is larger than {MAX_CONFIG_BYTES} bytes; pass a sweep YAML file.")
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = _yaml_load(text)
-    except (OSError, UnicodeDecodeError) as e:
-        raise SweepError(f"cannot read {what} {path} as UTF-8 text ({type(e).__name__}).") from None
-    except Exception as e:  # noqa: BLE001 - yaml.YAMLError and its kin
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or "invalid syntax"
-        raise SweepError(f"malformed YAML in {what} {path}{where}: {problem}.") from None
+    data = read_yaml_file(path, what, "pass the path of a sweep YAML file", error=SweepError)
     if not isinstance(data, dict):
         raise SweepError(f"{what} {path} must be a YAML mapping (sweep_dir, grid, ...), not {type(data).__name__}.")
     return data
