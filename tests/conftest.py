@@ -15,7 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-EMBEDDED = Path(__file__).resolve().parent.parent / "perl" / "models" / "countdown_nano" / "model.safetensors"
 SHARED_RUN_STEPS = 6
 
 
@@ -24,7 +23,7 @@ def shared_run_config(output_dir: Path):
 
     cfg = TrainConfig()
     # note: the embedded model earns reward, so GRPO advantages and gradients are not all zero
-    cfg.model.model_name_or_path = "countdown-nano" if EMBEDDED.is_file() else "tiny-random"
+    cfg.model.model_name_or_path = "countdown-nano"
     cfg.peft.type = "lora"
     cfg.training.output_dir = str(output_dir)
     cfg.training.max_steps = SHARED_RUN_STEPS

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import xarray as xr
 import yaml
-from conftest import EMBEDDED
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PARAMETERS = {
@@ -125,7 +124,7 @@ def notebook01(tmp_path_factory):
     folder = tmp_path_factory.mktemp("nb01")
     run_dir = folder / "dora-run"
     nb = execute("01_train_and_track", folder, output_dir=str(run_dir), peft_type="dora",
-                 model_name_or_path="countdown-nano" if EMBEDDED.is_file() else "tiny-random",
+                 model_name_or_path="countdown-nano",
                  max_steps=NOTEBOOK01_STEPS, tracking_frequency=1)
     return nb, run_dir
 
