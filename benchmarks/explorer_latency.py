@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
     import perl
     from perl.viz.explorers import GradientExplorer, SpectralExplorer
-    from perl.viz.synthetic import synthetic_run
+    from perl.synthetic import synthetic_run
 
     tmp = None
     if args.run_dir is None:
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         run_dir = Path(tmp.name) / "run"
     else:
         run_dir = Path(args.run_dir)
-    modules = MODULES[: args.modules] if args.modules <= len(MODULES) else [f"m{i}" for i in range(args.modules)]
+    modules = MODULES[: min(args.modules, len(MODULES))]
     t0 = time.perf_counter()
     if not (run_dir / "spectral_history_final.nc").exists():
         synthetic_run(run_dir, steps=args.steps, layers=args.layers, modules=modules, r=args.r, seed=0, pngs=False)

@@ -257,7 +257,7 @@ def test_find_run_dirs_globs_sweeps_and_lists(tmp_path):
 def test_run_summary_against_the_files(tmp_path):
     from perl.notebook_utils import run_summary
     from perl.run import open_runs
-    from perl.viz.synthetic import synthetic_run
+    from perl.synthetic import synthetic_run
 
     lora = synthetic_run(tmp_path / "lora", steps=12, layers=2, modules=("q_proj", "v_proj"), r=4, seed=3, pngs=False)
     dora = synthetic_run(tmp_path / "dora", steps=5, layers=2, modules=("q_proj",), r=4, seed=1, method="dora", pngs=False)

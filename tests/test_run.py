@@ -1,7 +1,8 @@
 """perl.run: one run folder as Datasets, many runs along a `run` dimension, errors at the edge.
 
-Runs are synthetic (`perl.viz.synthetic`): the real folder layout and schema with made-up
-numbers. Expected values are read back independently (netCDF4 directly, json for metrics.jsonl).
+Runs are made by `perl.synthetic`: a tiny random model tracked by the real trackers, so the
+stores are a real run's. Expected values are read back independently (netCDF4 directly, json for
+metrics.jsonl).
 """
 
 import json
@@ -16,13 +17,13 @@ import pytest
 
 import perl
 from perl.run import MissingDataWarning, RunError, metric_name, open_run, open_runs
-from perl.viz.synthetic import synthetic_run
+from perl.synthetic import synthetic_run
 
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
     return synthetic_run(tmp_path_factory.mktemp("runs") / "lora", steps=6, layers=3, modules=("q_proj", "v_proj"),
-                         r=4, seed=3, unadapted=("k_proj",), pngs=False)
+                         r=4, seed=3, partial=("k_proj",), pngs=False)
 
 
 def _nc(path, name):
@@ -38,12 +39,13 @@ def test_open_run_reads_config_stores_and_metrics(lora_dir):
     assert (run.method, run.r, run.seed, run.label) == ("lora", 4, 3, "lora r=4 seed=3")
 
     sp = run.spectral
-    assert dict(sp.sizes) == {"step": 6, "layer": 3, "module": 3, "sv": 4, "sv_update": 8}
-    assert list(sp["module"].values) == ["q_proj", "v_proj", "k_proj"]
+    assert dict(sp.sizes) == {"step": 7, "layer": 3, "module": 3, "sv": 4, "sv_update": 8}
+    assert list(sp["module"].values) == ["q_proj", "k_proj", "v_proj"]
     raw, modules = _nc(lora_dir / "spectral_history_final.nc", "singular_values")
     np.testing.assert_array_equal(sp["singular_values"].values, raw)
-    # the module a method does not adapt is NaN, never 0
-    assert np.isnan(sp["effective_rank"].sel(module="k_proj").values).all()
+    # where a module is not adapted (k_proj outside block 0) it is NaN, never 0
+    assert np.isnan(sp["effective_rank"].sel(module="k_proj", layer=[1, 2]).values).all()
+    assert np.isfinite(sp["effective_rank"].sel(module="k_proj", layer=0).values).all()
     assert sp["effective_rank"].attrs["long_name"]
 
     gr = run.gradients
@@ -87,11 +89,11 @@ def test_refresh_sees_new_steps_of_a_run_still_training(tmp_path):
     d = synthetic_run(tmp_path / "live", steps=5, layers=2, modules=("q_proj",), r=4, final=False, pngs=False)
     run = open_run(d)
     assert run.source("spectral").name == "spectral_history.nc"
-    assert run.spectral.sizes["step"] == 5 and run.metrics.sizes["step"] == 5
+    assert run.spectral.sizes["step"] == 6 and run.metrics.sizes["step"] == 5
     synthetic_run(d, steps=8, layers=2, modules=("q_proj",), r=4, final=False, pngs=False)  # "training" goes on
-    assert run.spectral.sizes["step"] == 5, "data stays as read until refresh()"
+    assert run.spectral.sizes["step"] == 6, "data stays as read until refresh()"
     run.refresh()
-    assert run.spectral.sizes["step"] == 8 and run.gradients.sizes["step"] == 8
+    assert run.spectral.sizes["step"] == 9 and run.gradients.sizes["step"] == 8
     raw, _ = _nc(d / "spectral_logs" / "spectral_history.nc", "singular_values")
     np.testing.assert_array_equal(run.spectral["singular_values"].values, raw)
     # a line being written (no newline yet) is skipped, complete lines are read
@@ -126,13 +128,13 @@ def test_open_runs_labels_and_outer_join(tmp_path):
     assert list(sp["method"].values) == ["lora", "dora"] and list(sp["seed"].values) == [0, 1]
     assert list(sp["r"].values) == [4, 4] and list(sp["run_name"].values) == ["a", "b"]
     assert list(sp["module"].values) == ["q_proj", "v_proj", "o_proj"]  # first-seen order, not sorted
-    assert list(sp["layer"].values) == [0, 1, 2] and sp.sizes["step"] == 6
+    assert list(sp["layer"].values) == [0, 1, 2] and sp.sizes["step"] == 7
     assert hasattr(sp["singular_values"].data, "dask"), "combined lazily"
     er = sp["effective_rank"]
     own_a, own_b = open_run(a).spectral["effective_rank"], open_run(b).spectral["effective_rank"]
     np.testing.assert_allclose(er.sel(run="lora r=4 seed=0", step=own_a.step, layer=own_a.layer, module=own_a.module).values, own_a.values)
     np.testing.assert_allclose(er.sel(run="dora r=4 seed=1", step=own_b.step, layer=own_b.layer, module=own_b.module).values, own_b.values)
-    # what a run does not have is NaN: run a has no layer 2, no o_proj, no steps past 3, no DoRA variables
+    # what a run does not have is NaN: run a has no layer 2, no o_proj, no steps past 4, no DoRA variables
     assert np.isnan(er.sel(run="lora r=4 seed=0", layer=2).values).all()
     assert np.isnan(er.sel(run="lora r=4 seed=0", module="o_proj").values).all()
     assert np.isnan(er.sel(run="lora r=4 seed=0", step=5).values).all()

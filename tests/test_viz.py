@@ -17,13 +17,13 @@ from perl.viz import plots
 from perl.viz.explorers import PRODUCT, UPDATE, GradientExplorer, RunComparison, SpectralExplorer
 from perl.viz.report import main as report_main, subsample, write_report
 from perl.viz.static import save_gradient_pngs, save_png
-from perl.viz.synthetic import synthetic_run
+from perl.synthetic import synthetic_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = synthetic_run(tmp_path_factory.mktemp("viz") / "lora", steps=8, layers=3, modules=("q_proj", "v_proj"), r=4,
-                      seed=0, unadapted=("k_proj",), pngs=False)
+                      seed=0, partial=("k_proj",), pngs=False)
     return open_run(d)
 
 
@@ -71,13 +71,15 @@ def test_trajectories_and_heatmaps_match_sel(run):
 
 def test_nan_stays_missing(run):
     sp = run.spectral
-    hm = plots.metric_heatmap(sp, "effective_rank", "k_proj")  # a module LoRA did not adapt
-    assert np.isnan(_values(hm, 2)).all()
+    hm = plots.metric_heatmap(sp, "effective_rank", "k_proj")  # adapted in block 0 only
+    ref = sp.effective_rank.sel(module="k_proj").transpose("layer", "step").values
+    np.testing.assert_array_equal(np.asarray(hm.dimension_values(2, flat=False), dtype=float), ref)
+    assert np.isnan(ref[1:]).all() and np.isfinite(ref[0]).all()
     cond = plots.metric_heatmap(sp, "condition_number", "q_proj")  # undefined at init (B = 0)
     ref = sp.condition_number.sel(module="q_proj").transpose("layer", "step").values
     assert np.isnan(ref[:, 0]).all()
     np.testing.assert_array_equal(np.asarray(cond.dimension_values(2, flat=False), dtype=float), ref)  # NaN where NaN
-    spec = plots.spectrum(sp, layer=0, module="k_proj").values()[-1]
+    spec = plots.spectrum(sp, layer=1, module="k_proj").values()[-1]
     assert np.isnan(_values(spec, 1)).all()
 
 
@@ -97,9 +99,14 @@ def test_gradient_plots(run):
     hm = plots.gradient_heatmap(gr, "B", "q_proj")
     ref = gr.grad_norm.sel(component="B", module="q_proj").transpose("layer", "step").values
     np.testing.assert_array_equal(np.asarray(hm.dimension_values(2, flat=False), dtype=float), ref)
-    mean = plots.gradient_heatmap(gr, "A")  # mean over modules, the unadapted one (NaN) ignored
-    a = gr.grad_norm.sel(component="A").transpose("layer", "step", "module").values
-    np.testing.assert_allclose(np.asarray(mean.dimension_values(2, flat=False), dtype=float), np.nanmean(a, axis=-1), rtol=1e-6)
+    combined = plots.gradient_heatmap(gr, "B")  # modules combined by L2, the unadapted one (NaN) left out
+    b = gr.grad_norm.sel(component="B").transpose("layer", "step", "module").values.astype(float)
+    np.testing.assert_allclose(np.asarray(combined.dimension_values(2, flat=False), dtype=float),
+                               np.sqrt(np.nansum(b ** 2, axis=-1)), rtol=1e-6)
+    ratios = plots.gradient_heatmap(gr, "B", variable="update_ratio")  # a ratio: mean over modules
+    u = gr.update_ratio.sel(component="B").transpose("layer", "step", "module").values.astype(float)
+    np.testing.assert_allclose(np.asarray(ratios.dimension_values(2, flat=False), dtype=float),
+                               np.nanmean(u, axis=-1), rtol=1e-6)
     ratio = plots.ab_ratio(gr, "v_proj")
     a = gr.grad_norm.sel(component="A", module="v_proj").transpose("layer", "step").values.astype(float)
     b = gr.grad_norm.sel(component="B", module="v_proj").transpose("layer", "step").values.astype(float)
@@ -144,6 +151,23 @@ def test_static_pngs(run, tmp_path):
     written = save_gradient_pngs(run.gradients, tmp_path / "gl")
     assert sorted(p.name for p in written) == ["gradient_heatmap_A.png", "gradient_heatmap_B.png", "gradient_layer_comparison.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_gradient_pngs_of_viz_are_those_training_wrote(tmp_path):
+    from PIL import Image
+
+    from perl.trackers import GradientFlowTracker
+
+    d = synthetic_run(tmp_path / "pngs", steps=3, layers=2, modules=("q_proj",), r=2, pngs=True)
+    written = save_gradient_pngs(open_run(d).gradients, tmp_path / "again")
+    assert len(written) == 3
+    for path in written:  # the same pixels: one function draws both
+        trained = d / "gradient_logs" / path.name
+        assert np.array_equal(np.asarray(Image.open(trained)), np.asarray(Image.open(path))), path.name
+    # and the tracker's reading API draws the same matrix the PNG shows: modules combined by L2
+    gr = open_run(d).gradients
+    m = GradientFlowTracker.load(d).get_gradient_matrix("B")
+    np.testing.assert_allclose(m.values, np.sqrt((gr.grad_norm.sel(component="B") ** 2).sum("module")).transpose("layer", "step").values)
 
 
 def test_heatmap_view_places_uneven_steps():
@@ -202,14 +226,14 @@ def test_explorer_refresh_follows_a_run_still_training(tmp_path):
     d = synthetic_run(tmp_path / "live", steps=4, layers=2, modules=("q_proj",), r=2, final=False, pngs=False)
     ex = SpectralExplorer(open_run(d))
     gx = GradientExplorer(open_run(d))
-    assert ex.current["step"] == 3
+    assert ex.current["step"] == 4
     synthetic_run(d, steps=7, layers=2, modules=("q_proj",), r=2, final=False, pngs=False)
     ex.refresh_button.click()
     gx.refresh()
-    assert ex.current["step"] == 6 and len(ex.step_w.options) == 7
+    assert ex.current["step"] == 7 and len(ex.step_w.options) == 8
     assert gx.current["step"] == 7
     sp = open_run(d).spectral
-    np.testing.assert_allclose(ex.spectrum.lines.data["ys"][-1], sp.singular_values.sel(layer=0, step=6, module="q_proj").values)
+    np.testing.assert_allclose(ex.spectrum.lines.data["ys"][-1], sp.singular_values.sel(layer=0, step=7, module="q_proj").values)
 
 
 def test_gradient_explorer_follows_its_controls(run):
@@ -289,7 +313,7 @@ def _states(page):
 
 
 def test_report_is_self_contained_with_subsampled_frames(tmp_path):
-    d = synthetic_run(tmp_path / "rep", steps=12, layers=3, modules=("q_proj", "v_proj"), r=4, pngs=True)
+    d = synthetic_run(tmp_path / "rep", steps=11, layers=3, modules=("q_proj", "v_proj"), r=4, pngs=True)
     path = write_report(d, tmp_path / "out" / "report.html", max_frames=5)
     page = path.read_text(encoding="utf-8")
     # HTML panes are stored escaped inside the embedded JSON: unescape to see every tag the page will create

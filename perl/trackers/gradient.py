@@ -73,7 +73,6 @@ STEP_CONVENTION = (
     "update): the gradient that moved the weights from spectral snapshot s-1 to snapshot s"
 )
 LAYER_CONVENTION = "transformer block index; -1: tensors outside the numbered blocks (embeddings, final norm, lm_head)"
-MODULE_AGGREGATION = "sqrt(sum over modules of grad_norm^2): the L2 norm of the component's gradient over the whole layer"
 
 _VARIABLE_ATTRS = {
     "grad_norm": {
@@ -480,22 +479,10 @@ class GradientFlowTracker:
 
     def save_plots(self, folder: str | os.PathLike | None = None) -> list[Path]:
         """Write gradient_heatmap_<component>.png for A, B and DoRA's magnitude (when present) and
-        gradient_layer_comparison.png; return the paths written."""
-        folder = Path(folder) if folder is not None else self.save_dir / GRADIENT_DIR
-        data = self.data
-        comps = list(data["component"].values)
-        written = []
-        for component in ("A", "B", "magnitude"):
-            if component in comps:
-                path = folder / f"gradient_heatmap_{component}.png"
-                self.create_heatmap(component, save_path=path)
-                written.append(path)
-        # the comparison plot needs one component: B when the method has it, else the first
-        main = "B" if "B" in comps else comps[0]
-        path = folder / "gradient_layer_comparison.png"
-        self.create_layer_comparison_plot(component=main, save_path=path)
-        written.append(path)
-        return written
+        gradient_layer_comparison.png; return the paths written (see :func:`.heatmaps.save_gradient_pngs`)."""
+        from .heatmaps import save_gradient_pngs
+
+        return save_gradient_pngs(self.data, Path(folder) if folder is not None else self.save_dir / GRADIENT_DIR)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GradientFlowTracker":
@@ -575,13 +562,9 @@ class GradientFlowTracker:
             module_type (str, optional): one module (``q_proj``); default: all modules combined as
                 sqrt(sum of squares), the norm of the component's gradient over the whole layer.
         """
-        from .heatmaps import module_aggregate
+        from .heatmaps import gradient_matrix
 
-        da = self._select("grad_norm", component, module_type)
-        if module_type is None:
-            da = module_aggregate(da)
-            da.attrs["module_aggregation"] = MODULE_AGGREGATION
-        return da.transpose("layer", "step")
+        return gradient_matrix(self.data, component, module_type)
 
     def get_layer_history(self, layer_idx: int) -> xr.Dataset:
         """Everything recorded for one layer over steps (with the per-step totals).
@@ -604,12 +587,9 @@ class GradientFlowTracker:
             save_path (str | Path, optional): also write a PNG there.
             module_type (str, optional): one module instead of all modules combined.
         """
-        from .heatmaps import gradient_heatmap, save_figure
+        from .heatmaps import heatmap_figure, save_figure
 
-        matrix = self.get_gradient_matrix(component, module_type)
-        where = f"module {module_type}" if module_type else "modules combined per layer: √(Σ ‖g_module‖²)"
-        title = f"Pre-clip gradient norm of {component}\n{where}"
-        fig = gradient_heatmap(matrix, title=title, peft_type=self.data.attrs.get("peft_type"))
+        fig = heatmap_figure(self.data, component, module_type)
         if save_path is not None:
             save_figure(fig, save_path)
         return fig
@@ -623,36 +603,12 @@ class GradientFlowTracker:
             component (str, defaults to "B"): the component to draw (modules combined per layer).
             save_path (str | Path, optional): also write a PNG there.
         """
-        from .heatmaps import layer_comparison, save_figure
+        from .heatmaps import layer_comparison_figure, save_figure
 
-        matrix = self.get_gradient_matrix(component)
-        available = [int(v) for v in matrix["layer"].values]
-        blocks = [l for l in available if l >= 0] or available
-        if layers is None:
-            layers = list(dict.fromkeys([blocks[0], blocks[len(blocks) // 2], blocks[-1]]))
-        unknown = [l for l in layers if l not in available]
-        if unknown:
-            raise ValueError(f"Layers {unknown} were not tracked; tracked layers are {available}.")
-        fig = layer_comparison(matrix.sel(layer=layers), title=f"Pre-clip gradient norm of {component} by layer\n"
-                                                                "modules combined per layer: √(Σ ‖g_module‖²)")
+        fig = layer_comparison_figure(self.data, component, layers)
         if save_path is not None:
             save_figure(fig, save_path)
         return fig
-
-    def _select(self, variable: str, component: str, module_type: str | None) -> xr.DataArray:
-        ds = self.data
-        if "component" not in ds.coords:
-            raise ValueError("No gradient step has been recorded yet.")
-        comps = [str(c) for c in ds["component"].values]
-        if component not in comps:
-            raise ValueError(f"Component {component!r} was not recorded; recorded components are {comps}.")
-        da = ds[variable].sel(component=component)
-        if module_type is not None:
-            modules = [str(m) for m in ds["module"].values]
-            if module_type not in modules:
-                raise ValueError(f"Module {module_type!r} was not recorded; recorded modules are {modules}.")
-            da = da.sel(module=module_type)
-        return da
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -18,7 +18,11 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-__all__ = ["module_aggregate", "gradient_heatmap", "layer_comparison", "save_figure"]
+__all__ = ["module_aggregate", "gradient_matrix", "gradient_heatmap", "layer_comparison", "heatmap_figure",
+           "layer_comparison_figure", "save_gradient_pngs", "save_figure"]
+
+MODULE_AGGREGATION = "sqrt(sum over modules of grad_norm^2): the L2 norm of the component's gradient over the whole layer"
+_COMBINED = "modules combined per layer: √(Σ ‖g_module‖²)"
 
 ZERO_COLOR = "0.55"
 INF_COLOR = "red"
@@ -36,6 +40,72 @@ def module_aggregate(da: xr.DataArray) -> xr.DataArray:
     combined = np.sqrt((da ** 2).sum("module", skipna=True, min_count=1))
     combined.attrs = dict(da.attrs)
     return combined
+
+
+def gradient_matrix(gds: xr.Dataset, component: str = "B", module: str | None = None,
+                    variable: str = "grad_norm") -> xr.DataArray:
+    """``variable`` of one component as a (layer, step) DataArray.
+
+    Args:
+        gds (xr.Dataset): a gradient Dataset (a store, a final file, ``open_run(...).gradients``).
+        component (str, defaults to "B"): ``A``, ``B``, ``magnitude``, ``E``, ``ia3``, ...
+        module (str, optional): one module (``q_proj``); default: all modules combined with
+            :func:`module_aggregate`, the norm of the component's gradient over the whole layer.
+        variable (str, defaults to "grad_norm"): any (step, layer, module, component) variable.
+    """
+    if "component" not in gds.coords:
+        raise ValueError("No gradient step has been recorded yet.")
+    comps = [str(c) for c in gds["component"].values]
+    if component not in comps:
+        raise ValueError(f"Component {component!r} was not recorded; recorded components are {comps}.")
+    da = gds[variable].sel(component=component)
+    if module is not None:
+        modules = [str(m) for m in gds["module"].values]
+        if module not in modules:
+            raise ValueError(f"Module {module!r} was not recorded; recorded modules are {modules}.")
+        da = da.sel(module=module)
+    else:
+        da = module_aggregate(da)
+        da.attrs["module_aggregation"] = MODULE_AGGREGATION
+    return da.transpose("layer", "step")
+
+
+def heatmap_figure(gds: xr.Dataset, component: str = "B", module: str | None = None):
+    """The layers x steps heatmap of ``grad_norm`` of one component (the PNG training writes)."""
+    where = f"module {module}" if module else _COMBINED
+    return gradient_heatmap(gradient_matrix(gds, component, module),
+                            title=f"Pre-clip gradient norm of {component}\n{where}", peft_type=gds.attrs.get("peft_type"))
+
+
+def layer_comparison_figure(gds: xr.Dataset, component: str = "B", layers: list[int] | None = None):
+    """``grad_norm`` of one component over steps for a few layers (default first, middle, last block)."""
+    matrix = gradient_matrix(gds, component)
+    available = [int(v) for v in matrix["layer"].values]
+    blocks = [l for l in available if l >= 0] or available
+    if layers is None:
+        layers = list(dict.fromkeys([blocks[0], blocks[len(blocks) // 2], blocks[-1]]))
+    unknown = [l for l in layers if l not in available]
+    if unknown:
+        raise ValueError(f"Layers {unknown} were not tracked; tracked layers are {available}.")
+    return layer_comparison(matrix.sel(layer=layers), title=f"Pre-clip gradient norm of {component} by layer\n{_COMBINED}")
+
+
+def save_gradient_pngs(gds: xr.Dataset, folder: str | os.PathLike) -> list[Path]:
+    """Write ``gradient_heatmap_<C>.png`` for A, B and DoRA's magnitude (those present) and
+    ``gradient_layer_comparison.png`` (of B, or the first component) into ``folder``.
+
+    The one function behind the PNGs of a run's ``gradient_logs/``: the tracker calls it at the
+    end of training and ``perl.viz.static`` exports it, so both give the same pictures.
+    """
+    folder = Path(folder)
+    comps = [str(c) for c in gds["component"].values]
+    written = []
+    for component in ("A", "B", "magnitude"):
+        if component in comps:
+            written.append(save_figure(heatmap_figure(gds, component), folder / f"gradient_heatmap_{component}.png"))
+    main = "B" if "B" in comps else comps[0]
+    written.append(save_figure(layer_comparison_figure(gds, main), folder / "gradient_layer_comparison.png"))
+    return written
 
 
 def _layer_label(layer: int) -> str:

@@ -2,7 +2,7 @@
 
 Submodules load on first use, so ``import perl.viz`` does not import HoloViews or Bokeh:
 `perl.viz.plots` (HoloViews builders), `perl.viz.static` (PNG), `perl.viz.explorers`
-(ipywidgets), `perl.viz.report` (self-contained HTML), `perl.viz.synthetic` (fake runs).
+(ipywidgets), `perl.viz.report` (self-contained HTML). Runs of any size to try them on: `perl.synthetic`.
 """
 
 _LAZY = {
@@ -11,7 +11,6 @@ _LAZY = {
     "RunComparison": "perl.viz.explorers",
     "write_report": "perl.viz.report",
     "save_png": "perl.viz.static",
-    "synthetic_run": "perl.viz.synthetic",
 }
 
 

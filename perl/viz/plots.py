@@ -24,6 +24,7 @@ import holoviews.plotting.bokeh  # noqa: F401  (registers the Bokeh options used
 import holoviews.plotting.mpl  # noqa: F401  (and the matplotlib ones, for static PNGs)
 
 from perl.run import metric_name
+from perl.trackers.heatmaps import module_aggregate
 from perl.viz.views import axis_label, inline_notebook_resources
 
 __all__ = [
@@ -189,16 +190,22 @@ def gradient_heatmap(gds: xr.Dataset, component: str, module: str | None = None,
     Args:
         gds (xr.Dataset): a gradient Dataset.
         component (str): "A", "B", "magnitude", "E", ...
-        module (str, optional): which module; None = mean over modules (NaN ignored).
-        variable (str, default "grad_norm"): or "grad_to_weight_ratio", "update_ratio".
+        module (str, optional): which module; None = all modules combined: norms (``grad_norm``,
+            ``weight_norm``) as √(Σ over modules of norm²), the norm over the whole layer, as the
+            run's gradient PNGs draw them; ratios as their mean over modules (NaN ignored).
+        variable (str, default "grad_norm"): or "grad_to_weight_ratio", "update_ratio", "weight_norm".
         logz (bool, default True): logarithmic colour scale.
     """
     da = _sel(_need(gds, variable, "the gradient store of a tracked run has it"), component=component)
     if module is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            da = da.mean("module", skipna=True, keep_attrs=True)
-        da.attrs["long_name"] = f"{da.attrs.get('long_name', variable)}, mean over modules"
+        if variable.endswith("_norm"):
+            da = module_aggregate(da)
+            da.attrs["long_name"] = f"{da.attrs.get('long_name', variable)}, modules combined (L2)"
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                da = da.mean("module", skipna=True, keep_attrs=True)
+            da.attrs["long_name"] = f"{da.attrs.get('long_name', variable)}, mean over modules"
         where = "all modules"
     else:
         da = _sel(da, module=module)
@@ -214,20 +221,18 @@ def ab_ratio(gds: xr.Dataset, module: str | None = None):
 
     Args:
         gds (xr.Dataset): a gradient Dataset with components A and B.
-        module (str, optional): which module; None = ratio of the mean norms over modules.
+        module (str, optional): which module; None = ratio of the layer norms (modules combined by L2).
     """
     grad = _need(gds, "grad_norm", "the gradient store of a tracked run has it")
     a, b = _sel(grad, component="A"), _sel(grad, component="B")
     if module is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            a, b = a.mean("module", skipna=True), b.mean("module", skipna=True)
+        a, b = module_aggregate(a), module_aggregate(b)
     else:
         a, b = _sel(a, module=module), _sel(b, module=module)
     ratio = (a / b.where(b > 0)).drop_vars("component", errors="ignore")
     ratio.name = "ab_ratio"
     ratio.attrs = {"long_name": "‖∇A‖ / ‖∇B‖", "units": "1"}
-    return _heatmap(ratio, f"A/B gradient norm ratio, {module or 'mean over modules'}")
+    return _heatmap(ratio, f"A/B gradient norm ratio, {module or 'modules combined (L2)'}")
 
 
 # ------------------------------------------------------------------------------ method-specific

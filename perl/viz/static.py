@@ -7,6 +7,7 @@ Usage:
     from perl.viz import plots, static
     static.save_png(plots.metric_heatmap(run.spectral, "effective_rank", "q_proj"), "fig/erank_q.png")
     static.save_run_pngs(run, "fig/")          # one PNG of every plot kind the run supports
+    static.save_gradient_pngs(run.gradients, "fig/")  # the gradient_logs/ PNGs, as training writes them
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import holoviews as hv
 import xarray as xr
 
+from perl.trackers.heatmaps import save_gradient_pngs  # noqa: F401  (the PNGs training writes: one function)
 from perl.viz import plots
 
 __all__ = ["save_png", "save_gradient_pngs", "save_run_pngs"]
@@ -41,37 +43,6 @@ def save_png(element, path: str | os.PathLike, dpi: int = 150) -> Path:
 
     plt.close("all")  # note: hv keeps figures open otherwise; a report of many PNGs would pile them up
     return path
-
-
-def save_gradient_pngs(gds: xr.Dataset, folder: str | os.PathLike) -> list[Path]:
-    """The gradient logs' PNGs: ``gradient_heatmap_<C>.png`` for components A and B (mean over
-    modules) and ``gradient_layer_comparison.png`` (mean gradient norm per layer, every component).
-
-    Args:
-        gds (xr.Dataset): a gradient Dataset.
-        folder (str | Path): where to write (``<run>/gradient_logs``).
-    """
-    folder = Path(folder)
-    written = []
-    components = [str(c) for c in gds["component"].values]
-    for comp in [c for c in ("A", "B") if c in components] or components[:2]:
-        written.append(save_png(plots.gradient_heatmap(gds, comp), folder / f"gradient_heatmap_{comp}.png"))
-    written.append(save_png(_layer_comparison(gds), folder / "gradient_layer_comparison.png"))
-    return written
-
-
-def _layer_comparison(gds: xr.Dataset):
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = gds["grad_norm"].mean(("step", "module"), skipna=True)
-    ydim = plots.dimension(gds["grad_norm"], "grad_norm")
-    xdim = plots.dimension(gds["layer"], "layer")
-    curves = {str(c): hv.Curve((mean["layer"].values, mean.sel(component=c).values), xdim, ydim) for c in mean["component"].values}
-    title = "mean gradient norm per layer (over steps and modules)"
-    overlay = hv.NdOverlay(curves, kdims=["component"])
-    return overlay.opts(title=title, logy=True, fig_inches=6, aspect=1.6, backend="matplotlib")
 
 
 def save_run_pngs(run, folder: str | os.PathLike, module: str | None = None, layer: int | None = None,
