@@ -34,6 +34,7 @@ from perl.run import (
     MissingDataWarning,
     RunError,
     Runs,
+    final_reward,
     metric_name,
 )
 
@@ -253,7 +254,7 @@ def run_summary(runs: Runs, last: int = 10):
     """One row per run: what it is, how much reward it earned, and how much its adapter moved.
 
     Columns: ``method``, ``r``, ``seed``, ``steps`` (last logged step), ``final_reward`` (mean of
-    the reward over the last ``last`` logged steps), ``best_reward``, and at the last spectral step
+    the last ``last`` logged rewards, `perl.run.final_reward`), ``best_reward``, and at the last spectral step
     the mean over layers and modules of ``effective_rank``, ``update_effective_rank`` and
     ``update_frobenius_norm`` (how far the adapter moved from its initialisation). Missing data
     (a run without metrics or spectra, a method without these variables) is NaN.
@@ -277,9 +278,8 @@ def run_summary(runs: Runs, last: int = 10):
             reward = me[metric_name("reward")] if me is not None and metric_name("reward") in me else None
             row["steps"] = int(me["step"].values[-1]) if me is not None and me.sizes.get("step") else np.nan
             if reward is not None:
-                values = reward.values.astype(float)
-                row["final_reward"] = float(np.nanmean(values[-last:]))
-                row["best_reward"] = float(np.nanmax(values))
+                row["final_reward"] = final_reward(me, last)
+                row["best_reward"] = float(np.nanmax(reward.values.astype(float)))
             sp = run.spectral
             for name in ("effective_rank", "update_effective_rank", "update_frobenius_norm"):
                 if sp is not None and name in sp and "step" in sp[name].dims:

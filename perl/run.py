@@ -411,36 +411,63 @@ class Runs:
         if not parts:
             warnings.warn(f"None of the {len(self.runs)} runs has {kind} data.", MissingDataWarning, stacklevel=3)
             return None
-        # outer join in first-seen label order (xarray's own join would sort module names)
-        union = {}
-        for ds in parts:
-            for dim in ds.dims:
-                if dim == "run" or dim not in ds.coords:
-                    continue
-                seen = union.setdefault(dim, {})
-                seen.update(dict.fromkeys(ds[dim].values.tolist()))
-        for dim, seen in union.items():
-            values = list(seen)
-            if all(isinstance(v, (int, float, np.integer, np.floating)) for v in values):
-                values = sorted(values)
-            union[dim] = values
-        parts = [ds.reindex({d: v for d, v in union.items() if d in ds.dims}) for ds in parts]
-        runs = [self.runs[i] for i in keep]
-        combined = xr.concat(
-            parts, dim="run", join="outer", data_vars="all", coords="minimal", compat="override",
-            combine_attrs="drop_conflicts", fill_value=np.nan,
-        )
-        combined = combined.assign_coords(
-            run=("run", [self.labels[i] for i in keep]),
-            method=("run", [str(r.method) for r in runs]),
-            r=("run", [r.r if r.r is not None else -1 for r in runs]),
-            seed=("run", [r.seed if r.seed is not None else -1 for r in runs]),
-            run_name=("run", [r.name for r in runs]),
-            path=("run", [str(r.path) for r in runs]),
-        )
-        for name in ("config_yaml", "peft_type", "r", "seed", "lora_alpha", "scaling", "source"):
-            combined.attrs.pop(name, None)
-        return combined
+        return concat_runs(parts, [self.runs[i] for i in keep], [self.labels[i] for i in keep])
+
+
+def concat_runs(parts: list[xr.Dataset], runs: list[Run], labels: list[str]) -> xr.Dataset:
+    """Datasets of several runs (one each, same kind) along a ``run`` dimension, with the run coordinates.
+
+    Dimensions are outer-joined in first-seen order (numbers sorted; xarray's own join would sort
+    module names): what a run lacks is NaN. ``run`` holds ``labels``; ``method``, ``r``, ``seed``,
+    ``run_name`` and ``path`` are coordinates along it; per-run attributes are dropped.
+    """
+    union = {}
+    for ds in parts:
+        for dim in ds.dims:
+            if dim == "run" or dim not in ds.coords:
+                continue
+            seen = union.setdefault(dim, {})
+            seen.update(dict.fromkeys(ds[dim].values.tolist()))
+    for dim, seen in union.items():
+        values = list(seen)
+        if all(isinstance(v, (int, float, np.integer, np.floating)) for v in values):
+            values = sorted(values)
+        union[dim] = values
+    parts = [ds.reindex({d: v for d, v in union.items() if d in ds.dims}) for ds in parts]
+    combined = xr.concat(
+        parts, dim="run", join="outer", data_vars="all", coords="minimal", compat="override",
+        combine_attrs="drop_conflicts", fill_value=np.nan,
+    )
+    combined = combined.assign_coords(
+        run=("run", list(labels)),
+        method=("run", [str(r.method) for r in runs]),
+        r=("run", [r.r if r.r is not None else -1 for r in runs]),
+        seed=("run", [r.seed if r.seed is not None else -1 for r in runs]),
+        run_name=("run", [r.name for r in runs]),
+        path=("run", [str(r.path) for r in runs]),
+    )
+    for name in ("config_yaml", "peft_type", "r", "seed", "lora_alpha", "scaling", "source", "title"):
+        combined.attrs.pop(name, None)
+    return combined
+
+
+def final_reward(metrics: xr.Dataset | None, last: int = 10, key: str = "reward") -> float:
+    """Mean of the last ``last`` finite values of ``key`` logged in a run's metrics; NaN if none.
+
+    Steps that logged no such value (the Trainer's final summary line, a step logged without
+    rewards) do not count, so "the last 10" are always ten rewards when the run logged ten.
+
+    Args:
+        metrics (xr.Dataset | None): ``open_run(...).metrics`` (or ``read_metrics(path)``).
+        last (int, default 10): how many logged values to average.
+        key (str, default "reward"): the Trainer's log key (``rewards/equation_reward/mean``, ...).
+    """
+    name = metric_name(key)
+    if metrics is None or name not in metrics:
+        return float("nan")
+    values = np.asarray(metrics[name].values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values[-last:].mean()) if values.size else float("nan")
 
 
 def _open_lazy(path: Path) -> xr.Dataset:

@@ -590,20 +590,15 @@ def _last_line(path: Path, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _final_reward(path: Path, last: int = 10) -> float | None:
-    """Mean of the last ``last`` logged rewards in metrics.jsonl (as `run_summary` computes final_reward)."""
-    rewards = []
+def _final_reward(path: Path) -> float | None:
+    """`perl.run.final_reward` of a finished run folder (None when it logged no reward)."""
+    from perl.run import RunError, final_reward, read_metrics
+
     try:
-        for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            try:
-                value = json.loads(line).get("reward")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                rewards.append(float(value))
-    except OSError:
+        value = final_reward(read_metrics(path / "metrics.jsonl"))
+    except (RunError, OSError):
         return None
-    return sum(rewards[-last:]) / len(rewards[-last:]) if rewards else None
+    return value if math.isfinite(value) else None
 
 
 def _duration(seconds: float) -> str:

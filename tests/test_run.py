@@ -191,3 +191,25 @@ def test_import_perl_is_light_and_exports_open_run():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "perl.run"
     assert perl.open_run is open_run
+
+
+def test_final_reward_is_one_definition_everywhere(tmp_path):
+    """The sweep's console line, run_summary and alignment_table give the same number (last 10 finite rewards)."""
+    from perl.notebook_utils import run_summary
+    from perl.run import final_reward
+    from perl.sweep import _final_reward
+    from perl.viz.alignment import alignment_table
+
+    d = tmp_path / "run"
+    d.mkdir()
+    rewards = [0.1 * s for s in range(1, 15)]
+    lines = [{"step": s, "reward": r} for s, r in enumerate(rewards, start=1)]
+    lines.insert(5, {"step": 5, "loss": 0.3})  # a log without reward
+    lines.append({"step": 14, "train_runtime": 9.0})  # the Trainer's closing summary
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    expected = float(np.mean(rewards[-10:]))
+    assert final_reward(open_run(d).metrics) == pytest.approx(expected)
+    assert _final_reward(d) == pytest.approx(expected)
+    runs = open_runs([d])
+    assert run_summary(runs).iloc[0]["final_reward"] == pytest.approx(expected)
+    assert alignment_table(runs, None).iloc[0]["final_reward"] == pytest.approx(expected)

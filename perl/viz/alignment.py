@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from perl.run import MissingDataWarning, Run, RunError, Runs, _newer, read_store
+from perl.run import MissingDataWarning, Run, RunError, Runs, _newer, concat_runs, final_reward, read_store
 
 __all__ = [
     "ALIGNMENT_FINAL",
@@ -97,16 +97,6 @@ def read_alignment(run: Run | str | os.PathLike) -> xr.Dataset | None:
     return read_store(src)
 
 
-def _union(values_per_part: list[list]) -> list:
-    seen = {}
-    for values in values_per_part:
-        seen.update(dict.fromkeys(values))
-    out = list(seen)
-    if all(isinstance(v, (int, np.integer)) for v in out):
-        out = sorted(out)
-    return out
-
-
 def open_alignment(runs: Runs) -> xr.Dataset:
     """Every run's alignment store along a ``run`` dimension (labels and coordinates as `Runs`).
 
@@ -128,22 +118,7 @@ def open_alignment(runs: Runs) -> xr.Dataset:
     if not parts:
         raise RunError(f"None of the {len(runs.runs)} runs has alignment data ({ALIGNMENT_LIVE} or {ALIGNMENT_FINAL}); "
                        "train them with --enable_alignment_tracking (config.tracker.enable_alignment_tracking).")
-    dims = _union([[d for d in ds.dims if d in ds.coords] for ds in parts])
-    union = {d: _union([ds[d].values.tolist() for ds in parts if d in ds.dims]) for d in dims}
-    parts = [ds.reindex({d: v for d, v in union.items() if d in ds.dims}) for ds in parts]
-    combined = xr.concat(parts, dim="run", join="outer", data_vars="all", coords="minimal", compat="override",
-                         combine_attrs="drop_conflicts", fill_value=np.nan)
-    chosen = [runs.runs[i] for i in keep]
-    combined = combined.assign_coords(
-        run=("run", [runs.labels[i] for i in keep]),
-        method=("run", [str(r.method) for r in chosen]),
-        r=("run", [r.r if r.r is not None else -1 for r in chosen]),
-        seed=("run", [r.seed if r.seed is not None else -1 for r in chosen]),
-        run_name=("run", [r.name for r in chosen]),
-    )
-    for name in ("config_yaml", "peft_type", "r", "seed", "lora_alpha", "scaling", "title"):
-        combined.attrs.pop(name, None)
-    return combined
+    return concat_runs(parts, [runs.runs[i] for i in keep], [runs.labels[i] for i in keep])
 
 
 # ====================================================================================== numbers
@@ -199,11 +174,17 @@ def _vs_chance(align: xr.Dataset, label: str, step: int | None) -> float:
     return float(np.nanmean(ratio)) if np.isfinite(ratio).any() else math.nan
 
 
+def _metrics(run: Run) -> xr.Dataset | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingDataWarning)
+        return run.metrics
+
+
 def alignment_table(runs: Runs, align: xr.Dataset | None, last: int = 10):
     """One row per run: final reward and where its update lives at its last tracked step.
 
     Columns: ``method``, ``r``, ``seed``, ``final_reward`` (mean of the last ``last`` logged
-    rewards, as `run_summary`), ``step`` (the last step with a finite principal_left),
+    rewards, `perl.run.final_reward`), ``step`` (the last step with a finite principal_left),
     ``principal_left``, ``minor_left``, ``principal_right``, ``minor_right``, ``chance`` (k/m,
     the principal_left of a random update), ``x_chance`` (principal_left / chance, mean over
     cells), ``amplification``, ``intruders`` (per module, at the last intruder snapshot),
@@ -219,15 +200,12 @@ def alignment_table(runs: Runs, align: xr.Dataset | None, last: int = 10):
     """
     import pandas as pd
 
-    from perl.notebook_utils import run_summary
-
-    summary = run_summary(runs, last=last)
     finals = {k: final_values(align, k) for k in VARIABLES if align is not None and VARIABLES[k] in align}
     labels_with_data = {str(v) for v in align["run"].values} if align is not None else set()
     rows = []
     for label, run in zip(runs.labels, runs.runs):
         row = {"run": label, "method": run.method, "r": run.r, "seed": run.seed,
-               "final_reward": summary.loc[label, "final_reward"] if "final_reward" in summary else math.nan}
+               "final_reward": final_reward(_metrics(run), last)}
         if label in labels_with_data:
             step = finals["principal_left"][label][1]
             row["step"] = step if step is not None else math.nan
