@@ -193,35 +193,47 @@ def tracking_callbacks(config: TrainConfig, model, tracking_dir: Path, run_attrs
 
 
 def run_attributes(config: TrainConfig, adapter_model) -> dict:
-    """Global attributes every store of this run carries."""
+    """Global attributes every store of this run carries: what was built, read from the adapter.
+
+    ``r`` and ``target_modules`` come from peft's config of the built adapter, not from our
+    config section: AdaLoRA's rank is ``init_r`` (``peft.r`` is unused by it), IA3 and LayerNorm
+    tuning adapt their own module lists, and full fine-tuning has no rank.
+    """
     from perl import __version__
     from perl.config import to_yaml
 
     peft_cfg = getattr(adapter_model, "peft_config", {}).get("default") if hasattr(adapter_model, "peft_config") else None
-    r = config.peft.r
     alpha = config.peft.lora_alpha
+    rank = getattr(peft_cfg, "init_r", None) or getattr(peft_cfg, "r", None)
+    targets = getattr(peft_cfg, "target_modules", None)
+    if isinstance(targets, (set, frozenset, list, tuple)):
+        targets = sorted(str(t) for t in targets)
+    elif targets is None and peft_cfg is None:
+        targets = list(config.peft.target_modules or [])  # full fine-tuning: the modules the trackers follow
     # note: s = alpha/r only means something for the LoRA family; other methods scale differently
     # (AdaLoRA by alpha/ranknum per module, VeRA/IA3/LN/MiSS not at all), so they get NaN here.
     lora_family = {"lora", "dora", "pissa", "milora", "milora_plus", "lora_plus", "lorafa"}
-    if config.peft.type == "rslora":
-        scaling = alpha / (r ** 0.5)
-    elif config.peft.type in lora_family:
-        scaling = alpha / r
+    if config.peft.type == "rslora" and rank:
+        scaling = alpha / (rank ** 0.5)
+    elif config.peft.type in lora_family and rank:
+        scaling = alpha / rank
     else:
         scaling = float("nan")
-    return {
+    attrs = {
         "peft_type": config.peft.type,
         "peft_config_class": type(peft_cfg).__name__ if peft_cfg is not None else "none",
-        "r": int(r),
         "lora_alpha": float(alpha),
         "scaling": float(scaling),
-        "target_modules": ",".join(config.peft.target_modules or []),
+        "target_modules": ",".join(targets) if isinstance(targets, list) else str(targets or ""),
         "model_name_or_path": str(config.model.model_name_or_path),
         "seed": int(config.common.seed),
         "config_yaml": to_yaml(config),
         "perl_version": __version__,
         "Conventions": "CF-1.8",
     }
+    if rank:
+        attrs["r"] = int(rank)
+    return attrs
 
 
 def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,

@@ -464,3 +464,23 @@ def test_full_run_has_no_adapter_to_reload(tmp_path):
 
     with pytest.raises(ValueError, match="saves the whole model"):
         load_trained_adapter(tiny_model(), peft_cfg("full"), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["adalora", "ia3", "layernorm", "lora"])
+def test_run_attributes_say_what_was_built(method, tmp_path):
+    """Stores carry the adapter's own rank and targets: AdaLoRA's init_r, IA3's and LN tuning's module lists."""
+    from perl.config import TrainConfig
+    from perl.trackers import GradientFlowTracker
+    from perl.train import run_attributes
+
+    cfg = TrainConfig()
+    cfg.peft = peft_cfg(method, r=4, init_r=6, target_r=3)
+    model = build_adapter(tiny_model(), cfg.peft, total_steps=10).model
+    built = model.peft_config["default"]
+    attrs = run_attributes(cfg, model)
+    expected_r = {"adalora": 6, "lora": 4}.get(method)
+    assert attrs.get("r") == expected_r
+    assert attrs["target_modules"].split(",") == sorted(built.target_modules)
+    tracker = GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path, run_attrs=attrs)
+    assert tracker.store.attrs.get("r") == expected_r
+    assert tracker.store.attrs["target_modules"] == attrs["target_modules"]
