@@ -42,7 +42,7 @@ PROG = "perl"
 # command -> (module, what to call it in messages); each module's `main(argv) -> int` runs it.
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("perl.evaluate", "evaluation"),
-    "build-model": ("perl.models.nano", "the embedded model recipe"),
+    "build-model": ("perl.build_model", "the embedded model recipe"),
     "report": ("perl.viz.report", "the HTML report"),
     "sweep": ("perl.sweep", "sweeps"),
 }

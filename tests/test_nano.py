@@ -9,6 +9,7 @@ import torch
 
 from perl.data.countdown import completion_text, generate_problems, search_trace
 from perl.data.prompt import build_prompt
+from perl import build_model
 from perl.models import nano
 
 SHIPPED = nano.SHIPPED_DIR
@@ -109,7 +110,7 @@ def test_tiny_random_config_matches_the_tokenizer():
 
 def test_build_refuses_a_foreign_output_dir(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    assert nano.main(["countdown-nano", "--output-dir", str(tmp_path), "--quick"]) == 2
+    assert build_model.main(["countdown-nano", "--output-dir", str(tmp_path), "--quick"]) == 2
     err = capsys.readouterr().err
     assert "holds other files" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
@@ -118,13 +119,13 @@ def test_build_refuses_a_foreign_output_dir(tmp_path, capsys):
 @pytest.mark.slow
 def test_quick_recipe_learns_the_format(tmp_path):
     out = tmp_path / "nano-quick"
-    assert nano.main(["countdown-nano", "--quick", "--seed", "1", "--output-dir", str(out),
+    assert build_model.main(["countdown-nano", "--quick", "--seed", "1", "--output-dir", str(out),
                       "--no-progress", "--threads", "1"]) == 0
     record = json.loads((out / "recipe.json").read_text())
     assert record["eval"]["greedy"]["format_rate"] >= 0.8
     # the recipe reproduces its checkpoint from the seed, bit for bit
     again = tmp_path / "nano-quick-again"
-    assert nano.main(["countdown-nano", "--quick", "--seed", "1", "--output-dir", str(again),
+    assert build_model.main(["countdown-nano", "--quick", "--seed", "1", "--output-dir", str(again),
                       "--no-progress", "--threads", "1"]) == 0
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     # the saved folder is a loadable model whose greedy output has the format
