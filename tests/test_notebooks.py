@@ -1,4 +1,4 @@
-"""The four notebooks run top to bottom under papermill on real runs, and show what they promise.
+"""Every notebook in notebooks/ runs top to bottom under papermill on real runs, and show what they promise.
 
 Notebook 01 trains (a 3-step DoRA run on the embedded model, or on "tiny-random" while the
 embedded model is not built); 02 and 03 read the session's shared LoRA run (``tracked_run`` in
