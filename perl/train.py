@@ -247,7 +247,7 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
     except (RuntimeError, ValueError, OverflowError) as e:
         raise ConfigError(f"common.seed {config.common.seed} is not a usable seed ({e}); use 0 <= seed < 2**32.") from None
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = _setup_step(
+    model, tokenizer = _quiet_setup_step(
         f"load the model {config.model.model_name_or_path!r}",
         "check that folder (config.json, weights, tokenizer) or point --config.model.model_name_or_path elsewhere",
         lambda: load_model_and_tokenizer(
@@ -314,6 +314,19 @@ def _setup_step(what: str, hint: str, build: Callable):
         if len(reason) > 300:
             reason = reason[:297] + "..."
         raise ConfigError(f"could not {what}: {reason}; {hint}.") from e
+
+
+def _quiet_setup_step(what: str, hint: str, build: Callable):
+    """`_setup_step` without transformers' weight-loading bar: a refusal is one line on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _setup_step(what, hint, build)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _move_previous_run_aside(output_dir: Path, tracking_dir: Path) -> list[Overwrite]:
