@@ -47,7 +47,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import fcntl
 import hashlib
 import itertools
 import json
@@ -101,6 +100,8 @@ LAUNCH_CONFIG = "launch_config.yaml"
 LOG_FILE = "train.log"
 SWEEP_COPY = "sweep.yaml"
 LOCK_FILE = ".sweep.lock"
+# note: each point is a whole training (minutes to hours); a grid beyond this is a typo or a hostile file
+MAX_GRID_POINTS = 1000
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 DEFAULT_NOTEBOOKS = ("04_compare_runs", "05_spectral_alignment")
 # the trained weights Trainer.save_model leaves in output_dir: an adapter, or a whole model (full)
@@ -295,6 +296,10 @@ def _notebook_list(value: Any, where: str) -> list[str]:
     out = []
     for name in names:
         stem = str(name).removesuffix(".ipynb")
+        if isinstance(name, str) and (stem in ("", ".", "..") or "/" in stem or "\\" in stem or os.sep in stem):
+            # note: the project's notebooks only: a path would run any notebook (code) from anywhere
+            raise SweepError(f"{where}: notebooks lists {name!r}, a path; name notebooks of {NOTEBOOKS_DIR} "
+                             "without folders (e.g. 04_compare_runs).")
         if not isinstance(name, str) or not (NOTEBOOKS_DIR / f"{stem}.ipynb").is_file():
             have = ", ".join(sorted(p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb"))) or "none"
             raise SweepError(f"{where}: notebook {name!r} is not in {NOTEBOOKS_DIR} (have: {have}).")
@@ -408,6 +413,11 @@ def load_sweep(path: str | os.PathLike, parallel: int | None = None) -> Sweep:
             raise SweepError(f"{where}: grid sets {dotted} twice; keep one of its axes.")
         axes[dotted] = _axis_values(str(key), values, where)
     _check_reserved(sections, list(axes), where)
+    points = math.prod(len(v) for v in axes.values())
+    if points > MAX_GRID_POINTS:
+        sizes = " x ".join(str(len(v)) for v in axes.values())
+        raise SweepError(f"{where}: the grid has {points} points ({sizes}), more than the {MAX_GRID_POINTS} runs a "
+                         "sweep may hold; split it into several sweep files.")
     if base.tracker.tracking_output_dir or base.training.resume_from_checkpoint is not None:
         key = "tracker.tracking_output_dir" if base.tracker.tracking_output_dir else "training.resume_from_checkpoint"
         raise SweepError(f"{where}: base_config sets {key}, which a sweep decides: {_RESERVED[key]}.")
@@ -677,20 +687,18 @@ def _stop(jobs: list[_Running]) -> None:
 @contextlib.contextmanager
 def _locked(sweep_dir: Path) -> Iterator[None]:
     """One `perl sweep` per sweep folder at a time (a second would redo the first's runs in progress)."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(sweep_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held (locked) until the finally
+    from perl.rundir import RunFolderLocked, RunLock
+
+    # note: the run folders' lock (one way to lock); the kernel releases it when a sweep is killed
+    lock = RunLock(sweep_dir, name=LOCK_FILE, what="another perl sweep")
     try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SweepError(f"another perl sweep is running in {sweep_dir}; wait for it, or stop it first.") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        lock.acquire()
+    except RunFolderLocked as e:
+        raise SweepError(str(e)) from None
+    try:
         yield
     finally:
-        fh.close()  # note: closing releases the lock; a killed sweep releases it too
+        lock.release()
 
 
 def run_sweep(sweep: Sweep, notebooks: bool = True, echo: Callable[[str], None] = print) -> SweepResult:
