@@ -10,6 +10,7 @@ larger than a layer, target modules that match nothing) is checked by `check_ada
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -271,8 +272,8 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
             raise RunFolderLocked(RunLock(out)._refusal(holder))
         # note: a training killed mid-overwrite left the previous run aside; put it back before judging
         for folder in recover_interrupted_overwrite([out, tracking], lock_folder=out):
-            warnings.warn(f"restored the previous run in {folder}, which an interrupted overwrite had moved aside.",
-                          stacklevel=2)
+            logging.getLogger("perl").warning(
+                "restored the previous run in %s, which an interrupted overwrite had moved aside.", folder)
         check_output_dir(cfg)
         check_folder_writable(out, "output directory", "--config.training.output_dir")
         if tracking != out:
