@@ -16,7 +16,7 @@ grid:
   training.beta: [0.0, 0.04]          # any section.field (also written config.section.field)
 launcher: accelerate launch --num_processes 8   # optional; default: this Python interpreter
 parallel: 1                           # optional; --parallel N wins
-notebooks: true                       # optional: false, or a list such as [04_compare_runs]
+notebooks: true                       # optional: false, or names in notebooks/ such as [04_compare_runs]
 ```
 
 Every grid point becomes a run folder named after its values, ``lora-r8-s0-lr5e-4`` (plus
