@@ -34,7 +34,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from perl.config import ConfigError
 
@@ -207,13 +207,14 @@ class Overwrite:
 
     Args:
         folder (`str | Path`): the run folder (or a separate tracking folder).
-        select (`callable`, optional): which entry names to move; default every entry except
-            the lock, the aside folder and the launcher's files.
+        scope (`Iterable[str]`, optional): the only entry names that belong to a run here (a
+            shared tracking folder); default every entry except the lock, the aside folder and the
+            launcher's files. A rollback removes only new entries within the scope.
     """
 
-    def __init__(self, folder: str | os.PathLike, select: Optional[Callable[[str], bool]] = None):
+    def __init__(self, folder: str | os.PathLike, scope: Optional[Iterable[str]] = None):
         self.folder = Path(folder).expanduser()
-        self.select = select or (lambda name: True)
+        self.scope = None if scope is None else sorted(set(scope))
         self.moved: list[str] = []
         self.done = False
 
@@ -230,13 +231,14 @@ class Overwrite:
             # note: callers restore an interrupted overwrite first; two asides would be ambiguous
             raise ConfigError(f"{self.aside} exists: an earlier overwrite of {self.folder} was interrupted; "
                               "open the run once (perl.open_run) or train again to restore it.")
-        names = sorted(e.name for e in self.folder.iterdir() if e.name not in _NEVER_MOVED and self.select(e.name))
+        names = sorted(e.name for e in self.folder.iterdir()
+                       if e.name not in _NEVER_MOVED and (self.scope is None or e.name in self.scope))
         if not names:
             self.done = True
             return self
         self.aside.mkdir()
         tmp = self.aside / (_MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"folder": str(self.folder), "names": names}), encoding="utf-8")
+        tmp.write_text(json.dumps({"folder": str(self.folder), "names": names, "scope": self.scope}), encoding="utf-8")
         os.replace(tmp, self.aside / _MANIFEST)  # note: before the first move, so a crash is recoverable
         _fsync_dir(self.aside)
         for name in names:
@@ -283,9 +285,11 @@ def restore_previous_run(folder: str | os.PathLike) -> bool:
     if not aside.is_dir():
         return False
     try:
-        names = set(json.loads((aside / _MANIFEST).read_text(encoding="utf-8"))["names"])
-    except (OSError, ValueError, KeyError, TypeError):
-        names = None
+        manifest = json.loads((aside / _MANIFEST).read_text(encoding="utf-8"))
+        names, scope = set(manifest["names"]), manifest.get("scope")
+        scope = None if scope is None else set(scope)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        names = scope = None
     moved = {e.name for e in aside.iterdir() if e.name not in (_MANIFEST, _MANIFEST + ".tmp")}
     if names is None:
         if moved:  # note: cannot happen through Overwrite (manifest first); refuse to guess
@@ -295,6 +299,8 @@ def restore_previous_run(folder: str | os.PathLike) -> bool:
     for entry in list(folder.iterdir()):
         if entry.name in _NEVER_MOVED or (entry.name in names and entry.name not in moved):
             continue  # note: the launcher's files, and entries the interrupted move never reached
+        if scope is not None and entry.name not in scope:
+            continue  # note: a shared folder: only names a run writes there are the new run's
         _remove(entry)
     for name in moved:
         os.rename(aside / name, folder / name)

@@ -337,9 +337,9 @@ def _move_previous_run_aside(output_dir: Path, tracking_dir: Path) -> list[Overw
     if output_dir.is_dir():
         # note: a folder without a run in it only loses stale outputs of ours; other files stay
         whole_run = earlier_run(output_dir) is not None
-        moves.append(Overwrite(output_dir, None if whole_run else _STALE_OUTPUTS.__contains__).move_aside())
+        moves.append(Overwrite(output_dir, None if whole_run else _STALE_OUTPUTS).move_aside())
     if tracking_dir.resolve() != output_dir.resolve() and not tracking_dir.resolve().is_relative_to(output_dir.resolve()):
-        moves.append(Overwrite(tracking_dir, _STALE_OUTPUTS.__contains__).move_aside())
+        moves.append(Overwrite(tracking_dir, _STALE_OUTPUTS).move_aside())
     return moves
 
 

@@ -272,3 +272,22 @@ def test_sweep_refuses_before_writing(case, text, needles, tmp_path):
     proc = run_cli(tmp_path, "sweep", str(sweep), "--dry-run")
     assert_refused(proc, *needles)
     assert tree_hash(tmp_path) == before and not (tmp_path / "sw").exists()
+
+
+# ------------------------------------------------------------------------------------ YAML bounds
+def test_bounded_yaml_reads_ordinary_anchors_and_refuses_bombs_and_depth():
+    import yaml
+
+    from perl.config import MAX_YAML_DEPTH, _yaml_load
+
+    ordinary = "base: &b {lr: 5e-4, r: 8}\nruns: [*b, *b, {<<: *b, r: 16}]\n"
+    assert _yaml_load(ordinary) == yaml.safe_load(ordinary.replace("5e-4", "5.0e-4"))
+    deep_ok = "[" * (MAX_YAML_DEPTH - 1) + "]" * (MAX_YAML_DEPTH - 1)
+    assert _yaml_load(deep_ok) is not None
+    with pytest.raises(yaml.YAMLError, match="nesting deeper"):
+        _yaml_load("[" * (MAX_YAML_DEPTH + 1) + "]" * (MAX_YAML_DEPTH + 1))
+    bomb = "a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+        f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcd", "bcde"))
+    with pytest.raises(yaml.YAMLError, match="aliases"):
+        _yaml_load(bomb)  # 10**5 values once expanded, though the text is 200 bytes
+    assert len(_yaml_load(bomb.rsplit("\n", 2)[0] + "\n")["d"]) == 10  # 10**4: within the bound

@@ -152,3 +152,32 @@ def test_overwrite_commits_after_the_first_snapshot(previous_run):
     assert run.seed == 7
     steps = run.spectral["step"].values.tolist()
     assert steps[:3] == [0, 1, 2] and steps == sorted(set(steps))
+
+
+def test_a_separate_tracking_folder_is_moved_aside_and_put_back_too(previous_run, tmp_path):
+    from transformers import TrainerCallback
+
+    from perl.config import apply_overrides, load_config
+    from perl.train import train
+
+    tracking = tmp_path / "tracking"
+    tracking.mkdir()
+    for name in ("spectral_logs", "gradient_logs", "spectral_history_final.nc", "gradient_flow_final.nc"):
+        shutil.move(str(previous_run / name), str(tracking / name))
+    (tracking / "unrelated.txt").write_text("not a run's file: never moved\n")
+    (previous_run / "config.yaml").write_text((previous_run / "config.yaml").read_text().replace(
+        "tracking_output_dir: null", f"tracking_output_dir: {tracking}"))
+    before = tree_hash(previous_run), tree_hash(tracking)
+
+    class Boom(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            assert (tracking / ".perl-previous-run" / "spectral_logs").is_dir()
+            assert (tracking / "unrelated.txt").is_file()
+            raise KeyboardInterrupt
+
+    cfg = apply_overrides(load_config(previous_run / "config.yaml"),
+                          {"training.output_dir": str(previous_run), "training.overwrite_output_dir": "true"})
+    assert cfg.tracker.tracking_output_dir == str(tracking)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, extra_callbacks=[Boom()])
+    assert (tree_hash(previous_run), tree_hash(tracking)) == before
