@@ -278,6 +278,24 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
     logger.info("adapter: %s", setup.description)
     peft_model = setup.model
 
+    existed = output_dir.exists()
+    try:
+        # note: built before the lock so that TRL's own checks are refusals too; the callbacks
+        # that write (trackers, metrics) join it once the folder is ours (see _run)
+        trainer = _setup_step("set up the GRPO trainer", "change the training settings", lambda: GRPOTrainer(
+            model=peft_model,
+            reward_funcs=list(reward_funcs or default_reward_funcs()),
+            args=grpo_args,
+            train_dataset=train_ds,
+            processing_class=tokenizer,
+            callbacks=list(setup.callbacks),
+            optimizers=(None, None),
+        ))
+    except ConfigError:
+        if not existed and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # note: the Trainer creates output_dir as it is built
+        raise
+
     # note: from here on the folder changes: rank 0 alone locks it for the run's life, moves a
     # previous run aside (put back on any failure before the new run's first snapshot), and writes
     lock = RunLock(output_dir).acquire() if main_process else None
@@ -289,8 +307,8 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, output_dir / CONFIG_FILE)
         with _terminate_as_exit():
-            return _run(config, reward_funcs, extra_callbacks, GRPOTrainer, grpo_args, train_ds, tokenizer, setup,
-                        peft_model, output_dir, tracking_dir, checkpoint, moves)
+            return _run(config, trainer, extra_callbacks, grpo_args, setup, peft_model, output_dir, tracking_dir,
+                        checkpoint, moves)
     except BaseException:
         for move in moves:
             if not move.done:
@@ -380,8 +398,8 @@ class _CommitOverwrite(TrainerCallback):
         self.commit()
 
 
-def _run(config, reward_funcs, extra_callbacks, GRPOTrainer, grpo_args, train_ds, tokenizer, setup, peft_model,
-         output_dir, tracking_dir, checkpoint, moves) -> TrainResult:
+def _run(config, trainer, extra_callbacks, grpo_args, setup, peft_model, output_dir, tracking_dir, checkpoint,
+         moves) -> TrainResult:
     """The training itself, once the folder is locked and prepared (see `train`)."""
     callbacks = list(setup.callbacks)
     callbacks += tracking_callbacks(config, peft_model, tracking_dir, run_attributes(config, peft_model))
@@ -392,16 +410,8 @@ def _run(config, reward_funcs, extra_callbacks, GRPOTrainer, grpo_args, train_ds
             callbacks.append(_CommitOverwrite(moves, tracking_dir))
     callbacks += list(extra_callbacks or [])
 
-    optimizers = (None, None)
-    trainer = GRPOTrainer(
-        model=peft_model,
-        reward_funcs=list(reward_funcs or default_reward_funcs()),
-        args=grpo_args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        optimizers=optimizers,
-    )
+    for cb in callbacks[len(setup.callbacks):]:
+        trainer.add_callback(cb)
     if setup.optimizer_factory is not None:
         trainer.optimizer = setup.optimizer_factory(trainer.model, grpo_args)
     handler = trainer.callback_handler
