@@ -42,6 +42,10 @@ class RunError(ValueError):
     """A run folder or one of its files that cannot be read."""
 
 
+class _NotARunFolder(RunError):
+    """A folder without any file of a run (globs in `open_runs` skip these, never damaged runs)."""
+
+
 class MissingDataWarning(UserWarning):
     """A run has no store of the kind asked for (e.g. gradient tracking was off)."""
 
@@ -85,7 +89,7 @@ class Run:
         self.tracking_dir = _tracking_dir(path, self.config)
         self._cache: dict[str, tuple[tuple, xr.Dataset | None]] = {}
         if not self.config and not any(self._source(k) for k in ("spectral", "gradients", "metrics")):
-            raise RunError(
+            raise _NotARunFolder(
                 f"{path} is not a run folder: no {CONFIG_FILE}, {METRICS_FILE} or tracking stores in it; "
                 "pass the output_dir of a training run."
             )
@@ -508,8 +512,8 @@ def open_runs(runs: str | os.PathLike | Iterable) -> Runs:
             for p in matches:
                 try:
                     opened.append(Run(p))
-                except RunError:
-                    continue  # a glob also matches folders that are not runs
+                except _NotARunFolder:
+                    continue  # note: a glob also matches folders that are not runs; a damaged run is an error
             if not opened:
                 raise RunError(f"No run folders match {pattern!r}; pass a glob of training output_dirs.")
             return Runs(opened)

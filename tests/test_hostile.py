@@ -218,6 +218,9 @@ def test_readers_refuse_a_bad_file_in_one_line(damage, needles, previous_run, tm
             _ = (opened.spectral, opened.gradients, opened.metrics)
     message = str(err.value)
     assert "\n" not in message and all(n in message for n in needles), message
+    if damage.startswith("config"):  # note: a glob over runs never skips a damaged one silently
+        with pytest.raises(RunError, match="config.yaml"):
+            perl.open_runs(str(tmp_path / "*"))
     if damage.startswith("store"):
         with pytest.raises(RunError, match="spectral_history_final.nc"):
             perl.open_runs([run]).spectral
