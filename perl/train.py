@@ -242,10 +242,7 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
 
     grpo_args = _setup_step("build the training arguments", "change the training settings",
                             lambda: build_grpo_args(config))
-    try:
-        torch.manual_seed(config.common.seed)
-    except (RuntimeError, ValueError, OverflowError) as e:
-        raise ConfigError(f"common.seed {config.common.seed} is not a usable seed ({e}); use 0 <= seed < 2**32.") from None
+    torch.manual_seed(config.common.seed)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = _quiet_setup_step(
         f"load the model {config.model.model_name_or_path!r}",

@@ -55,6 +55,13 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
         max_frames (int, default 50): most steps a step slider offers (evenly subsampled, first
             and last kept). Heatmaps over steps use the same steps.
     """
+    # note: the run and the output are checked before the (slow) plotting imports
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    out = check_output_path(run, out_html)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingDataWarning)
+        spectral, gradients, metrics = run.spectral, run.gradients, run.metrics
+
     import panel as pn
     from bokeh.document import Document
     from bokeh.resources import INLINE
@@ -64,12 +71,6 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
     from panel.io.resources import Resources, set_resource_mode
     from panel.io.save import file_html
     from pyviz_comms import Comm
-
-    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    out = check_output_path(run, out_html)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MissingDataWarning)
-        spectral, gradients, metrics = run.spectral, run.gradients, run.metrics
 
     sections, notes = [], []
     if spectral is not None:
