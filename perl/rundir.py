@@ -100,9 +100,13 @@ class RunLock:
         """Take the lock, or raise `RunFolderLocked` at once naming the holder's pid."""
         if self._fd is not None:
             return self
-        self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(f"cannot create the lock file {self.path} ({e.strerror or e}); choose a folder "
+                                  "you can write, or remove what is in the way.") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

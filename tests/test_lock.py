@@ -91,3 +91,10 @@ def test_two_trainings_into_one_folder(tmp_path):
     metric_steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metric_steps == sorted(metric_steps) and metric_steps[-1] == 12
     assert len(set(metric_steps)) >= 12
+
+
+def test_a_lock_path_that_is_in_the_way_is_one_clear_error(tmp_path):
+    (tmp_path / LOCK_FILE).mkdir()
+    assert lock_holder(tmp_path) is None
+    with pytest.raises(ValueError, match="cannot create the lock file"):
+        RunLock(tmp_path).acquire()
