@@ -161,6 +161,8 @@ class Sweep:
         launcher (`list[str]`): command prefix that runs a Python module given ``-m``.
         parallel (`int`, defaults to 1): runs at a time.
         notebooks (`list[str]`): notebooks (names in ``notebooks/``) executed after the runs.
+        notebook_paths (`dict[str, Path]`): notebooks given by path on the command line (``--notebook``),
+            by name; the only way to run a notebook from outside ``notebooks/``.
     """
 
     source: Path
@@ -170,6 +172,7 @@ class Sweep:
     launcher: list[str]
     parallel: int = 1
     notebooks: list[str] = field(default_factory=lambda: list(DEFAULT_NOTEBOOKS))
+    notebook_paths: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -787,7 +790,7 @@ def execute_notebooks(sweep: Sweep, runs: Sequence[SweepRun], echo: Callable[[st
     done, failures = [], {}
     run_dirs = [os.path.relpath(r.path, sweep.sweep_dir) for r in runs]
     for name in sweep.notebooks:
-        source = NOTEBOOKS_DIR / f"{name}.ipynb"
+        source = sweep.notebook_paths.get(name, NOTEBOOKS_DIR / f"{name}.ipynb")
         out = sweep.sweep_dir / f"{name}.ipynb"
         params = {"run_dirs": run_dirs} if "run_dirs" in _parameter_names(source) else {}
         started = time.monotonic()
@@ -820,6 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", metavar="N", help="Runs at a time (default: the file's parallel, else 1).")
     parser.add_argument("--dry-run", action="store_true", help="Print the runs and their commands; write nothing.")
     parser.add_argument("--no-notebooks", action="store_true", help="Do not execute the notebooks after the runs.")
+    parser.add_argument("--notebook", metavar="PATH", action="append", default=None,
+                        help="Execute this notebook file after the runs instead of the sweep file's notebooks "
+                             "(repeatable); the sweep file itself may only name notebooks of notebooks/.")
     return parser
 
 
@@ -855,6 +861,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if parallel < 1:
                 raise UsageError(f"--parallel expects a positive integer (runs at a time), got {args.parallel!r}.")
         sweep = load_sweep(args.sweep_file, parallel=parallel)
+        if args.notebook:
+            paths = [Path(p).expanduser() for p in args.notebook]
+            for path in paths:
+                if path.suffix != ".ipynb" or not path.is_file():
+                    raise UsageError(f"--notebook {path} is not a notebook file (.ipynb); pass the path of one.")
+            if len({p.stem for p in paths}) < len(paths):
+                raise UsageError("--notebook names two notebooks with the same file name; each is executed into "
+                                 "the sweep folder under its name, so rename one.")
+            sweep.notebooks = [p.stem for p in paths]
+            sweep.notebook_paths = {p.stem: p.resolve() for p in paths}
         if args.no_notebooks:
             sweep.notebooks = []
         if args.dry_run:

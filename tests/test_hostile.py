@@ -295,3 +295,16 @@ def test_bounded_yaml_reads_ordinary_anchors_and_refuses_bombs_and_depth():
     with pytest.raises(yaml.YAMLError, match="aliases"):
         _yaml_load(bomb)  # 10**5 values once expanded, though the text is 200 bytes
     assert len(_yaml_load(bomb.rsplit("\n", 2)[0] + "\n")["d"]) == 10  # 10**4: within the bound
+
+
+def test_sweep_runs_a_notebook_from_elsewhere_only_when_named_on_the_command_line(tmp_path):
+    sweep = _sweep_file(tmp_path, "grid: {methods: [lora]}\n")
+    own = tmp_path / "mine" / "my_analysis.ipynb"
+    own.parent.mkdir()
+    own.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    proc = run_cli(tmp_path, "sweep", str(sweep), "--dry-run", "--notebook", str(own))
+    assert proc.returncode == 0 and "my_analysis.ipynb" in proc.stdout, proc.stderr
+    before = tree_hash(tmp_path)
+    assert_refused(run_cli(tmp_path, "sweep", str(sweep), "--dry-run", "--notebook", str(tmp_path / "no.ipynb")),
+                   "not a notebook file")
+    assert tree_hash(tmp_path) == before
