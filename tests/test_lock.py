@@ -98,3 +98,11 @@ def test_a_lock_path_that_is_in_the_way_is_one_clear_error(tmp_path):
     assert lock_holder(tmp_path) is None
     with pytest.raises(ValueError, match="cannot create the lock file"):
         RunLock(tmp_path).acquire()
+
+
+def test_the_sweep_driver_files_are_never_moved_aside():
+    from perl import sweep
+    from perl.rundir import LAUNCHER_FILES
+
+    # note: the sweep keeps writing its log while the run it launched overwrites the folder
+    assert {sweep.LAUNCH_CONFIG, sweep.LOG_FILE, sweep.MARKER} == LAUNCHER_FILES
