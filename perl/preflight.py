@@ -252,12 +252,15 @@ def _resolve(module: str, func: str, value: str) -> None:
 
 
 def preflight(cfg: TrainConfig) -> TrainConfig:
-    """Check what `validate` cannot: folders, the model and the dataset exist; nothing is written.
+    """Check what `validate` cannot: folders, the model and the dataset exist, the machine can
+    honour the options; nothing is written (except putting back a previous run that a killed
+    overwrite left aside, see `perl.rundir`).
 
     Raises:
-        ConfigError: an output directory that holds an earlier run (unless resuming or
-            overwrite_output_dir), a missing checkpoint to resume from, a model or dataset that
-            is not there.
+        ConfigError: a folder another training holds (its pid named), an output directory that
+            holds an earlier run (unless resuming or overwrite_output_dir) or cannot be created, a
+            missing checkpoint, a resume that changes what the stored data means, a model or
+            dataset that is not there, an option this machine cannot honour.
     """
     from perl.rundir import RunFolderLocked, RunLock, lock_holder, recover_interrupted_overwrite
 
@@ -269,7 +272,7 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
         tracking = Path(cfg.tracker.tracking_output_dir or out).expanduser()
         holder = lock_holder(out)
         if holder is not None:
-            raise RunFolderLocked(RunLock(out)._refusal(holder))
+            raise RunFolderLocked(RunLock(out).refusal(holder))
         # note: a training killed mid-overwrite left the previous run aside; put it back before judging
         for folder in recover_interrupted_overwrite([out, tracking], lock_folder=out):
             logging.getLogger("perl").warning(

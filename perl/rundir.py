@@ -112,7 +112,7 @@ class RunLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise RunFolderLocked(self._refusal(holder)) from None
+                raise RunFolderLocked(self.refusal(holder)) from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -125,7 +125,7 @@ class RunLock:
                 # note: flock does not reach across hosts on every shared file system, so a lock
                 # written on another machine is respected until the user removes it
                 os.close(fd)
-                raise RunFolderLocked(self._refusal(holder))
+                raise RunFolderLocked(self.refusal(holder))
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, json.dumps({"pid": os.getpid(), "host": _host(),
@@ -135,7 +135,8 @@ class RunLock:
             return self
         raise RunFolderLocked(f"could not take the lock {self.path}: it keeps being replaced; try again.")
 
-    def _refusal(self, holder: dict) -> str:
+    def refusal(self, holder: dict) -> str:
+        """The one-line refusal naming ``holder`` (``{"pid": ..., "host": ...}``) and what to do."""
         return (f"{self.folder} is in use by {self.what} ({_describe(holder)}, lock file {self.path}); wait for it "
                 f"to end or stop it, or choose another folder; if that process is gone, delete {self.path}.")
 
