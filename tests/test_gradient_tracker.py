@@ -412,29 +412,6 @@ def test_callback_without_trainer_refuses_to_record(tmp_path):
     assert not (tmp_path / "gradient_logs" / "gradient_flow.nc").exists()
 
 
-def test_deepspeed_or_fsdp_warns_and_writes_nothing(tmp_path, caplog, monkeypatch):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-    from transformers import TrainerControl, TrainerState
-
-    model = peft_model("lora")
-    tracker = GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path)
-    targs = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True)
-    trainer = LMTrainer(model=model, args=targs, train_dataset=TokenRows(torch.randint(0, VOCAB, (2, 8))))
-    callback = GradientFlowCallback(tracker, trainer=trainer)
-    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
-    state, control = TrainerState(), TrainerControl()
-    with caplog.at_level(logging.WARNING, logger="perl"):
-        callback.on_train_begin(targs, state, control)
-    assert "unsupported under DeepSpeed/FSDP" in caplog.text
-    lm_loss(model, torch.randint(0, VOCAB, (2, 8))).backward()
-    callback.on_pre_optimizer_step(targs, state, control)
-    callback.on_optimizer_step(targs, state, control)
-    callback.on_train_end(targs, state, control)
-    assert not (tmp_path / "gradient_logs" / "gradient_flow.nc").exists()
-    assert "clip_grad_norm_" not in trainer.accelerator.__dict__
-
-
 # ------------------------------------------------------------------------------ DDP on CPU
 DDP_SCRIPT = '''
 import json, sys
