@@ -169,3 +169,36 @@ def test_fsdp2_gradients_equal_the_unsharded_ones(runs):
     np.testing.assert_allclose(sharded.grad_norm.values, single.grad_norm.values, rtol=1e-4)
     np.testing.assert_allclose(sharded.update_ratio.sel(component="A").values,
                                single.update_ratio.sel(component="A").values, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ resume
+def test_resume_under_zero3_continues_every_store(tmp_path):
+    from perl.trackers import RunStore
+
+    out = tmp_path / "resume"
+    launcher = Path(sys.executable).with_name("accelerate")
+
+    def launch(steps: int, *extra: str) -> None:
+        args = list(RUN_ARGS)
+        args[args.index("--config.training.max_steps") + 1] = str(steps)
+        cmd = [str(launcher), "launch", "--config_file", str(CONFIGS / "cpu_ds_zero3.yaml"),
+               "--main_process_port", str(_free_port()), str(ROOT / "run.py"),
+               *args, "--config.training.output_dir", str(out),
+               "--config.training.save_strategy", "steps", "--config.training.save_steps", "2", *extra]
+        _run(cmd, tmp_path)
+
+    launch(2)
+    before = RunStore.open(out / "spectral_logs" / "spectral_history.nc")
+    assert (out / "checkpoint-2" / "spectral_tracker_init.safetensors").is_file()
+    launch(4, "--config.training.resume_from_checkpoint", "true")
+    spectral, gradients, alignment = _open(out)
+    assert [int(s) for s in spectral.step.values] == [0, 1, 2, 3, 4]
+    assert [int(s) for s in alignment.step.values] == [0, 1, 2, 3, 4]
+    assert [int(s) for s in gradients.step.values] == [1, 2, 3, 4]
+    np.testing.assert_array_equal(spectral.singular_values.sel(step=[0, 1, 2]).values,
+                                  before.singular_values.sel(step=[0, 1, 2]).values)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "grad_norm" in r] == [1, 2, 3, 4]
+    for step in (3, 4):
+        g = gradients.sel(step=step)
+        assert np.sqrt(np.nansum(g.grad_norm.values**2)) == pytest.approx(float(g.total_grad_norm), rel=1e-4)

@@ -240,7 +240,6 @@ class AlignmentTracker:
         if not self._tracked:
             logger.warning("Alignment tracking needs low-rank adapter factors (LoRA family, AdaLoRA, VeRA, MiSS); "
                            "this model has none (%s): nothing will be recorded.", self.adapters[0].kind)
-        self._params = [p for a in self._tracked for p in a.adapter_parameters() + a.base_parameters()]
         with materialized(self._tracked):
             self._capture_init()
         self.peft_type = peft_type or _derive_peft_type(self.model, self.adapter_name)
@@ -478,6 +477,11 @@ class AlignmentTracker:
         os.replace(tmp, path)
 
     # ---------------------------------------------------------------- logging
+    @property
+    def _params(self) -> list:
+        # note: read from the modules each time: an engine may have replaced them (FSDP2's DTensors)
+        return [p for a in self._tracked for p in a.adapter_parameters() + a.base_parameters()]
+
     @property
     def steps(self) -> list[int]:
         """Steps stored so far."""

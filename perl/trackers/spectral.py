@@ -174,7 +174,6 @@ class SpectralTracker:
         self._vectors = [a for a in tracked if a.kind in ("ia3", "ln_tuning")]
         self._dora = [a for a in tracked if a.is_dora]
         self._adalora = [a for a in tracked if a.kind == "adalora"]
-        self._params = [p for a in self._spectral + self._vectors + self._dora for p in a.adapter_parameters()]
         # note: a model sharded before the tracker exists (zero.Init, fully_shard) is read through gathered copies
         with materialized(self._spectral + self._vectors):
             self._capture_init()
@@ -271,6 +270,11 @@ class SpectralTracker:
             self.store.clear()
 
     # ---------------------------------------------------------------- logging
+    @property
+    def _params(self) -> list:
+        # note: read from the modules each time: an engine may have replaced them (FSDP2's DTensors)
+        return [p for a in self._spectral + self._vectors + self._dora for p in a.adapter_parameters()]
+
     @property
     def steps(self) -> list[int]:
         """Steps stored so far."""
