@@ -31,6 +31,14 @@ Layer convention: ``layer`` is the transformer block index; ``-1`` holds tensors
 numbered blocks (embeddings, final norm, lm_head). Missing is NaN: a cell a method does not
 have (a module it does not adapt, ``E`` for LoRA) is NaN, never 0.
 
+Engines: under DDP the gradients rank 0 sees are the all-reduced ones and only rank 0 computes.
+DeepSpeed clips and steps inside backward, so :meth:`GradientFlowTracker.capture_gradients` reads
+the full gradients (``deepspeed.utils.safe_get_full_grad``) from an engine-step hook, before the
+clip; ``total_grad_norm`` is then the engine's own pre-clip norm. With sharded parameters (ZeRO-3
+partitions, FSDP2 DTensors) every norm is the square root of a sum of squares of each rank's
+shard, all-reduced once per quantity: no whole tensor is materialised, every rank takes part and
+only the process with ``writes`` (global rank 0) appends to the store.
+
 Cost: norms are computed on the parameters' device in batched ``torch._foreach_norm`` calls and
 reach the host in one transfer per logged step. To measure ``update_ratio`` the tracked tensors
 are copied once on each logged step (adapter-sized for PEFT; a full copy of the model in full
