@@ -444,6 +444,8 @@ class GradientFlowTracker:
         if total_grad_norm is None:
             total = post_total
         else:
+            if sharding.is_dtensor(total_grad_norm):  # clip_grad_norm_ over FSDP2 gradients
+                total_grad_norm = total_grad_norm.full_tensor()
             total = torch.as_tensor(total_grad_norm, device=self.device)
         if clipped:
             # torch.nn.utils.clip_grads_with_norm_'s formula, in the total's dtype, so dividing undoes it
