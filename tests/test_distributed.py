@@ -5,7 +5,8 @@ run.py ...``, a 3-step GRPO run on the shipped countdown-nano with all three tra
 frequency 1 and ``max_grad_norm`` small enough to clip every step. FSDP2 (accelerate enables it
 only on GPU machines): ``torchrun`` runs tests/fsdp2_driver.py, which shards the model with
 ``fully_shard`` and drives the same trackers through the Trainer's optimizer-step sequence.
-One run per engine, shared by the assertions (module-scoped cache).
+One run per engine, shared by the assertions (module-scoped cache). Resume under ZeRO-2 and
+ZeRO-3: 2 steps with a checkpoint, then resumed to 4 in the same folder.
 """
 
 from __future__ import annotations
@@ -172,7 +173,10 @@ def test_fsdp2_gradients_equal_the_unsharded_ones(runs):
 
 
 # ------------------------------------------------------------------------------------------ resume
-def test_resume_under_zero3_continues_every_store(tmp_path):
+@pytest.mark.parametrize("engine", ["ds_zero2", "ds_zero3"])
+def test_resume_under_deepspeed_continues_every_store(tmp_path, engine):
+    # note: DDP resumes through the same Trainer path as one process (tests/test_resume.py); DeepSpeed
+    # restores its own engine checkpoint, and under ZeRO-3 the trackers resume with sharded parameters
     from perl.trackers import RunStore
 
     out = tmp_path / "resume"
@@ -181,7 +185,7 @@ def test_resume_under_zero3_continues_every_store(tmp_path):
     def launch(steps: int, *extra: str) -> None:
         args = list(RUN_ARGS)
         args[args.index("--config.training.max_steps") + 1] = str(steps)
-        cmd = [str(launcher), "launch", "--config_file", str(CONFIGS / "cpu_ds_zero3.yaml"),
+        cmd = [str(launcher), "launch", "--config_file", str(CONFIGS / f"cpu_{engine}.yaml"),
                "--main_process_port", str(_free_port()), str(ROOT / "run.py"),
                *args, "--config.training.output_dir", str(out),
                "--config.training.save_strategy", "steps", "--config.training.save_steps", "2", *extra]
