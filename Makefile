@@ -11,12 +11,13 @@ DEMO_DIR ?= runs/demo
 
 setup: $(STAMP)
 
+# note: DeepSpeed (the `deepspeed` extra) ships only as source and its setup.py imports torch;
+# built without build isolation it uses the pinned CPU torch installed first, instead of pulling
+# an unpinned multi-GB CUDA torch into an isolated build environment.
 $(STAMP): pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements-cpu.txt torch==2.13.0
-	# note: DeepSpeed ships only as source and its setup.py imports torch; without build isolation
-	# it builds against the pinned CPU torch above instead of pulling an unpinned CUDA torch
 	$(BIN)/python -m pip install --quiet setuptools wheel
 	$(BIN)/python -m pip install --quiet --no-build-isolation -c requirements-cpu.txt 'deepspeed>=0.19,<0.20'
 	$(BIN)/python -m pip install --quiet -c requirements-cpu.txt -e '.[dev,deepspeed]'
