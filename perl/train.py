@@ -94,10 +94,27 @@ def build_grpo_args(config: TrainConfig):
     if not torch.cuda.is_available():
         kwargs.setdefault("dataloader_pin_memory", False)  # note: pinning needs an accelerator
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cpu_engine_environment()
         # note: without use_cpu accelerate only forms a process group for accelerators, so each
-        # process of `accelerate launch --num_processes N` on a CPU would train alone (and all write)
+        # process of `accelerate launch --num_processes N` on a CPU would train alone (and all write);
+        # the gloo backend is the one CPU collectives have (DeepSpeed's batch-size check needs the
+        # real world size, which accelerate only knows once the process group exists)
         kwargs["use_cpu"] = True
+        kwargs.setdefault("ddp_backend", "gloo")
     return GRPOConfig(**kwargs)
+
+
+def cpu_engine_environment() -> None:
+    """What DeepSpeed needs on a machine without GPUs, set before it is imported: its CPU accelerator.
+
+    Called by :func:`train` (and :func:`build_grpo_args`) so that ``accelerate launch
+    --config_file configs/accelerate/cpu_ds_zero2.yaml run.py ...`` needs no hand-set environment.
+    A value the user set wins.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 class MetricsCallback(TrainerCallback):
@@ -244,6 +261,7 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
     from perl.data.datasets import load_countdown
     from perl.models.loading import load_model_and_tokenizer
 
+    cpu_engine_environment()
     # note: everything up to the lock only builds in memory; a failure is a ConfigError and the
     # run folder is exactly as it was (see perl/rundir.py for what happens after)
     preflight(config)
@@ -433,8 +451,9 @@ def _run(config, trainer, extra_callbacks, grpo_args, setup, peft_model, output_
         handler.callbacks.insert(0, cb)
 
     trainer.train(resume_from_checkpoint=checkpoint)
+    # note: every rank: under ZeRO-3 / FSDP saving gathers the sharded weights (the Trainer writes on rank 0)
+    trainer.save_model(str(output_dir))
     if _is_main_process():
-        trainer.save_model(str(output_dir))
         # note: the Trainer pickles its arguments beside the adapter; config.yaml already says all of it
         (output_dir / "training_args.bin").unlink(missing_ok=True)
         for move in moves:

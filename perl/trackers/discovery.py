@@ -29,14 +29,19 @@ Method by method (``delta_W`` is out x in, the orientation of ``nn.Linear.weight
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
 
+from . import sharding
+from .sharding import resolve as _r
+
 __all__ = ["AdapterModule", "discover_adapters", "active_adapter_name", "peft_config_of", "select_layers",
-           "adalora_rank_budget", "adalora_importance_scores", "DiscoveryError"]
+           "adalora_rank_budget", "adalora_importance_scores", "DiscoveryError", "materialized", "walk"]
 
 # kinds, in the order they are tested (AdaLoraLayer subclasses LoraLayer: test it first)
 KINDS = ("adalora", "lora", "vera", "ia3", "ln_tuning", "miss")
@@ -72,6 +77,17 @@ class AdapterModule:
     components: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     is_dora: bool = False
     _block_sum: torch.Tensor | None = field(default=None, repr=False)
+    # copies of factors() / vector() / dense_delta() gathered by `materialized` (sharded parameters)
+    _cache: dict | None = field(default=None, repr=False)
+
+    # ---------------------------------------------------------------- sharded parameters
+    def adapter_parameters(self) -> list[torch.Tensor]:
+        """Every parameter of the peft layer except its base layer's (factors, magnitude, AdaLoRA's ranknum)."""
+        return [p for n, p in self.peft_module.named_parameters() if not n.startswith("base_layer.")]
+
+    def base_parameters(self) -> list[torch.Tensor]:
+        """The frozen base layer's parameters (W0; dense: gather one module at a time)."""
+        return list(self.peft_module.get_base_layer().parameters())
 
     # ---------------------------------------------------------------- factored weight change
     @property
@@ -83,23 +99,26 @@ class AdapterModule:
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(B, A, scale)`` with ``delta_W = scale * B @ A`` for the current weights (detached views)."""
+        if self._cache is not None and "factors" in self._cache:
+            return self._cache["factors"]
         m, ad = self.peft_module, self.adapter
         if self.kind == "lora":
             if ad in m.lora_A:
-                a, b = m.lora_A[ad].weight, m.lora_B[ad].weight
+                a, b = _r(m.lora_A[ad].weight), _r(m.lora_B[ad].weight)
                 return b.detach().reshape(b.shape[0], -1), a.detach().reshape(a.shape[0], -1), float(m.scaling[ad])
             # embedding LoRA: delta = (lora_embedding_A^T lora_embedding_B^T) in (vocab x dim)
-            a, b = m.lora_embedding_A[ad], m.lora_embedding_B[ad]
+            a, b = _r(m.lora_embedding_A[ad]), _r(m.lora_embedding_B[ad])
             return a.detach().T, b.detach().T, float(m.scaling[ad])
         if self.kind == "adalora":
-            scale = float(m.scaling[ad]) / (float(m.ranknum[ad]) + 1e-5)
-            return m.lora_B[ad].detach(), (m.lora_A[ad] * m.lora_E[ad]).detach(), scale
+            scale = float(m.scaling[ad]) / (float(_r(m.ranknum[ad])) + 1e-5)
+            return _r(m.lora_B[ad]).detach(), (_r(m.lora_A[ad]) * _r(m.lora_E[ad])).detach(), scale
         if self.kind == "vera":
-            b = m.vera_lambda_b[ad].detach().unsqueeze(-1) * m.vera_B[ad][: m.out_features, :].to(m.vera_lambda_b[ad].device)
-            a = m.vera_lambda_d[ad].detach().unsqueeze(-1) * m.vera_A[ad][:, : m.in_features].to(m.vera_lambda_d[ad].device)
+            lb, ld = _r(m.vera_lambda_b[ad]).detach(), _r(m.vera_lambda_d[ad]).detach()
+            b = lb.unsqueeze(-1) * m.vera_B[ad][: m.out_features, :].to(lb.device)
+            a = ld.unsqueeze(-1) * m.vera_A[ad][:, : m.in_features].to(ld.device)
             return b, a, 1.0
         if self.kind == "miss" and self.has_factors:
-            block = m.miss_block[ad].detach()
+            block = _r(m.miss_block[ad]).detach()
             if m.miss_fn == "mini":
                 block = block.repeat(1, m.out_features // m.miss_mini_r[ad])
             return block.T, self._miss_block_sum(block), 1.0
@@ -107,6 +126,8 @@ class AdapterModule:
 
     def dense_delta(self) -> torch.Tensor:
         """The weight change as a dense out x in matrix, through peft's own code (costs O(out*in))."""
+        if self._cache is not None and "dense_delta" in self._cache:
+            return self._cache["dense_delta"]
         m, ad = self.peft_module, self.adapter
         if self.kind == "miss":
             w0 = self.base_weight()
@@ -128,23 +149,71 @@ class AdapterModule:
     # ---------------------------------------------------------------- vectors, DoRA
     def vector(self) -> torch.Tensor:
         """IA3 scaling vector or the LayerNorm-tuning parameters, flattened (detached)."""
+        if self._cache is not None and "vector" in self._cache:
+            return self._cache["vector"]
         if self.kind == "ia3":
-            return self.peft_module.ia3_l[self.adapter].detach().reshape(-1)
+            return _r(self.peft_module.ia3_l[self.adapter]).detach().reshape(-1)
         if self.kind == "ln_tuning":
-            return torch.cat([p.detach().reshape(-1) for p in self.components["ln"]])
+            return torch.cat([_r(p).detach().reshape(-1) for p in self.components["ln"]])
         raise DiscoveryError(f"{self.name} ({self.kind}) is not a vector adapter.")
 
     def magnitude(self) -> torch.Tensor:
         """DoRA's magnitude vector m (one entry per output feature)."""
-        return self.peft_module.lora_magnitude_vector[self.adapter].weight.detach()
+        return _r(self.peft_module.lora_magnitude_vector[self.adapter].weight).detach()
 
     def base_weight(self) -> torch.Tensor:
         """The frozen base weight W0 as out x in (fan_in_fan_out undone), detached."""
         base = self.peft_module.get_base_layer()
-        w = base.weight.detach()
+        w = _r(base.weight).detach()
         if getattr(self.peft_module, "fan_in_fan_out", False):
             w = w.T
         return w.reshape(w.shape[0], -1)
+
+
+# -------------------------------------------------------------------- sharded parameters
+def walk(adapters: list[AdapterModule], with_base: bool = False, compute: bool = True) -> Iterator[AdapterModule]:
+    """Each adapter in turn with its parameters gathered (and its base weight with ``with_base``).
+
+    Under ZeRO-3 / FSDP2 every rank must run the same walks in the same order (each module is a
+    collective gather); ranks that only take part pass ``compute=False`` and get nothing yielded.
+    Without sharding this is plain iteration (nothing yielded when ``compute`` is False).
+    """
+    for a in adapters:
+        params = a.adapter_parameters() + (a.base_parameters() if with_base else [])
+        if not sharding.any_sharded(params):
+            if compute:
+                yield a
+            continue
+        with sharding.gathered(params):
+            if compute:
+                yield a
+
+
+@contextlib.contextmanager
+def materialized(adapters: list[AdapterModule], keep: bool = True) -> Iterator[None]:
+    """Detached copies of each adapter's factors / vector, gathered one module at a time, read by
+    ``factors()`` / ``vector()`` inside the block. A no-op for unsharded adapters.
+
+    Every rank enters it (the gathers are collective); ranks with ``keep=False`` keep nothing.
+    The copies are the adapter's size (r x (m + n) per module), never the base weights.
+    """
+    if not any(sharding.any_sharded(a.adapter_parameters()) for a in adapters):
+        yield
+        return
+    try:
+        # note: MiSS "bat" (dense_delta, no low-rank form) is not gathered: it needs the whole base weight
+        for a in walk(adapters, compute=keep):
+            cache = {}
+            if a.has_factors:
+                b, a_, s = a.factors()
+                cache["factors"] = (b.clone(), a_.clone(), s)
+            elif a.kind in ("ia3", "ln_tuning"):
+                cache["vector"] = a.vector().clone()
+            a._cache = cache
+        yield
+    finally:
+        for a in adapters:
+            a._cache = None
 
 
 # -------------------------------------------------------------------- discovery

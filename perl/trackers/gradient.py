@@ -31,6 +31,14 @@ Layer convention: ``layer`` is the transformer block index; ``-1`` holds tensors
 numbered blocks (embeddings, final norm, lm_head). Missing is NaN: a cell a method does not
 have (a module it does not adapt, ``E`` for LoRA) is NaN, never 0.
 
+Engines: under DDP the gradients rank 0 sees are the all-reduced ones and only rank 0 computes.
+DeepSpeed clips and steps inside backward, so :meth:`GradientFlowTracker.capture_gradients` reads
+the full gradients (``deepspeed.utils.safe_get_full_grad``) from an engine-step hook, before the
+clip; ``total_grad_norm`` is then the engine's own pre-clip norm. With sharded parameters (ZeRO-3
+partitions, FSDP2 DTensors) every norm is the square root of a sum of squares of each rank's
+shard, all-reduced once per quantity: no whole tensor is materialised, every rank takes part and
+only the process with ``writes`` (global rank 0) appends to the store.
+
 Cost: norms are computed on the parameters' device in batched ``torch._foreach_norm`` calls and
 reach the host in one transfer per logged step. To measure ``update_ratio`` the tracked tensors
 are copied once on each logged step (adapter-sized for PEFT; a full copy of the model in full
@@ -52,6 +60,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from . import sharding
 from .discovery import DiscoveryError, _clean_name, _layer_and_rest, discover_adapters, peft_config_of
 from .store import RunStore
 
@@ -253,8 +262,11 @@ class GradientFlowTracker:
         self.track_adapter_only = bool(track_adapter_only)
         self.peft_type = peft_type
         self._pending: dict | None = None
+        self._captured: dict | None = None
         self._loaded: xr.Dataset | None = None
         self.store: RunStore | None = None
+        # whether this process appends to the store (global rank 0; set by the callback)
+        self.writes = True
         if model is None:
             return
 
@@ -273,7 +285,6 @@ class GradientFlowTracker:
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in tracked_ids]
         self._params = tracked_params + others
         self._n_tracked = len(tracked_params)
-        self._tracked_detached = [p.detach() for p in tracked_params]
         self.device = tracked_params[0].device
         self._single_device = all(p.device == self.device for p in self._params)
         # squares of large norms overflow float32; MPS has no float64
@@ -283,7 +294,7 @@ class GradientFlowTracker:
                                       self.components.index(t.component)), shape) for t in tracked]
         self._cell_index = torch.tensor(cell, dtype=torch.long, device=self.device)
         numel = np.zeros(int(np.prod(shape)), dtype=np.int64)
-        np.add.at(numel, cell, [t.param.numel() for t in tracked])
+        np.add.at(numel, cell, [_full_numel(t.param) for t in tracked])
         self._numel = numel.reshape(shape)
         self._shape = shape
         self._empty = self._numel == 0
@@ -310,6 +321,81 @@ class GradientFlowTracker:
         """True when optimizer step ``step`` (>= 1) is one to record."""
         return step >= 1 and step % self.log_frequency == 0
 
+    @property
+    def _tracked_detached(self) -> list[torch.Tensor]:
+        # note: read at each use, never cached: DeepSpeed swaps p.data for views of its flat buffers
+        return [p.detach() for p in self._params[: self._n_tracked]]
+
+    def rebind(self, model: nn.Module | None = None) -> None:
+        """Follow parameters an engine replaced after the tracker was made (FSDP2's ``fully_shard``
+        registers new DTensor parameters); the tracked tensors and their cells must be the same."""
+        model = self.model if model is None else model
+        tracked = tracked_tensors(model, self.track_adapter_only)
+        if [t.name for t in tracked] != [t.name for t in self.tracked]:
+            raise RuntimeError("The model's trainable tensors changed after the gradient tracker was made; "
+                               "build the tracker from the model the Trainer trains.")
+        ids = {id(t.param) for t in tracked}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        self._params = [t.param for t in tracked] + others
+        self.tracked = tracked
+
+    def _norms_sq(self, tensors: list[torch.Tensor | None], whole: bool = False) -> torch.Tensor:
+        """Squared L2 norms of the full tensors (NaN where None), one entry per tensor.
+
+        Sharded tensors (FSDP2 DTensors, ZeRO-3 partitions) contribute their local pieces, summed
+        over ranks in one all-reduce; a tensor every rank holds whole counts once. ``whole``: the
+        tensors are full on every rank (DeepSpeed's gathered gradients); nothing is communicated.
+        """
+        acc, n = self._acc_dtype, len(tensors)
+        idx, pieces, split = [], [], []
+        for i, t in enumerate(tensors):
+            if t is None:
+                continue
+            piece, sharded = (t, False) if whole else sharding.local_piece(t)
+            idx.append(i)
+            pieces.append(piece)
+            split.append(sharded)
+        out = torch.full((n,), float("nan"), dtype=acc, device=self.device)
+        if not any(split) or not sharding.distributed():
+            if pieces:
+                out[torch.tensor(idx, device=self.device)] = self._stack(
+                    torch._foreach_norm(pieces, dtype=torch.float32)).to(acc).square()
+            return out
+        both = torch.zeros((2, n), dtype=acc, device=self.device)
+        if pieces:
+            sq = self._stack(torch._foreach_norm(pieces, dtype=torch.float32)).to(acc).square()
+            counted = torch.tensor([float(sh or sharding.rank() == 0) for sh in split], dtype=acc, device=self.device)
+            where = torch.tensor(idx, device=self.device)
+            both[0, where] = sq * counted
+            both[1, where] = 1.0
+        sharding.all_reduce_sum(both)
+        return torch.where(both[1] > 0, both[0], out)
+
+    def _local_copies(self) -> list[torch.Tensor]:
+        # this rank's values of every tracked tensor (whole, or its shard), copied: steps update in place
+        return [sharding.local_piece(p)[0].detach().clone() for p in self._params[: self._n_tracked]]
+
+    @torch.no_grad()
+    def capture_gradients(self) -> None:
+        """Read the accumulated, pre-clip gradients now, for the next :meth:`log_step` (all ranks).
+
+        For engines that clip and step inside backward (DeepSpeed): the engine hook of
+        :class:`~perl.trackers.callbacks.GradientFlowCallback` calls this just before the engine's
+        ``step()``. Full gradients come from ``deepspeed.utils.safe_get_full_grad`` (a collective per
+        tensor under ZeRO; the adapter's size), weight norms and the copy for the update ratio from
+        each rank's shard.
+        """
+        params = self._params
+        if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params):
+            from deepspeed.utils import safe_get_full_grad
+
+            grads = [safe_get_full_grad(p) if p.requires_grad else None for p in params]
+            grad_sq = self._norms_sq(grads, whole=True)
+        else:
+            grad_sq = self._norms_sq([p.grad for p in params])
+        self._captured = {"grad_sq": grad_sq, "weight_sq": self._norms_sq(list(params[: self._n_tracked])),
+                          "before": self._local_copies()}
+
     @torch.no_grad()
     def log_step(self, step: int, total_grad_norm: torch.Tensor | float | None = None,
                  max_grad_norm: float | None = None) -> None:
@@ -331,19 +417,34 @@ class GradientFlowTracker:
         step = int(step)
 
         acc = self._acc_dtype
-        present = [i for i, p in enumerate(self._params) if p.grad is not None]
-        norms = torch.full((len(self._params),), float("nan"), dtype=acc, device=self.device)
-        post_total = torch.zeros((), dtype=acc, device=self.device)
-        if present:
-            found = self._stack(torch._foreach_norm([self._params[i].grad for i in present], dtype=torch.float32)).to(acc)
-            norms[torch.tensor(present, device=self.device)] = found
+        captured, self._captured = self._captured, None
+        sharded = sharding.distributed() and sharding.any_sharded(self._params)
+        if captured is not None:  # read before the engine clipped (capture_gradients): already pre-clip
+            grad_sq = captured["grad_sq"]
+        elif sharded:
+            grad_sq = self._norms_sq([p.grad for p in self._params])
+        else:
+            grad_sq = None
+        if grad_sq is not None:
+            norms = grad_sq.sqrt()
             # like the Trainer's total, tensors without a gradient do not count
-            post_total = found.square().sum().sqrt()
+            post_total = torch.nansum(grad_sq).sqrt()
+        else:
+            present = [i for i, p in enumerate(self._params) if p.grad is not None]
+            norms = torch.full((len(self._params),), float("nan"), dtype=acc, device=self.device)
+            post_total = torch.zeros((), dtype=acc, device=self.device)
+            if present:
+                found = self._stack(torch._foreach_norm([self._params[i].grad for i in present],
+                                                        dtype=torch.float32)).to(acc)
+                norms[torch.tensor(present, device=self.device)] = found
+                post_total = found.square().sum().sqrt()
 
         clipped = total_grad_norm is not None and max_grad_norm is not None and 0 < max_grad_norm < math.inf
         if total_grad_norm is None:
             total = post_total
         else:
+            if sharding.is_dtensor(total_grad_norm):  # clip_grad_norm_ over FSDP2 gradients
+                total_grad_norm = total_grad_norm.full_tensor()
             total = torch.as_tensor(total_grad_norm, device=self.device)
         if clipped:
             # torch.nn.utils.clip_grads_with_norm_'s formula, in the total's dtype, so dividing undoes it
@@ -351,18 +452,30 @@ class GradientFlowTracker:
         else:
             coef = torch.ones((), dtype=total.dtype, device=self.device)
         coef = coef.to(acc)
-        usable = torch.isfinite(coef) & (coef > 0)
         tracked_norms = norms[: self._n_tracked]
-        pre = torch.where(usable, tracked_norms / coef, torch.full_like(tracked_norms, float("nan")))
+        if captured is not None:
+            pre = tracked_norms
+            # note: the engine zeroes its gradients inside its step: the post-clip total is the
+            # pre-clip one times the uniform clip factor, not a measurement
+            post_total = post_total * coef
+        else:
+            usable = torch.isfinite(coef) & (coef > 0)
+            pre = torch.where(usable, tracked_norms / coef, torch.full_like(tracked_norms, float("nan")))
 
-        weights = self._stack(torch._foreach_norm(self._tracked_detached, dtype=torch.float32)).to(acc)
+        if captured is not None:
+            weight_sq, before = captured["weight_sq"], captured["before"]
+        elif sharded:
+            weight_sq, before = self._norms_sq(list(self._params[: self._n_tracked])), self._local_copies()
+        else:
+            weight_sq = self._stack(torch._foreach_norm(self._tracked_detached, dtype=torch.float32)).to(acc).square()
+            # a copy, not an alias: optimizer.step() updates in place
+            before = torch._foreach_mul(self._tracked_detached, 1.0)
         self._pending = {
             "step": step,
             "grad_sq": self._cells(pre.square()),
-            "weight_sq": self._cells(weights.square()),
+            "weight_sq": self._cells(weight_sq),
             "totals": torch.stack([total.to(acc), coef, post_total]),
-            # a copy, not an alias: optimizer.step() updates in place
-            "before": torch._foreach_mul(self._tracked_detached, 1.0),
+            "before": before,
         }
 
     @torch.no_grad()
@@ -370,10 +483,23 @@ class GradientFlowTracker:
         """After ``optimizer.step()``: measure the update ratios of the pending step and write its row."""
         if self._pending is None:
             return
-        deltas = torch._foreach_sub(self._tracked_detached, self._pending.pop("before"))
-        update = self._stack(torch._foreach_norm(deltas, dtype=torch.float32)).to(self._acc_dtype)
-        self._pending["update_sq"] = self._cells(update.square())
+        before = self._pending.pop("before")
+        tracked = self._params[: self._n_tracked]
+        if sharding.distributed() and sharding.any_sharded(tracked):
+            # each rank's shard of p_after - p_before; squares summed over ranks
+            deltas = [sharding.local_piece(p)[0].detach() - b for p, b in zip(tracked, before)]
+            update_sq = self._norms_sq_of_pieces(deltas, [sharding.is_sharded(p) for p in tracked])
+        else:
+            deltas = torch._foreach_sub(self._tracked_detached, before)
+            update_sq = self._stack(torch._foreach_norm(deltas, dtype=torch.float32)).to(self._acc_dtype).square()
+        self._pending["update_sq"] = self._cells(update_sq)
         self._write_pending()
+
+    def _norms_sq_of_pieces(self, pieces: list[torch.Tensor], split: list[bool]) -> torch.Tensor:
+        acc = self._acc_dtype
+        sq = self._stack(torch._foreach_norm(pieces, dtype=torch.float32)).to(acc).square()
+        counted = torch.tensor([float(sh or sharding.rank() == 0) for sh in split], dtype=acc, device=self.device)
+        return sharding.all_reduce_sum(sq * counted)
 
     def _stack(self, tensors) -> torch.Tensor:
         if self._single_device:
@@ -386,6 +512,8 @@ class GradientFlowTracker:
 
     def _write_pending(self) -> None:
         pending, self._pending = self._pending, None
+        if not self.writes:
+            return
         n = pending["grad_sq"].numel()
         update_sq = pending.get("update_sq")
         if update_sq is None:
@@ -621,6 +749,11 @@ def _peft_type_of(model: nn.Module, tracked: list[TrackedTensor]) -> str:
     if name == "lora" and any(t.component == "magnitude" for t in tracked):
         return "dora"
     return name
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    # note: a ZeRO-3 parameter's own numel is its empty placeholder's
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def _perl_version() -> str:

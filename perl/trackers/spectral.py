@@ -36,9 +36,10 @@ import numpy as np
 import torch
 import xarray as xr
 
+from . import sharding
 from . import spectral_math as sm
 from .discovery import (AdapterModule, adalora_importance_scores, adalora_rank_budget, discover_adapters,
-                        peft_config_of)
+                        materialized, peft_config_of, walk)
 from .store import RunStore
 
 logger = logging.getLogger("perl")
@@ -160,10 +161,8 @@ class SpectralTracker:
         self._data: xr.Dataset | None = None
 
         self.adapters = discover_adapters(self.model, adapter_name, max_layers_to_track)
-        self.enabled = not _sharded(self.adapters)
-        if not self.enabled:
-            logger.warning("Spectral tracking is unsupported with sharded parameters (DeepSpeed ZeRO-3, FSDP): "
-                           "the adapter factors are partitioned across processes. Nothing will be recorded.")
+        # note: sharded parameters (ZeRO-3, FSDP2) are gathered one module at a time at snapshots
+        self.enabled = True
         self.adapter_name = self.adapters[0].adapter
         self.layers = sorted({a.layer for a in self.adapters})
         present = {a.module for a in self.adapters}
@@ -175,20 +174,24 @@ class SpectralTracker:
         self._vectors = [a for a in tracked if a.kind in ("ia3", "ln_tuning")]
         self._dora = [a for a in tracked if a.is_dora]
         self._adalora = [a for a in tracked if a.kind == "adalora"]
-        self._capture_init()
-        self._n_sv, self._n_update = self._spectrum_sizes()
-        self.peft_type = peft_type or _derive_peft_type(self.model, self.adapter_name)
-        self.attrs = self._global_attrs(run_attrs or {}, max_layers_to_track)
+        # note: a model sharded before the tracker exists (zero.Init, fully_shard) is read through gathered copies
+        with materialized(self._spectral + self._vectors):
+            self._capture_init()
+            self._n_sv, self._n_update = self._spectrum_sizes()
+            self.peft_type = peft_type or _derive_peft_type(self.model, self.adapter_name)
+            self.attrs = self._global_attrs(run_attrs or {}, max_layers_to_track)
         self.store = RunStore(self.save_dir / SPECTRAL_DIR / STORE_NAME, attrs=self.attrs)
 
     # ---------------------------------------------------------------- initial state
     def _capture_init(self) -> None:
         """Copies of what the update since init needs: B_0, A_0 (factored), delta_0 (dense), v_0."""
         self._init: dict[str, dict[str, torch.Tensor]] = {}
+        self._factor_meta: dict[str, tuple] = {}
         with torch.no_grad():
             for a in self._spectral:
                 if a.has_factors:
                     b, a_, _ = a.factors()
+                    self._factor_meta[a.name] = (tuple(b.shape), tuple(a_.shape), b.dtype, str(b.device))
                     zero = not (b.any() and a_.any())
                     # B_0 A_0 = 0 (plain LoRA): nothing to keep, the update is the product
                     self._init[a.name] = {} if zero else {"B0": b.detach().clone(), "A0": a_.detach().clone()}
@@ -203,8 +206,8 @@ class SpectralTracker:
         by_shape: dict[tuple, list[AdapterModule]] = {}
         for a in self._spectral:
             if a.has_factors:
-                b, a_, _ = a.factors()
-                key = (tuple(b.shape), tuple(a_.shape), b.dtype, str(b.device), not self._init[a.name])
+                # note: shapes recorded at creation; the live parameters may be partitioned by now (ZeRO-3)
+                key = (*self._factor_meta[a.name], not self._init[a.name])
                 by_shape.setdefault(key, []).append(a)
         return [_Group(members, [self._cell[m.name] for m in members], key[-1]) for key, members in by_shape.items()]
 
@@ -268,6 +271,11 @@ class SpectralTracker:
 
     # ---------------------------------------------------------------- logging
     @property
+    def _params(self) -> list:
+        # note: read from the modules each time: an engine may have replaced them (FSDP2's DTensors)
+        return [p for a in self._spectral + self._vectors + self._dora for p in a.adapter_parameters()]
+
+    @property
     def steps(self) -> list[int]:
         """Steps stored so far."""
         return self.store.steps if hasattr(self, "store") else [int(s) for s in self.data.step.values]
@@ -280,11 +288,23 @@ class SpectralTracker:
         """Compute one snapshot of the current weights, labelled ``step``, and append it to the store.
 
         Returns the snapshot (None on processes that do not write, or if ``step`` is already stored).
+        With sharded parameters (ZeRO-3, FSDP2) every rank must call it: each module's factors are
+        gathered in turn, global rank 0 computes and writes.
         """
-        if not self.is_world_process_zero or not self.enabled:
+        if not self.enabled:
             return None
         step = int(step)
-        if step in self.store.steps:
+        if sharding.distributed() and sharding.any_sharded(self._params):
+            # every rank takes the same branch: the gathers below are collectives
+            if sharding.broadcast_flag(self.is_world_process_zero and step in self.store.steps):
+                return None
+            if not self.is_world_process_zero:
+                with materialized(self._spectral + self._vectors, keep=False):
+                    pass
+                for _ in walk(self._dora, with_base=True, compute=False):
+                    pass
+                return None
+        elif not self.is_world_process_zero or step in self.store.steps:
             return None
         snapshot = self.snapshot(step)
         self.store.append(snapshot)
@@ -293,7 +313,7 @@ class SpectralTracker:
 
     def snapshot(self, step: int) -> xr.Dataset:
         """The Dataset of one step (dims step=1, layer, module, sv, sv_update), without storing it."""
-        with torch.no_grad(), _one_cpu_thread():
+        with torch.no_grad(), _one_cpu_thread(), materialized(self._spectral + self._vectors):
             return self._snapshot(step)
 
     def _snapshot(self, step: int) -> xr.Dataset:
@@ -316,7 +336,7 @@ class SpectralTracker:
             for a in self._spectral:
                 if not a.has_factors:
                     self._dense_spectra(a, sv, up, metrics, up_metrics, scale, rank)
-        for a in self._dora:
+        for a in walk(self._dora, with_base=True):  # W0 one module at a time when sharded
             self._dora_values(a, var)
         for a in self._adalora:
             cell = self._cell[a.name]
@@ -644,16 +664,6 @@ def _one_cpu_thread():
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _sharded(adapters: list[AdapterModule]) -> bool:
-    """Parameters partitioned by DeepSpeed ZeRO-3 (``ds_id``) or FSDP (empty local shards, DTensors)."""
-    for a in adapters:
-        for tensors in a.components.values():
-            for p in tensors:
-                if hasattr(p, "ds_id") or p.numel() == 0 or type(p).__name__ == "DTensor":
-                    return True
-    return False
 
 
 def _is_rank_zero() -> bool:
