@@ -1,0 +1,189 @@
+"""The original PeRL's methods through the command line: ``hra``, ``slicefine`` and ``full``.
+
+One subprocess run per method (``python run.py``, 2 GRPO steps, spectral + gradient tracking every
+step, tiny batch on countdown-nano), shared by the tests of this module. Each test reloads what the
+run saved (the adapter through ``perl eval``'s loader, the fully fine-tuned weights) and checks the
+stored spectra against a dense SVD of the actual weight change, computed here independently, and
+the ``gradient/*`` scalars in ``metrics.jsonl`` against the gradient store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 2
+R = 8
+METHODS = ("hra", "slicefine", "full")
+
+
+def run_cli(method: str, out: Path) -> Path:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    flags = [
+        "--enable_tracking", "--tracking_frequency", "1",
+        "--config.peft.type", method, "--config.peft.r", str(R),
+        "--config.model.model_name_or_path", "countdown-nano",
+        "--config.training.max_steps", str(STEPS),
+        "--config.training.num_generations", "4", "--config.training.per_device_train_batch_size", "4",
+        "--config.training.max_completion_length", "48",
+        "--config.dataset.example_numbers", "16", "--config.dataset.test_size", "4",
+        "--config.training.output_dir", str(out),
+    ]
+    if method == "slicefine":
+        # note: a row slice away from index 0 exercises the position and the row form
+        flags += ["--config.peft.slicefine_mode", "row", "--config.peft.slicefine_position", "5"]
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), *flags], cwd=out.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def cli_run(request, tmp_path_factory) -> tuple[str, Path]:
+    method = request.param
+    return method, run_cli(method, tmp_path_factory.mktemp(method) / "run")
+
+
+def _final(run: Path, name: str) -> xr.Dataset:
+    with xr.open_dataset(run / name) as ds:
+        return ds.load()
+
+
+def _dense_changes(method: str, run: Path) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, module) -> the weight change W_eff - W0 (float64) of the saved run, computed densely."""
+    from perl.evaluate import load_for_eval
+    from perl.models.loading import load_model
+
+    base = {n: p.detach().double() for n, p in load_model("countdown-nano").named_parameters()}
+    if method == "full":
+        from safetensors.torch import load_file
+
+        trained = load_file(str(run / "model.safetensors"))
+        out = {}
+        for name, w in trained.items():
+            parts = name.split(".")
+            if name.endswith("_proj.weight") and parts[:2] == ["model", "layers"]:
+                out[(int(parts[2]), parts[4])] = w.double() - base[name]
+        return out
+    # the loader `perl eval` uses: base model + the saved adapter
+    model, _, _ = load_for_eval(str(run))
+    model = model.double()
+    out = {}
+    for name, m in model.named_modules():
+        parts = name.split(".")
+        if not hasattr(m, "get_base_layer") or parts[-1] not in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"):
+            continue
+        w0 = m.get_base_layer().weight.detach()
+        with torch.no_grad():
+            if method == "hra":
+                # peft's own HRA maths: the effective weight is W0 @ H, get_delta_weight returns H
+                delta = w0 @ m.get_delta_weight("default") - w0
+            else:
+                delta = m.get_delta_weight("default")
+        out[(int(parts[parts.index("layers") + 1]), parts[-1])] = delta
+    return out
+
+
+def test_cli_run_spectra_equal_dense_svd_of_the_saved_weight_change(cli_run):
+    method, run = cli_run
+    ds = _final(run, "spectral_history_final.nc")
+    assert [int(s) for s in ds.step.values] == [0, 1, 2] and ds.attrs["peft_type"] == method
+    changes = _dense_changes(method, run)
+    assert len(changes) == 4 * 7  # countdown-nano: 4 blocks x 7 projections, all tracked
+    moved = 0
+    for (layer, module), delta in changes.items():
+        want = torch.linalg.svdvals(delta).numpy()
+        stored = ds.update_singular_values.sel(step=STEPS, layer=layer, module=module).values
+        stored = stored[~np.isnan(stored)]
+        if method == "full":
+            k = 2 * R
+            assert ds.attrs["full_finetuning_top_k"] == k and stored.size == k
+            # randomized SVD (torch.svd_lowrank): close to the exact top-k, not bit-equal
+            np.testing.assert_allclose(stored, want[:k], rtol=0, atol=1e-3 * want[0])
+            np.testing.assert_allclose(ds.singular_values.sel(step=STEPS, layer=layer, module=module).values,
+                                       stored, rtol=0, atol=0)
+        else:
+            # exactly low rank: at most r nonzero values, and the stored ones are all of them
+            assert want[R] <= 1e-9 * max(want[0], 1e-300), (layer, module, want[: R + 2])
+            np.testing.assert_allclose(stored[:R], want[:R], rtol=0, atol=1e-9 * max(want[0], 1e-300))
+            assert np.all(stored[R:] <= 1e-9 * max(want[0], 1e-300))
+            assert ds.numerical_rank.sel(step=STEPS, layer=layer, module=module) <= R
+            product = ds.singular_values.sel(step=STEPS, layer=layer, module=module).values
+            np.testing.assert_allclose(product[:R], want[:R], rtol=0, atol=1e-9 * max(want[0], 1e-300))
+        moved += want[0] > 0
+        # step 0 is before the first update: nothing changed yet
+        assert np.nansum(ds.update_singular_values.sel(step=0, layer=layer, module=module).values) == 0.0
+    assert moved == len(changes), "every tracked module should have moved in two steps"
+
+
+def test_cli_run_gradient_scalars_in_metrics_equal_the_store(cli_run):
+    method, run = cli_run
+    grad = _final(run, "gradient_flow_final.nc")
+    component = {"hra": "u", "slicefine": "slice", "full": "weight"}[method]
+    assert list(grad.component.values) == [component]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "gradient/step" in r]
+    assert [int(r["gradient/step"]) for r in logged] == [1, 2] == [int(s) for s in grad.step.values]
+    for record in logged:
+        step = int(record["gradient/step"])
+        assert record["step"] == step  # logging_steps = 1: each record carries its own step's gradients
+        at = grad.sel(step=step)
+        assert record["gradient/total_pre_clip"] == pytest.approx(float(at.total_grad_norm), rel=1e-12)
+        assert record["gradient/clip_coef"] == pytest.approx(float(at.clip_coef), rel=1e-12)
+        # the Trainer's own grad_norm is the same pre-clip total
+        assert record["gradient/total_pre_clip"] == pytest.approx(record["grad_norm"], rel=1e-5)
+        for module in grad.module.values:
+            values = at.grad_norm.sel(component=component, module=module).values
+            expected = float(np.sqrt(np.sum(values[np.isfinite(values)] ** 2)))
+            assert record[f"gradient/{component}/{module}"] == pytest.approx(expected, rel=1e-12)
+        assert not any(k.startswith("gradient/") and k.split("/")[1] not in
+                       ("step", "total_pre_clip", "clip_coef", "total_post_clip", component) for k in record)
+
+
+def test_cli_run_reloads_for_perl_eval(cli_run, capsys):
+    from perl.evaluate import main
+
+    method, run = cli_run
+    assert main([str(run), "--n", "4", "--batch-size", "4", "--max-new-tokens", "16", "--no-progress",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert ("full fine-tuning run" if method == "full" else f"{method} adapter") in out
+    assert "greedy" in out and "sample T=1" in out
+
+
+# ------------------------------------------------------------------------------ factors, no training
+@pytest.mark.parametrize("method, knobs", [("hra", {}), ("slicefine", {"slicefine_mode": "column", "slicefine_position": 3}),
+                                           ("slicefine", {"slicefine_mode": "row", "slicefine_position": 500})])
+def test_factors_reproduce_the_layer_output(method, knobs):
+    """B @ A from discovery is the weight change the layer applies, for generic (not near-identity) weights."""
+    from perl.adapters import build_adapter
+    from perl.config import PeftConfig
+    from perl.models.loading import load_model
+    from perl.trackers.discovery import discover_adapters
+
+    model = build_adapter(load_model("countdown-nano"), PeftConfig(type=method, r=R, **knobs), total_steps=2).model
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                # note: random u makes the r reflections distinct, so their order matters
+                p.copy_(torch.randn(p.shape, generator=gen) if method == "hra" else p + 0.1 * torch.randn(p.shape, generator=gen))
+    model = model.double().eval()
+    for am in discover_adapters(model):
+        layer = am.peft_module
+        b, a, s = am.factors()
+        assert b.shape[1] == a.shape[0] == R
+        eye = torch.eye(layer.in_features, dtype=torch.float64)
+        with torch.no_grad():
+            applied = (layer(eye) - layer.get_base_layer()(eye)).T   # the layer's own weight change, out x in
+        torch.testing.assert_close(s * (b.double() @ a.double()), applied, rtol=0, atol=1e-10)
