@@ -187,3 +187,21 @@ def test_factors_reproduce_the_layer_output(method, knobs):
         with torch.no_grad():
             applied = (layer(eye) - layer.get_base_layer()(eye)).T   # the layer's own weight change, out x in
         torch.testing.assert_close(s * (b.double() @ a.double()), applied, rtol=0, atol=1e-10)
+
+
+def test_lowrank_singular_values_are_the_top_k_and_leave_training_rng_alone():
+    from perl.trackers.spectral_math import lowrank_singular_values
+
+    gen = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(300, 120, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(200, 120, generator=gen, dtype=torch.float64))
+    sigma = 0.8 ** torch.arange(120, dtype=torch.float64)
+    w = (u * sigma) @ v.T
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    top = lowrank_singular_values(w.float(), 16)
+    assert torch.equal(torch.rand(3), expected_next)  # the tracker must not shift training's random stream
+    torch.testing.assert_close(top, sigma[:16], rtol=0, atol=1e-6)
+    assert torch.equal(lowrank_singular_values(w.float(), 16), top)  # seeded: reproducible
+    assert torch.isnan(lowrank_singular_values(torch.full((40, 30), float("nan")), 4)).all()
