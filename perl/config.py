@@ -804,6 +804,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"peft.r ({p.r}) must be divisible by peft.miss_mini_r ({p.miss_mini_r}) for miss.")
     if p.type == "hra" and p.r % 2:
         raise ConfigError(f"peft.r ({p.r}) must be even for hra: its identity init pairs the r reflections.")
+    if p.type == "full" and cfg.tracker.enable_alignment_tracking:
+        raise ConfigError("alignment tracking measures an adapter's low-rank factors and full fine-tuning has none; "
+                          "drop --enable_alignment_tracking (spectral and gradient tracking work for full).")
     if t.loss_type == "luspo" and t.importance_sampling_level != "sequence":
         raise ConfigError("loss_type luspo needs training.importance_sampling_level sequence.")
     world = _world_size()

@@ -205,3 +205,17 @@ def test_lowrank_singular_values_are_the_top_k_and_leave_training_rng_alone():
     torch.testing.assert_close(top, sigma[:16], rtol=0, atol=1e-6)
     assert torch.equal(lowrank_singular_values(w.float(), 16), top)  # seeded: reproducible
     assert torch.isnan(lowrank_singular_values(torch.full((40, 30), float("nan")), 4)).all()
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"peft.type": "hra", "peft.r": "7"}, ["peft.r (7) must be even for hra"]),
+    ({"peft.type": "slicefine", "peft.slicefine_mode": "diagonal"}, ["slicefine_mode", "column", "row"]),
+    ({"peft.type": "full", "tracker.enable_alignment_tracking": "true"}, ["full fine-tuning", "--enable_alignment_tracking"]),
+])
+def test_config_edge_refuses_what_these_methods_cannot_do(overrides, words):
+    from perl.config import ConfigError, TrainConfig, apply_overrides, validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(apply_overrides(TrainConfig(), overrides))
+    for word in words:
+        assert word in str(err.value)
