@@ -219,3 +219,20 @@ def test_config_edge_refuses_what_these_methods_cannot_do(overrides, words):
         validate(apply_overrides(TrainConfig(), overrides))
     for word in words:
         assert word in str(err.value)
+
+
+def test_lora_run_gradient_scalars_per_component_and_module(tracked_run):
+    """The shared LoRA run (conftest): gradient/A/q_proj, gradient/B/... in metrics.jsonl equal the store."""
+    grad = _final(tracked_run, "gradient_flow_final.nc")
+    records = {r["step"]: r for r in map(json.loads, (tracked_run / "metrics.jsonl").read_text().splitlines())
+               if "gradient/step" in r}
+    assert sorted(records) == [int(s) for s in grad.step.values] and len(records) >= 2
+    for step, record in records.items():
+        at = grad.sel(step=step)
+        assert record["gradient/total_pre_clip"] == pytest.approx(float(at.total_grad_norm), rel=1e-12)
+        assert record["gradient/clip_coef"] == pytest.approx(float(at.clip_coef), rel=1e-12)
+        for component in ("A", "B"):
+            for module in grad.module.values:
+                values = at.grad_norm.sel(component=component, module=module).values
+                key = f"gradient/{component}/{module}"
+                assert record[key] == pytest.approx(float(np.sqrt(np.nansum(values ** 2))), rel=1e-12), key
