@@ -43,8 +43,8 @@ modules ``target_modules`` names, component ``weight``: the modules an adapter w
 
 Cost: norms are computed on the parameters' device in batched ``torch._foreach_norm`` calls and
 reach the host in one transfer per logged step. To measure ``update_ratio`` the tracked tensors
-are copied once on each logged step (adapter-sized for PEFT; a full copy of the model in full
-fine-tuning with ``track_adapter_only=False``).
+are copied once on each logged step (adapter-sized for PEFT; the target modules' weights in full
+fine-tuning, a full copy of the model with ``track_adapter_only=False``).
 """
 
 from __future__ import annotations
