@@ -47,10 +47,22 @@ def run_cli(method: str, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=METHODS)
-def cli_run(request, tmp_path_factory) -> tuple[str, Path]:
-    method = request.param
-    return method, run_cli(method, tmp_path_factory.mktemp(method) / "run")
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """method -> its run folder, trained on first use (one run per method for the whole module)."""
+    runs: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in runs:
+            runs[method] = run_cli(method, tmp_path_factory.mktemp(method) / "run")
+        return runs[method]
+
+    return get
+
+
+@pytest.fixture(params=METHODS)
+def cli_run(request, cli_runs) -> tuple[str, Path]:
+    return request.param, cli_runs(request.param)
 
 
 def _final(run: Path, name: str) -> xr.Dataset:
@@ -159,6 +171,20 @@ def test_cli_run_reloads_for_perl_eval(cli_run, capsys):
     out = capsys.readouterr().out
     assert ("full fine-tuning run" if method == "full" else f"{method} adapter") in out
     assert "greedy" in out and "sample T=1" in out
+
+
+def test_gradient_notebook_runs_on_a_full_fine_tuning_run(cli_runs, tmp_path):
+    """Notebook 03 picks the component a method has (``weight`` here) instead of assuming LoRA's B."""
+    import nbformat
+    import papermill
+
+    run = cli_runs("full")
+    out = tmp_path / "03.out.ipynb"
+    papermill.execute_notebook(str(REPO / "notebooks" / "03_gradient_explorer.ipynb"), str(out),
+                               parameters={"run_dir": str(run)}, kernel_name="python3", cwd=str(tmp_path),
+                               progress_bar=False)
+    text = json.dumps(nbformat.read(out, as_version=4).cells)
+    assert "No A and B factors in this full run; components: ['weight']" in text
 
 
 # ------------------------------------------------------------------------------ factors, no training
