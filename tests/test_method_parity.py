@@ -262,3 +262,48 @@ def test_lora_run_gradient_scalars_per_component_and_module(tracked_run):
                 values = at.grad_norm.sel(component=component, module=module).values
                 key = f"gradient/{component}/{module}"
                 assert record[key] == pytest.approx(float(np.sqrt(np.nansum(values ** 2))), rel=1e-12), key
+
+
+def test_full_spectral_tracker_keeps_w0_once_and_restores_it_on_resume(tmp_path):
+    """Full fine-tuning without the CLI: top-k of W_t - W_0 per target module; W_0 survives a resume."""
+    from perl.models.loading import load_model
+    from perl.trackers import SpectralTracker
+
+    targets = {"q_proj": "self_attn", "down_proj": "mlp"}
+    model = load_model("countdown-nano")
+    originals = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    weights = {(layer, module): getattr(getattr(model.model.layers[layer], block), module).weight
+               for layer in range(4) for module, block in targets.items()}
+
+    def move(scale, seed):
+        # a decaying spectrum (as learning makes), plus a little noise
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for w in weights.values():
+                u = torch.randn(w.shape[0], 4, generator=gen)
+                v = torch.randn(4, w.shape[1], generator=gen)
+                w.add_(scale * (u * torch.tensor([1.0, 0.5, 0.25, 0.1])) @ v + 1e-6 * torch.randn(w.shape, generator=gen))
+
+    tracker = SpectralTracker(model, log_frequency=1, save_dir=tmp_path, target_modules=list(targets),
+                              full_top_k=6, is_world_process_zero=True)
+    assert tracker.modules == list(targets) and tracker.peft_type == "full"
+    # W_0 is kept once: exactly the targeted weights
+    assert sum(t.numel() for d in tracker._init.values() for t in d.values()) == sum(w.numel() for w in weights.values())
+    tracker.log_step(0)
+    move(1e-3, 0)
+    tracker.log_step(1)
+    tracker.save_init_state(tmp_path / "checkpoint-1")
+    # a resumed process builds its tracker from the moved weights; the checkpoint gives back the true W_0
+    resumed = SpectralTracker(model, log_frequency=1, save_dir=tmp_path, target_modules=list(targets),
+                              full_top_k=6, is_world_process_zero=True)
+    resumed.resume(1, tmp_path / "checkpoint-1")
+    move(1e-3, 1)
+    resumed.log_step(2)
+    ds = resumed.data
+    assert ds.attrs["full_finetuning_top_k"] == 6 and [int(s) for s in ds.step.values] == [0, 1, 2]
+    for (layer, module), w in weights.items():
+        name = f"model.layers.{layer}.{targets[module]}.{module}.weight"
+        want = torch.linalg.svdvals(w.detach().double() - originals[name])[:6].numpy()
+        got = ds.update_singular_values.sel(step=2, layer=layer, module=module).values
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * want[0])
+        assert float(ds.numerical_rank.sel(step=2, layer=layer, module=module)) == 6

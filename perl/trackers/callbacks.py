@@ -26,7 +26,7 @@ class SpectralTrackingCallback(TrainerCallback):
       restores the initial factors from ``checkpoint-N`` and continues: no duplicated, no missing step.
     - ``on_save``: with ``save_with_checkpoints`` the initial factors go into the checkpoint folder
       (safetensors; the adapter's size for PiSSA / MiLoRA, nearly empty for plain LoRA whose
-      B_0 = 0), never the history itself.
+      B_0 = 0, the target modules' weights W_0 for full fine-tuning), never the history itself.
     - ``on_log``: the last snapshot's scalars (``spectral/effective_rank/mean``,
       ``spectral/effective_rank/q_proj``, ...) are added to the Trainer's log record once. For
       ``report_to`` integrations (tensorboard, wandb) to see them, this callback must come before

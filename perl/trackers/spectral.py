@@ -211,8 +211,10 @@ class SpectralTracker:
         with torch.no_grad():
             for a in self._spectral:
                 if a.kind == "full":
-                    # note: the one copy of the targeted weights that full fine-tuning tracking costs
-                    self._init[a.name] = {"W0": a.components["weight"][0].detach().clone()}
+                    # note: the one copy of the targeted weights that full fine-tuning tracking costs,
+                    # on the process that computes the spectra only
+                    weight = a.components["weight"][0]
+                    self._init[a.name] = {"W0": weight.detach().clone()} if self.is_world_process_zero else {}
                 elif a.has_factors:
                     b, a_, _ = a.factors()
                     zero = not (b.any() and a_.any())
@@ -402,6 +404,9 @@ class SpectralTracker:
     def _full_spectra(self, a: AdapterModule, sv, up, metrics, up_metrics, scale) -> None:
         # full fine-tuning: the update since init is the weight change; top-k by randomized SVD on the device
         cell = self._cell[a.name]
+        if "W0" not in self._init[a.name]:
+            raise RuntimeError(f"No initial weight of {a.name} on this process: build the SpectralTracker with "
+                               "is_world_process_zero=True on the process that logs.")
         delta = a.components["weight"][0].detach() - self._init[a.name]["W0"]
         values = sm.lowrank_singular_values(delta.reshape(delta.shape[0], -1), sv.shape[-1],
                                             niter=FULL_SVD_NITER, seed=FULL_SVD_SEED)
