@@ -457,7 +457,8 @@ def build_adapter(model: nn.Module, peft_cfg, total_steps: int) -> AdapterSetup:
         raise ValueError(f"unknown peft.type {getattr(peft_cfg, 'type', None)!r}; valid types: {', '.join(ALL_METHODS)}")
     if method == FULL_FINETUNING:
         # note: full fine-tuning trains every weight; target_modules only says what the trackers follow
-        targets = resolve_target_modules(model, getattr(peft_cfg, "target_modules", None))
+        targets = getattr(peft_cfg, "target_modules", None) or []
+        targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
     else:
         if int(peft_cfg.r) < 1:
             raise ValueError(f"peft.r must be a positive integer, got {peft_cfg.r}")
