@@ -228,7 +228,7 @@ def test_lowrank_singular_values_are_the_top_k_and_leave_training_rng_alone():
     torch.manual_seed(123)
     top = lowrank_singular_values(w.float(), 16)
     assert torch.equal(torch.rand(3), expected_next)  # the tracker must not shift training's random stream
-    torch.testing.assert_close(top, sigma[:16], rtol=0, atol=1e-6)
+    torch.testing.assert_close(top, sigma[:16], rtol=0, atol=1e-5)  # float32 accuracy
     assert torch.equal(lowrank_singular_values(w.float(), 16), top)  # seeded: reproducible
     assert torch.isnan(lowrank_singular_values(torch.full((40, 30), float("nan")), 4)).all()
 
@@ -305,5 +305,5 @@ def test_full_spectral_tracker_keeps_w0_once_and_restores_it_on_resume(tmp_path)
         name = f"model.layers.{layer}.{targets[module]}.{module}.weight"
         want = torch.linalg.svdvals(w.detach().double() - originals[name])[:6].numpy()
         got = ds.update_singular_values.sel(step=2, layer=layer, module=module).values
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * want[0])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * want[0])
         assert float(ds.numerical_rank.sel(step=2, layer=layer, module=module)) == 6

@@ -61,7 +61,7 @@ MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
                 "input_layernorm", "post_attention_layernorm", "norm")
 FULL_SVD_NITER = 6
 FULL_SVD_SEED = 0
-FULL_SVD_FORMULA = (f"torch.svd_lowrank(W_t - W_0, q=k+max(k,8), niter={FULL_SVD_NITER}) in float64 on the "
+FULL_SVD_FORMULA = (f"torch.svd_lowrank(W_t - W_0, q=k+max(k,8), niter={FULL_SVD_NITER}) in float32 on the "
                     f"weights' device, start block seeded ({FULL_SVD_SEED}); exact dense SVD when q >= min(m, n)")
 STEP_CONVENTION = ("step = optimizer steps done (the Trainer's global_step); the snapshot at step s "
                    "describes the weights after s optimizer steps; step 0 is before the first update")
