@@ -138,7 +138,7 @@ def test_stored_spectra_equal_dense_svd_of_peft_delta(method, tmp_path):
         check_dora(ds, adapters)
     if method == "adalora":
         check_adalora(ds, adapters, model)
-    if method in ("lora", "dora", "rslora", "lora_plus", "lorafa", "milora_plus", "adalora", "miss"):
+    if method in ("lora", "dora", "rslora", "lora_plus", "lorafa", "milora_plus", "adalora", "miss", "hra", "slicefine"):
         # B_0 A_0 = 0: the zero product at step 0 has defined metrics (documented), not 1e10
         assert float(ds.frobenius_norm.sel(step=0).max()) == 0.0
         assert float(ds.effective_rank.sel(step=0).max()) == 0.0

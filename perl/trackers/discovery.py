@@ -134,14 +134,22 @@ class AdapterModule:
         m, ad = self.peft_module, self.adapter
         if m.hra_apply_GS[ad]:
             raise DiscoveryError(f"{self.name}: HRA with apply_GS is not tracked (only peft's default product form).")
-        u = m.hra_u[ad].detach().double()
+        raw = m.hra_u[ad].detach()
+        u = raw.double()
         u = u / u.norm(dim=0)
         q = torch.linalg.qr(u).Q
         hq = q
         # note: H = H_1 H_2 ... H_r (peft multiplies on the right), so H_r acts on Q first
-        for i in range(u.shape[1] - 1, -1, -1):
+        i = u.shape[1] - 1
+        while i >= 0:
+            if i >= 1 and torch.equal(raw[:, i], raw[:, i - 1]):
+                # two equal reflections are exactly I (peft's init pairs them): skip, so that the
+                # change at init is exactly 0 instead of rounding noise with noise "ranks"
+                i -= 2
+                continue
             ui = u[:, i:i + 1]
             hq = hq - 2.0 * ui @ (ui.T @ hq)
+            i -= 1
         return self.base_weight().double() @ (hq - q), q.T, 1.0
 
     def dense_delta(self) -> torch.Tensor:
