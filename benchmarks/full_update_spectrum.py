@@ -84,7 +84,8 @@ def main() -> None:
         worst["hra"] = max(worst["hra"], float((sv - ref).abs().max() / ref[0]))
         totals["hra ours"] += t3 + t4
         totals["hra dense"] += t5
-        print(f"{name:10s} {m}x{n}: full top-16 {t1:.3f} s vs dense {t2:.2f} s; HRA r=8 {t3 + t4:.3f} s vs dense {t5:.2f} s")
+        print(f"{name:10s} {m}x{n}: full top-16 {t1:.3f} s vs dense {t2:.2f} s; "
+              f"HRA r=8 {t3 + t4:.3f} s vs dense {t5:.2f} s")
     print(f"full fine-tuning top-16: ours {totals['full ours']:.2f} s, dense {totals['full dense']:.2f} s, "
           f"ratio {totals['full dense'] / totals['full ours']:.0f}x, max |diff| / sigma_1 = {worst['full']:.1e}")
     print(f"HRA r=8 spectrum:        ours {totals['hra ours']:.2f} s, dense {totals['hra dense']:.2f} s, "

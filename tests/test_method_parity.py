@@ -192,8 +192,11 @@ def test_gradient_notebook_runs_on_a_full_fine_tuning_run(cli_runs, tmp_path):
 
 
 # ------------------------------------------------------------------------------ factors, no training
-@pytest.mark.parametrize("method, knobs", [("hra", {}), ("slicefine", {"slicefine_mode": "column", "slicefine_position": 3}),
-                                           ("slicefine", {"slicefine_mode": "row", "slicefine_position": 500})])
+@pytest.mark.parametrize("method, knobs", [
+    ("hra", {}),
+    ("slicefine", {"slicefine_mode": "column", "slicefine_position": 3}),
+    ("slicefine", {"slicefine_mode": "row", "slicefine_position": 500}),
+])
 def test_factors_reproduce_the_layer_output(method, knobs):
     """B @ A from discovery is the weight change the layer applies, for generic (not near-identity) weights."""
     from perl.adapters import build_adapter
@@ -207,7 +210,8 @@ def test_factors_reproduce_the_layer_output(method, knobs):
         for p in model.parameters():
             if p.requires_grad:
                 # note: random u makes the r reflections distinct, so their order matters
-                p.copy_(torch.randn(p.shape, generator=gen) if method == "hra" else p + 0.1 * torch.randn(p.shape, generator=gen))
+                noise = torch.randn(p.shape, generator=gen)
+                p.copy_(noise if method == "hra" else p + 0.1 * noise)
     model = model.double().eval()
     for am in discover_adapters(model):
         layer = am.peft_module

@@ -236,7 +236,8 @@ class AlignmentTracker:
         self.not_tracked = [a.name for a in self.adapters if a not in self._tracked]
         self.enabled = bool(self._tracked) and not _sharded(self.adapters)
         if not self._tracked:
-            logger.warning("Alignment tracking needs low-rank adapter factors (LoRA family, AdaLoRA, VeRA, MiSS, HRA, SliceFine); "
+            logger.warning("Alignment tracking needs low-rank adapter factors (LoRA family, AdaLoRA, VeRA, MiSS, "
+                           "HRA, SliceFine); "
                            "this model has none (%s): nothing will be recorded.", self.adapters[0].kind)
         elif not self.enabled:
             logger.warning("Alignment tracking is unsupported with sharded parameters (DeepSpeed ZeRO-3, FSDP): "

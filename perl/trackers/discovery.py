@@ -374,7 +374,9 @@ def discover_full_weights(model: nn.Module, target_modules=None,
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(target_modules, str):
         target_modules = [target_modules]
-    targets = None if target_modules is None or list(target_modules) == ["all-linear"] else [str(t) for t in target_modules]
+    if target_modules is not None and list(target_modules) == ["all-linear"]:
+        target_modules = None
+    targets = None if target_modules is None else [str(t) for t in target_modules]
     found: list[AdapterModule] = []
     for raw_name, m in model.named_modules():
         if not isinstance(m, nn.Linear) or m is head:

@@ -106,7 +106,8 @@ EXTRA_ATTRS = {
         "long_name": "adapter vector distance from init", "units": "1", "formula": "||v_t - v_0||_2",
     },
     "scale": {"long_name": "adapter scale s", "units": "1",
-              "formula": "delta W = s*B*A; alpha/r (LoRA), alpha/sqrt(r) (rsLoRA), scaling/ranknum (AdaLoRA), 1 (VeRA, MiSS, HRA, SliceFine, full)"},
+              "formula": "delta W = s*B*A; alpha/r (LoRA), alpha/sqrt(r) (rsLoRA), scaling/ranknum (AdaLoRA), "
+                         "1 (VeRA, MiSS, HRA, SliceFine, full)"},
     "rank": {"long_name": "configured adapter rank r", "units": "1"},
 }
 

@@ -36,8 +36,8 @@ import torch
 
 __all__ = [
     "factored_singular_values", "update_singular_values", "topk_singular_values", "dense_singular_values",
-    "top_singular_values", "lowrank_singular_values", "spectrum_metrics", "vector_metrics", "dora_metrics", "METRIC_NAMES",
-    "METRIC_ATTRS", "DEFAULT_RTOL",
+    "top_singular_values", "spectrum_metrics", "vector_metrics", "dora_metrics", "METRIC_NAMES",
+    "METRIC_ATTRS", "DEFAULT_RTOL", "lowrank_singular_values",
 ]
 
 DEFAULT_RTOL = 1e-6
