@@ -194,6 +194,7 @@ def test_gradient_notebook_runs_on_a_full_fine_tuning_run(cli_runs, tmp_path):
 # ------------------------------------------------------------------------------ factors, no training
 @pytest.mark.parametrize("method, knobs", [
     ("hra", {}),
+    ("hra_gs", {}),
     ("slicefine", {"slicefine_mode": "column", "slicefine_position": 3}),
     ("slicefine", {"slicefine_mode": "row", "slicefine_position": 500}),
 ])
@@ -204,7 +205,13 @@ def test_factors_reproduce_the_layer_output(method, knobs):
     from perl.models.loading import load_model
     from perl.trackers.discovery import discover_adapters
 
-    model = build_adapter(load_model("countdown-nano"), PeftConfig(type=method, r=R, **knobs), total_steps=2).model
+    if method == "hra_gs":  # peft's Gram-Schmidt HRA, built with peft directly (the registry uses the product form)
+        from peft import HRAConfig, get_peft_model
+
+        config = HRAConfig(r=R, apply_GS=True, init_weights=False, target_modules=["q_proj", "down_proj"])
+        model, method = get_peft_model(load_model("countdown-nano"), config), "hra"
+    else:
+        model = build_adapter(load_model("countdown-nano"), PeftConfig(type=method, r=R, **knobs), total_steps=2).model
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

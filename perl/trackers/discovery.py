@@ -29,6 +29,7 @@ Method by method (``delta_W`` is out x in, the orientation of ``nn.Linear.weight
   on the complement of span(u), so with ``Q`` an orthonormal basis of span(u) (in x r, from QR)
   ``delta_W = [W0 (H Q - Q)] Q^T``: ``B = W0 (H Q - Q)`` (out x r), ``A = Q^T``, scale 1, rank <= r.
   ``H Q`` applies the r reflections to Q (O(in r^2)); all in float64, because ``H Q - Q`` cancels.
+  peft's ``apply_GS`` variant is one reflection across span(u): ``B = -2 W0 Q``, ``A = Q^T``.
 - SliceFine (:mod:`perl.adapters.slicefine`): column slice ``B = T - W0[:, p:p+r]``, ``A`` = rows
   p..p+r-1 of the identity; row slice ``B`` = columns p..p+r-1 of the identity, ``A = T - W0[p:p+r]``.
 - IA3, LayerNorm tuning: vectors, no factors.
@@ -132,12 +133,13 @@ class AdapterModule:
 
     def _hra_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         m, ad = self.peft_module, self.adapter
-        if m.hra_apply_GS[ad]:
-            raise DiscoveryError(f"{self.name}: HRA with apply_GS is not tracked (only peft's default product form).")
         raw = m.hra_u[ad].detach()
         u = raw.double()
         u = u / u.norm(dim=0)
         q = torch.linalg.qr(u).Q
+        if m.hra_apply_GS[ad]:
+            # peft's Gram-Schmidt variant: H = I - 2 Q Q^T (Q spans u; QR's Q equals Gram-Schmidt's up to signs)
+            return -2.0 * (self.base_weight().double() @ q), q.T, 1.0
         hq = q
         # note: H = H_1 H_2 ... H_r (peft multiplies on the right), so H_r acts on Q first
         i = u.shape[1] - 1
