@@ -147,7 +147,7 @@ def _f(default: Any, help: str, **constraints: Any) -> Any:
 
 PEFT_TYPES = (
     "lora", "dora", "adalora", "pissa", "milora", "milora_plus", "lora_plus", "rslora", "lorafa",
-    "vera", "ia3", "layernorm", "miss", "full",
+    "vera", "ia3", "layernorm", "miss", "hra", "slicefine", "full",
 )
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # note: the installed TRL (1.16) accepts exactly these; `luspo` additionally needs
@@ -267,6 +267,11 @@ class PeftConfig:
         "balance", "miss: initialisation variant (balance, bat or mini).", choices=("balance", "bat", "mini")
     )
     miss_mini_r: int = _f(1, "miss: size of the shared shard (r must be divisible by it).", ge=1)
+    slicefine_mode: str = _f(
+        "column", "slicefine: train r columns (input features) or r rows (output features) of each weight.",
+        choices=("column", "row"),
+    )
+    slicefine_position: int = _f(0, "slicefine: first column / row of the trainable slice.", ge=0)
 
 
 @dataclass
@@ -849,6 +854,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if p.type == "miss" and p.r % p.miss_mini_r:
         raise ConfigError(f"peft.r ({p.r}) must be divisible by peft.miss_mini_r ({p.miss_mini_r}) for miss.")
+    if p.type == "hra" and p.r % 2:
+        raise ConfigError(f"peft.r ({p.r}) must be even for hra: its identity init pairs the r reflections.")
+    if p.type == "full" and cfg.tracker.enable_alignment_tracking:
+        raise ConfigError("alignment tracking measures an adapter's low-rank factors and full fine-tuning has none; "
+                          "drop --enable_alignment_tracking (spectral and gradient tracking work for full).")
     if t.loss_type == "luspo" and t.importance_sampling_level != "sequence":
         raise ConfigError("loss_type luspo needs training.importance_sampling_level sequence.")
     world = _world_size()

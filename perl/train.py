@@ -178,6 +178,9 @@ def tracking_callbacks(config: TrainConfig, model, tracking_dir: Path, run_attrs
             max_layers_to_track=tc.max_layers_to_track,
             top_k=tc.top_k_singular_values,
             run_attrs=run_attrs,
+            # note: only full fine-tuning reads these: the modules to follow and k = 2r values of W_t - W_0
+            target_modules=config.peft.target_modules,
+            full_top_k=2 * config.peft.r,
         )
         callbacks.append(SpectralTrackingCallback(tracker, save_with_checkpoints=tc.save_with_checkpoints))
     if tc.enable_gradient_tracking:
@@ -190,6 +193,7 @@ def tracking_callbacks(config: TrainConfig, model, tracking_dir: Path, run_attrs
             track_adapter_only=tc.track_adapter_only,
             peft_type=config.peft.type,
             run_attrs=run_attrs,
+            target_modules=config.peft.target_modules,
         )
         callbacks.append(GradientFlowCallback(tracker))
     if tc.enable_alignment_tracking:

@@ -187,10 +187,36 @@ def test_nonfinite_total_stores_nan_per_tensor(tmp_path, caplog):
     assert "destroyed" in caplog.text
 
 
+def test_full_fine_tuning_tracks_the_target_modules_weights_like_an_adapter(tmp_path):
+    model = tiny_qwen2()
+    tracker = GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path, target_modules=["q_proj", "down_proj"])
+    lm_loss(model, torch.randint(0, VOCAB, (2, 10))).backward()
+    tracker.log_step(1)
+    assert tracker.log_update()
+    ds = tracker.data.sel(step=1)
+    assert [str(c) for c in ds.component.values] == ["weight"]
+    assert [str(m) for m in ds.module.values] == ["q_proj", "down_proj"]
+    assert [int(l) for l in ds.layer.values] == [0, 1]
+    named = dict(model.named_parameters())
+    for layer in (0, 1):
+        for module, block in (("q_proj", "self_attn"), ("down_proj", "mlp")):
+            grad = named[f"model.layers.{layer}.{block}.{module}.weight"].grad
+            assert stored(ds.grad_norm, (layer, module, "weight")) == pytest.approx(float(grad.norm()), rel=1e-5)
+    # the post-clip total still covers every trainable parameter, tracked or not
+    everything = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters() if p.grad is not None))
+    assert float(ds.post_clip_grad_norm) == pytest.approx(float(everything), rel=1e-5)
+    # the Trainer-log scalars: per module, the L2 norm over layers
+    q = float(np.sqrt(sum(stored(ds.grad_norm, (l, "q_proj", "weight")) ** 2 for l in (0, 1))))
+    assert tracker.last_scalars["gradient/weight/q_proj"] == pytest.approx(q, rel=1e-12)
+    assert tracker.last_scalars["gradient/step"] == 1.0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(DiscoveryError, match="No trainable weight"):
+        GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path / "frozen")
+
+
 def test_full_fine_tuning_tracks_every_weight_under_named_cells(tmp_path):
     model = tiny_qwen2()
-    with pytest.raises(DiscoveryError, match="track_adapter_only=False"):
-        GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path)
     tracker = GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path, track_adapter_only=False)
     lm_loss(model, torch.randint(0, VOCAB, (2, 10))).backward()
     tracker.log_step(1)

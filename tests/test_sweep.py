@@ -266,7 +266,7 @@ def test_dry_run_lists_the_grid_and_writes_nothing(tmp_path, capsys, monkeypatch
     code, out, err = sweep_cli(capsys, NANO, "--dry-run")
     assert code == 0 and err == ""
     methods = yaml.safe_load(NANO.read_text())["grid"]["methods"]
-    assert len(methods) == 13 and set(methods) == set(PEFT_TYPES) - {"full"}  # all thirteen methods
+    assert len(methods) == 15 and set(methods) == set(PEFT_TYPES) - {"full"}  # all fifteen methods
     names = re.findall(r"^  (\S+)\s+to train", out, flags=re.MULTILINE)
     assert names == [f"{m}-r8-s0-lr5e-4" for m in methods]
     assert not (tmp_path / "sweeps").exists()

@@ -47,7 +47,7 @@ import xarray as xr
 from . import alignment_math as am
 from . import sharding
 from .callbacks import SpectralTrackingCallback
-from .discovery import AdapterModule, discover_adapters, materialized, peft_config_of, walk
+from .discovery import FACTORED_KINDS, AdapterModule, discover_adapters, materialized, peft_config_of, walk
 from .spectral import MODULE_ORDER, STEP_CONVENTION, _derive_peft_type, _is_rank_zero
 from .store import RunStore
 
@@ -233,12 +233,13 @@ class AlignmentTracker:
         present = {a.module for a in self.adapters}
         self.modules = [m for m in MODULE_ORDER if m in present] + sorted(present - set(MODULE_ORDER))
         self._cell = {a.name: (self.layers.index(a.layer), self.modules.index(a.module)) for a in self.adapters}
-        self._tracked = [a for a in self.adapters if a.kind in ("lora", "adalora", "vera", "miss") and a.has_factors]
+        self._tracked = [a for a in self.adapters if a.kind in FACTORED_KINDS and a.has_factors]
         self.not_tracked = [a.name for a in self.adapters if a not in self._tracked]
         # note: sharded parameters (ZeRO-3, FSDP2) are gathered one module at a time at snapshots
         self.enabled = bool(self._tracked)
         if not self._tracked:
-            logger.warning("Alignment tracking needs low-rank adapter factors (LoRA family, AdaLoRA, VeRA, MiSS); "
+            logger.warning("Alignment tracking needs low-rank adapter factors (LoRA family, AdaLoRA, VeRA, MiSS, "
+                           "HRA, SliceFine); "
                            "this model has none (%s): nothing will be recorded.", self.adapters[0].kind)
         with materialized(self._tracked):
             self._capture_init()

@@ -26,7 +26,7 @@ class SpectralTrackingCallback(TrainerCallback):
       restores the initial factors from ``checkpoint-N`` and continues: no duplicated, no missing step.
     - ``on_save``: with ``save_with_checkpoints`` the initial factors go into the checkpoint folder
       (safetensors; the adapter's size for PiSSA / MiLoRA, nearly empty for plain LoRA whose
-      B_0 = 0), never the history itself.
+      B_0 = 0, the target modules' weights W_0 for full fine-tuning), never the history itself.
     - ``on_log``: the last snapshot's scalars (``spectral/effective_rank/mean``,
       ``spectral/effective_rank/q_proj``, ...) are added to the Trainer's log record once. For
       ``report_to`` integrations (tensorboard, wandb) to see them, this callback must come before
@@ -109,7 +109,11 @@ class GradientFlowCallback(TrainerCallback):
     - at ``on_pre_optimizer_step`` gives the tracker the clipped gradients, the captured total and
       ``max_norm`` (the tracker undoes the uniform clip factor), labelled ``global_step + 1``: the
       step number the Trainer logs for this update;
-    - at ``on_optimizer_step`` lets the tracker measure the update the optimizer made.
+    - at ``on_optimizer_step`` lets the tracker measure the update the optimizer made and keeps the
+      step's scalars (``gradient/total_pre_clip``, ``gradient/clip_coef``, ``gradient/B/q_proj``, ...;
+      ``gradient/step`` says which step they describe);
+    - at ``on_log`` adds those scalars to the Trainer's log record once, as
+      :class:`SpectralTrackingCallback` does, so ``report_to`` loggers and ``metrics.jsonl`` get them.
 
     Only the global main process writes; under DDP its gradients are the all-reduced ones and it
     alone computes. Under DeepSpeed (ZeRO-1/2/3) the engine clips and steps inside
@@ -146,6 +150,7 @@ class GradientFlowCallback(TrainerCallback):
         self._engine = None
         self._engine_step = None
         self._warned_uncaptured = False
+        self._pending_logs: dict[str, float] = {}
 
     def bind_trainer(self, trainer) -> "GradientFlowCallback":
         """Give the callback the Trainer whose clipping it must observe; returns self."""
@@ -201,7 +206,17 @@ class GradientFlowCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._active and (state.is_world_process_zero or self._collective):
-            self.tracker.log_update()
+            if self.tracker.log_update() and state.is_world_process_zero:
+                self._pending_logs = dict(self.tracker.last_scalars)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending_logs or logs is None:
+            return
+        logs.update(self._pending_logs)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            # the Trainer copied `logs` into log_history just before this event
+            state.log_history[-1].update(self._pending_logs)
+        self._pending_logs = {}
 
     def on_save(self, args, state, control, **kwargs):
         if self._active and self.save_with_checkpoints and state.is_world_process_zero:

@@ -39,10 +39,20 @@ partitions, FSDP2 DTensors) every norm is the square root of a sum of squares of
 shard, all-reduced once per quantity: no whole tensor is materialised, every rank takes part and
 only the process with ``writes`` (global rank 0) appends to the store.
 
+Trainer logs: each written step also leaves scalars in ``last_scalars`` (``gradient/step``,
+``gradient/total_pre_clip``, ``gradient/clip_coef``, ``gradient/total_post_clip`` and, per component
+and module type, ``gradient/<component>/<module>`` = the L2 norm over layers of the pre-clip
+``grad_norm``, i.e. the norm of that component's gradient in every tracked layer together), which
+:class:`~perl.trackers.callbacks.GradientFlowCallback` adds to the Trainer's next log record.
+Non-finite values are left out of the logs (they stay NaN in the store).
+
+Full fine-tuning (no peft adapter) with ``track_adapter_only=True`` tracks the weights of the
+modules ``target_modules`` names, component ``weight``: the modules an adapter would adapt.
+
 Cost: norms are computed on the parameters' device in batched ``torch._foreach_norm`` calls and
 reach the host in one transfer per logged step. To measure ``update_ratio`` the tracked tensors
-are copied once on each logged step (adapter-sized for PEFT; a full copy of the model in full
-fine-tuning with ``track_adapter_only=False``).
+are copied once on each logged step (adapter-sized for PEFT; the target modules' weights in full
+fine-tuning, a full copy of the model with ``track_adapter_only=False``).
 """
 
 from __future__ import annotations
@@ -61,7 +71,8 @@ import xarray as xr
 from torch import nn
 
 from . import sharding
-from .discovery import DiscoveryError, _clean_name, _layer_and_rest, discover_adapters, peft_config_of
+from .discovery import (DiscoveryError, _clean_name, _layer_and_rest, discover_adapters, discover_full_weights,
+                        peft_config_of)
 from .store import RunStore
 
 __all__ = ["GradientFlowTracker", "TrackedTensor", "tracked_tensors", "STEP_CONVENTION"]
@@ -75,7 +86,8 @@ FINAL_NAME = "gradient_flow_final.nc"
 
 # display order; components outside this list (extra trainable tensors) follow in order of appearance
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-COMPONENT_ORDER = ("A", "B", "magnitude", "E", "lambda_b", "lambda_d", "ia3", "ln", "miss", "weight", "bias")
+COMPONENT_ORDER = ("A", "B", "magnitude", "E", "lambda_b", "lambda_d", "ia3", "ln", "miss", "u", "slice", "weight",
+                   "bias")
 
 STEP_CONVENTION = (
     "step s >= 1 is the s-th optimizer step, labelled as the Trainer logs it (global_step after the "
@@ -158,30 +170,38 @@ def _extra_coordinates(name: str) -> tuple[int, str, str, str]:
     return layer, rest, component, path
 
 
-def tracked_tensors(model: nn.Module, track_adapter_only: bool = True) -> list[TrackedTensor]:
+def tracked_tensors(model: nn.Module, track_adapter_only: bool = True, target_modules=None) -> list[TrackedTensor]:
     """The tensors a :class:`GradientFlowTracker` records, with their (layer, module, component).
 
     Adapter tensors come from :func:`perl.trackers.discovery.discover_adapters` (active adapter
     only). With ``track_adapter_only=False`` every other trainable parameter is added: component
     ``weight`` / ``bias`` (or the parameter's own name), module the last name component inside
     its block (the path inside the block when that is ambiguous), layer -1 outside the blocks.
+    A model without peft adapter (full fine-tuning) with ``track_adapter_only=True`` gives the
+    weights of the ``target_modules`` (component ``weight``).
 
     Args:
-        model (nn.Module): a peft model, or any model when ``track_adapter_only=False``.
-        track_adapter_only (bool, defaults to True): only the adapter's tensors.
+        model (nn.Module): a peft model, or any model for full fine-tuning.
+        track_adapter_only (bool, defaults to True): only the adapter's tensors (full fine-tuning:
+            only the target modules' weights).
+        target_modules (list[str], optional): full fine-tuning: the modules to track; default every
+            ``nn.Linear`` except the output head.
 
     Raises:
-        DiscoveryError: no adapter found and ``track_adapter_only=True``.
+        DiscoveryError: a model without trainable target weights.
     """
     try:
-        if not peft_config_of(model):  # a plain transformers model: no adapter to discover
-            raise DiscoveryError("The model has no peft adapter.")
-        adapters = discover_adapters(model)
+        if not peft_config_of(model):
+            # note: full fine-tuning: the weights of the modules an adapter would adapt
+            adapters = [w for w in discover_full_weights(model, target_modules)
+                        if w.components["weight"][0].requires_grad]
+            if not adapters:
+                raise DiscoveryError(f"No trainable weight among the target modules {target_modules}.")
+        else:
+            adapters = discover_adapters(model)
     except DiscoveryError as err:
         if track_adapter_only:
-            raise DiscoveryError(
-                f"{err} For full fine-tuning pass track_adapter_only=False to track all trainable weights."
-            ) from err
+            raise DiscoveryError(f"{err} Pass track_adapter_only=False to track all trainable weights.") from err
         adapters = []
     out: list[TrackedTensor] = []
     seen: set[int] = set()
@@ -250,10 +270,13 @@ class GradientFlowTracker:
         peft_type (str, optional): method label stored in the attrs (``lora``, ``dora``, ...);
             default: peft's type of the active adapter.
         run_attrs (dict, optional): more global attributes (config YAML, seed, model, ...).
+        target_modules (list[str], optional): full fine-tuning: the modules whose weights are
+            tracked with ``track_adapter_only=True``; default every ``nn.Linear`` but the output head.
     """
 
     def __init__(self, model: nn.Module | None, log_frequency: int = 100, save_dir: str | os.PathLike = ".",
-                 track_adapter_only: bool = True, peft_type: str | None = None, run_attrs: dict | None = None):
+                 track_adapter_only: bool = True, peft_type: str | None = None, run_attrs: dict | None = None,
+                 target_modules=None):
         if not isinstance(log_frequency, int) or isinstance(log_frequency, bool) or log_frequency < 1:
             raise ValueError(f"log_frequency must be a positive integer (log every N optimizer steps), got {log_frequency!r}.")
         self.model = model
@@ -263,6 +286,7 @@ class GradientFlowTracker:
         self.peft_type = peft_type
         self._pending: dict | None = None
         self._captured: dict | None = None
+        self.last_scalars: dict[str, float] = {}
         self._loaded: xr.Dataset | None = None
         self.store: RunStore | None = None
         # whether this process appends to the store (global rank 0; set by the callback)
@@ -270,7 +294,7 @@ class GradientFlowTracker:
         if model is None:
             return
 
-        tracked = tracked_tensors(model, self.track_adapter_only)
+        tracked = tracked_tensors(model, self.track_adapter_only, target_modules)
         if not tracked:
             raise ValueError("The model has no trainable parameters to track; expected requires_grad tensors.")
         self.peft_type = peft_type or _peft_type_of(model, tracked)
@@ -479,10 +503,13 @@ class GradientFlowTracker:
         }
 
     @torch.no_grad()
-    def log_update(self) -> None:
-        """After ``optimizer.step()``: measure the update ratios of the pending step and write its row."""
+    def log_update(self) -> bool:
+        """After ``optimizer.step()``: measure the update ratios of the pending step and write its row.
+
+        Returns True when a row was written (its scalars are then in ``last_scalars``).
+        """
         if self._pending is None:
-            return
+            return False
         before = self._pending.pop("before")
         tracked = self._params[: self._n_tracked]
         if sharding.distributed() and sharding.any_sharded(tracked):
@@ -494,6 +521,7 @@ class GradientFlowTracker:
             update_sq = self._stack(torch._foreach_norm(deltas, dtype=torch.float32)).to(self._acc_dtype).square()
         self._pending["update_sq"] = self._cells(update_sq)
         self._write_pending()
+        return True
 
     def _norms_sq_of_pieces(self, pieces: list[torch.Tensor], split: list[bool]) -> torch.Tensor:
         acc = self._acc_dtype
@@ -525,9 +553,24 @@ class GradientFlowTracker:
         for arr in (grad, weight, upd):
             arr[self._empty] = np.nan
         self.store.append(self._snapshot(pending["step"], grad, weight, upd, total, coef, post))
+        self.last_scalars = self._log_scalars(pending["step"], grad, total, coef, post)
         if not math.isfinite(total):
             lost = "; the clip destroyed the per-tensor values, stored as NaN" if not (math.isfinite(coef) and coef > 0) else ""
             logger.warning("Gradient tracker: total gradient norm at step %d is %s%s.", pending["step"], total, lost)
+
+    def _log_scalars(self, step, grad, total, coef, post) -> dict[str, float]:
+        """The step's scalars for the Trainer's logs (see module docs); non-finite values left out."""
+        out = {"gradient/step": float(step)}
+        for key, value in (("total_pre_clip", total), ("clip_coef", coef), ("total_post_clip", post)):
+            if math.isfinite(value):
+                out[f"gradient/{key}"] = float(value)
+        for c, component in enumerate(self.components):
+            for m, module in enumerate(self.modules):
+                tracked = ~self._empty[:, m, c]
+                values = grad[:, m, c][tracked]
+                if values.size and np.isfinite(values).all():
+                    out[f"gradient/{component}/{module}"] = float(np.sqrt(np.square(values).sum()))
+        return out
 
     def _snapshot(self, step, grad, weight, upd, total, coef, post) -> xr.Dataset:
         dims = ("step", "layer", "module", "component")
@@ -552,7 +595,8 @@ class GradientFlowTracker:
         ds["step"].attrs.update({"long_name": "optimizer step", "description": STEP_CONVENTION})
         ds["layer"].attrs.update({"long_name": "transformer block", "description": LAYER_CONVENTION})
         ds["module"].attrs["long_name"] = "module type within the block"
-        ds["component"].attrs["long_name"] = "adapter component (A, B, magnitude, E, lambda_b, lambda_d, ia3, ln, miss, weight, bias)"
+        ds["component"].attrs["long_name"] = ("adapter component (A, B, magnitude, E, lambda_b, lambda_d, ia3, ln, miss, "
+                                              "u, slice, weight, bias)")
         return ds
 
     # ------------------------------------------------------------------------ saving
