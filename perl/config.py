@@ -720,7 +720,7 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
 
 def to_yaml(cfg: TrainConfig) -> str:
     """The config as YAML text that `load_config` reads back into an equal config."""
-    header = "# perl TrainConfig; `perl train --config <this file>` reproduces the run.\n"
+    header = "# perl TrainConfig; `perlwb train --config <this file>` reproduces the run.\n"
     return header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 

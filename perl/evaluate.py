@@ -5,8 +5,8 @@ the training rewards (:mod:`perl.data.rewards`), and the problems come from the 
 ``test`` partition, which no training set drawn from the ``train`` partition ever contains.
 
 Usage:
-    $ perl eval countdown-nano --n 500 --output results.json
-    $ perl eval runs/demo                      # a run folder: config.yaml + adapter_config.json
+    $ perlwb eval countdown-nano --n 500 --output results.json
+    $ perlwb eval runs/demo                      # a run folder: config.yaml + adapter_config.json
 
     >>> from perl.evaluate import evaluate
     >>> evaluate(model, tokenizer, problems, greedy=False, temperature=1.0)
@@ -198,7 +198,7 @@ def run_eval(model, tokenizer, problems, batch_size=64, max_new_tokens=DEFAULT_M
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="perl eval",
+        prog="perlwb eval",
         description="Evaluate a model or a finished run on held-out Countdown problems "
         "(greedy and sampled at temperature 1).",
     )
@@ -219,12 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``perl eval``: print the evaluation table; exit 2 with one line on stderr on a user error."""
+    """``perlwb eval``: print the evaluation table; exit 2 with one line on stderr on a user error."""
     prefer_passive_openmp()
     args = build_parser().parse_args(argv)
     for name in ("n", "num_numbers", "max_number", "max_target", "max_new_tokens", "batch_size", "threads"):
         if getattr(args, name) < 1:
-            print(f"perl eval: --{name.replace('_', '-')} must be a positive integer, "
+            print(f"perlwb eval: --{name.replace('_', '-')} must be a positive integer, "
                   f"got {getattr(args, name)}.", file=sys.stderr)
             return 2
     from perl.data.countdown import generate_problems
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      max_target=args.max_target, split="test")
         model, tokenizer, description = load_for_eval(args.model)
     except (ValueError, OSError) as exc:
-        print(f"perl eval: {exc}", file=sys.stderr)
+        print(f"perlwb eval: {exc}", file=sys.stderr)
         return 2
     import torch
 

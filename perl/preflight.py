@@ -1,6 +1,6 @@
 """Checks at the edge, before anything is written: the run folder, the model, the dataset.
 
-`perl train` (the CLI) and `perl.train.train` (a notebook cell) both call :func:`preflight`, so a
+`perlwb train` (the CLI) and `perl.train.train` (a notebook cell) both call :func:`preflight`, so a
 mistyped model name or an output folder holding an earlier run gets the same one-sentence
 `ConfigError` wherever training starts.
 """

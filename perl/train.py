@@ -2,7 +2,7 @@
 
 ``train(config)`` is the whole pipeline: tokenizer, model, adapter, data, rewards, TRL's
 ``GRPOTrainer``, the tracking callbacks; it writes the run folder and returns a :class:`TrainResult`.
-The same function runs from a notebook cell, from ``perl train`` / ``run.py``, and under
+The same function runs from a notebook cell, from ``perlwb train`` / ``run.py``, and under
 ``accelerate launch`` (the Trainer picks up the distributed environment).
 
 Usage:
@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 
 from perl.config import TrainConfig, save_config, to_grpo_kwargs
 from perl.preflight import preflight
+from perl.progress import TrainingProgress, quiet_known_warnings
 
 logger = logging.getLogger("perl")
 
@@ -145,6 +146,18 @@ class MetricsCallback(TrainerCallback):
                 record[key] = float(value)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _readable_console(trainer) -> None:
+    """Our progress bar and short lines instead of the Trainer's log dict at every step (a terminal)
+    or its step/loss table (a notebook); the logs themselves still reach metrics.jsonl and report_to."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    for cls in (ProgressCallback, NotebookProgressCallback, PrinterCallback):
+        trainer.callback_handler.remove_callback(cls)
+    if _is_main_process():
+        trainer.callback_handler.add_callback(TrainingProgress())
 
 
 def default_reward_funcs() -> list[Callable]:
@@ -273,7 +286,8 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
         total_steps = max(1, int(len(train_ds) * config.training.num_train_epochs * config.training.num_generations
                                  // max(1, per_step)))
 
-    setup = build_adapter(model, config.peft, total_steps=total_steps)
+    with quiet_known_warnings(enabled=not config.common.debug):
+        setup = build_adapter(model, config.peft, total_steps=total_steps)
     logger.info("adapter: %s", setup.description)
     peft_model = setup.model
 
@@ -305,11 +319,18 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
         handler.callbacks.remove(cb)
         handler.callbacks.insert(0, cb)
 
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if not config.common.debug:
+        _readable_console(trainer)
+    with quiet_known_warnings(enabled=not config.common.debug):
+        trainer.train(resume_from_checkpoint=checkpoint)
     if _is_main_process():
         trainer.save_model(str(output_dir))
         # note: the Trainer pickles its arguments beside the adapter; config.yaml already says all of it
         (output_dir / "training_args.bin").unlink(missing_ok=True)
+        from perl.runcard import write_run_card
+
+        # note: replaces peft's empty model-card template (absolute paths, "More Information Needed")
+        write_run_card(output_dir, config, trainer.state.log_history, tracking_dir, int(trainer.state.global_step))
     return TrainResult(
         output_dir=output_dir,
         tracking_dir=tracking_dir,

@@ -1,6 +1,6 @@
 """The recipe of ``countdown-nano``: a tiny Qwen2 trained from scratch on solver search traces.
 
-``perl build-model countdown-nano`` (or ``python -m perl.models.nano``) generates Countdown
+``perlwb build-model countdown-nano`` (or ``python -m perl.models.nano``) generates Countdown
 problems, writes a short search trace for each (:func:`perl.data.countdown.search_trace`), trains a
 Qwen2-architecture causal LM on ``prompt -> trace + answer`` with a plain torch loop on the CPU,
 evaluates it on held-out problems, and saves safetensors, config and tokenizer files. The phases run
@@ -423,7 +423,7 @@ def build(out_dir: str | Path, seed: int = 0, quick: bool = False, recipe: NanoR
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="perl build-model",
+        prog="perlwb build-model",
         description="Rebuild the embedded countdown-nano model from a seed: generate Countdown "
         "problems, train a tiny Qwen2 on solver search traces, save and evaluate it.",
     )
@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``perl build-model countdown-nano [--seed N] [--output-dir D] [--quick]``."""
+    """``perlwb build-model countdown-nano [--seed N] [--output-dir D] [--quick]``."""
     from perl.evaluate import prefer_passive_openmp
 
     prefer_passive_openmp()
@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be a positive integer, got {args.threads}.")
     except ValueError as exc:
-        print(f"perl build-model: {exc}", file=sys.stderr)
+        print(f"perlwb build-model: {exc}", file=sys.stderr)
         return 2
     recipe = NanoRecipe.quick(seed=args.seed) if args.quick else NanoRecipe(seed=args.seed)
     if args.threads is not None:
