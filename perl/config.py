@@ -765,6 +765,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     Raises:
         ConfigError: the first problem found, in one sentence that says what to change.
     """
+    if isinstance(getattr(cfg.peft, "type", None), str):
+        # note: method names are case-insensitive (`IA3`, as the original PeRL spells it, is `ia3`)
+        cfg.peft.type = cfg.peft.type.strip().lower()
     for section, cls in SECTIONS.items():
         obj = getattr(cfg, section)
         if not isinstance(obj, cls):

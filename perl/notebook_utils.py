@@ -68,7 +68,7 @@ class LiveRewardPlot:
         self.total_steps: int | None = None
         self.info = widgets.HTML(value="<span class='perl-live'>waiting for the first logged step</span>")
         self._view = None
-        self._pane = None
+        self._pane = None  # the plot widget, once displayed
 
     # ---- Trainer events
     def __getattr__(self, name):
@@ -99,7 +99,6 @@ class LiveRewardPlot:
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.history["step"]:
             self._update_text(done=True)
-            self._push()
 
     # ---- recording and drawing (usable without a Trainer)
     def record(self, step: int, values: dict) -> None:
@@ -115,7 +114,6 @@ class LiveRewardPlot:
                 column.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan)
         self._update_text()
         self._draw()
-        self._push()
 
     @property
     def text(self) -> str:
@@ -145,32 +143,32 @@ class LiveRewardPlot:
         if self.total_steps:
             self._view.figure.x_range.end = self.total_steps
 
-    def _push(self) -> None:
-        # only once shown in a notebook is there a browser to push to
-        if self._pane is not None and self._pane._models:
-            from panel.io.notebook import push_notebook
-
-            push_notebook(self._pane)
-
     def display(self) -> None:
-        """Show the text line and the plot (called when training begins)."""
+        """Show the text line and the plot (called when training begins).
+
+        The plot is a `jupyter_bokeh.BokehModel` ipywidget, not a Panel/Bokeh pane: a pane's page
+        side opens its comm to the kernel, which a kernel busy with the training cell answers only
+        when the cell ends ("Exception opening new comm" in the browser console, then every point
+        at once), while a widget's comm is opened by the kernel and its updates flow during the cell.
+        """
+        import ipywidgets as widgets
         import panel as pn
         from bokeh.models import Range1d
         from IPython.display import display
+        from jupyter_bokeh import BokehModel
 
         from perl.viz.views import LinesView, inline_notebook_resources
 
         if self._view is None:
             self._view = LinesView("reward during training", "optimizer step", "reward", legend=True, width=620, height=260,
                                    x_range=Range1d(0, max(1, self.total_steps or 1)))
-            self._view.figure.legend.location = "top_left"
-            self._pane = pn.pane.Bokeh(self._view.figure)
+            self._view.figure.legend.location = "center_right"  # note: the lines start at the left
+            self._pane = BokehModel(self._view.figure)
         inline_notebook_resources()
         if not pn.extension._loaded:
-            pn.extension()
+            pn.extension()  # note: puts BokehJS into the page (inline, offline), which the widget draws with
         self._draw()
-        display(self.info)
-        display(self._pane)
+        display(widgets.VBox([self.info, self._pane]))
 
     def _ipython_display_(self):
         self.display()
