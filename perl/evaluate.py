@@ -233,7 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = generate_problems(args.n, seed=args.seed, min_numbers=args.num_numbers,
                                      max_numbers=args.num_numbers, max_number=args.max_number,
                                      max_target=args.max_target, split="test")
-        model, tokenizer, description = load_for_eval(args.model)
+        from perl.progress import quiet_known_warnings
+
+        with quiet_known_warnings():
+            model, tokenizer, description = load_for_eval(args.model)
     except (ValueError, OSError) as exc:
         print(f"perlwb eval: {exc}", file=sys.stderr)
         return 2
