@@ -217,7 +217,13 @@ def test_training_notebook_draws_while_training(jupyterlab, browser_page):
             lines = None
         if lines is not None and lines["xs"] and len(lines["xs"][0]) >= 3:
             break
-        assert time.monotonic() < deadline, "the live reward plot did not draw 3 points within 240 s of Run All"
+        if time.monotonic() > deadline:
+            training_cell.scroll_into_view_if_needed()
+            browser_page.shot("training_cell_without_plot", training_cell)
+            bokehjs = page.evaluate("() => window.Bokeh ? 'BokehJS ' + window.Bokeh.version : 'no BokehJS'")
+            shown = training_cell.locator(".jp-OutputArea").inner_text()[:1500]
+            pytest.fail(f"the live reward plot did not draw 3 points within 240 s of Run All; the page has "
+                        f"{bokehjs}, and the training cell shows: {shown!r}")
         time.sleep(0.5)
     # note: the training cell's prompt, not the status bar: the widgets' own comm messages, answered
     # between training steps, flip the status bar to Idle while the cell still runs
