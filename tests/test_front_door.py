@@ -141,3 +141,26 @@ def test_the_run_folder_readme_is_a_run_card(cli_run):
     # the card's commands are the ones printed at the end of training
     block = card.split("```bash\n")[1].split("```")[0]
     assert [c for c in block.splitlines() if not c.startswith("#")] == printed_commands(cli_run[1].stdout)
+
+
+def test_only_the_known_notice_is_hidden_by_message_category_and_module():
+    import warnings
+
+    from perl.progress import quiet_known_warnings
+
+    def warn_from(module: str, message: str, category=FutureWarning):
+        # a warning as module `module` raises it (the filter matches the warning's module)
+        exec(compile("import warnings\nwarnings.warn(m, c)", f"<{module}>", "exec"), {"__name__": module, "m": message, "c": category})
+
+    known = "`is_gradient_checkpointing` is deprecated and will be removed in v6."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_known_warnings():
+            warn_from("transformers.modeling_utils", known)
+            warn_from("transformers.modeling_utils", "something else is deprecated")
+            warn_from("my_module", known)
+            warn_from("transformers.modeling_utils", known, category=UserWarning)
+        warn_from("transformers.modeling_utils", known)  # outside the block: shown again
+    shown = [(str(w.message), w.category) for w in caught]
+    assert shown == [("something else is deprecated", FutureWarning), (known, FutureWarning),
+                     (known, UserWarning), (known, FutureWarning)]
