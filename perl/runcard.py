@@ -128,7 +128,7 @@ def _files(output_dir: Path, tracking_dir: Path) -> list[tuple[str, str, str]]:
     t = (rel + "/") if rel and rel != "." else ""
     perlwb = shell_command("perlwb")
     rows = [
-        ("config.yaml", "the resolved config of this run", f"`{perlwb} train --config {run}/config.yaml` trains it again"),
+        ("config.yaml", "the resolved config of this run", f"`{perlwb} train --config {run}/config.yaml --overwrite_output_dir` trains it again, here"),
         ("metrics.jsonl", "every Trainer log (reward, per-reward means, loss, KL, ...), one JSON object per step",
          f"`perl.open_run({str(output_dir)!r}).metrics` (xarray, by step)"),
         ("adapter_config.json", "the adapter's peft config", "`peft.PeftConfig.from_pretrained(run_dir)`"),
