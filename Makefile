@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.perl-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-slow test-all benchmarks clean-notebooks
+.PHONY: setup browser demo test test-slow test-all benchmarks clean-notebooks
 
 setup: $(STAMP)
 
@@ -28,14 +28,18 @@ demo: $(STAMP)
 	$(BIN)/python run.py --enable_tracking --tracking_frequency 10 \
 		--config.training.output_dir $(DEMO_DIR) --overwrite_output_dir
 
-test: $(STAMP)
+# What the browser tests need outside the venv (Debian's chromium); .ci/run uses the same step.
+browser:
+	bash scripts/provision_browser.sh
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 # Slow tests (rebuilding the embedded model, ...), excluded from `make test`.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -m ''
 
 benchmarks: $(STAMP)

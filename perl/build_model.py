@@ -1,4 +1,4 @@
-"""``perl build-model``: rebuild the embedded countdown-nano model from a seed, then evaluate it.
+"""``perlwb build-model``: rebuild the embedded countdown-nano model from a seed, then evaluate it.
 
 The recipe (tokenizer, traces, training) is `perl.models.nano`; this module is the command on
 top of it, which also scores the result with `perl.evaluate` (a higher floor than `perl.models`).
@@ -120,7 +120,7 @@ def build(out_dir: str | Path, seed: int = 0, quick: bool = False, recipe: NanoR
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="perl build-model",
+        prog="perlwb build-model",
         description="Rebuild the embedded countdown-nano model from a seed: generate Countdown "
         "problems, train a tiny Qwen2 on solver search traces, save and evaluate it.",
     )
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``perl build-model countdown-nano [--seed N] [--output-dir D] [--quick]``."""
+    """``perlwb build-model countdown-nano [--seed N] [--output-dir D] [--quick]``."""
     from perl.evaluate import prefer_passive_openmp
 
     prefer_passive_openmp()
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be a positive integer, got {args.threads}.")
     except ValueError as exc:
-        print(f"perl build-model: {exc}", file=sys.stderr)
+        print(f"perlwb build-model: {exc}", file=sys.stderr)
         return 2
     recipe = NanoRecipe.quick(seed=args.seed) if args.quick else NanoRecipe(seed=args.seed)
     if args.threads is not None:

@@ -1,15 +1,15 @@
-"""The `perl` command and `run.py`: flags -> `TrainConfig` -> `train()`.
+"""The `perlwb` command, `python -m perl` and `run.py`: flags -> `TrainConfig` -> `train()`.
 
 Usage:
-    perl train --config my.yaml --config.peft.type dora --enable_tracking --tracking_frequency 10
+    perlwb train --config my.yaml --config.peft.type dora --enable_tracking --tracking_frequency 10
     python run.py --enable_tracking --config.peft.r 16        # `train` is the default command
-    perl eval ... | perl build-model ... | perl report RUN_DIR ... | perl sweep SWEEP.yaml
+    perlwb eval ... | perlwb build-model ... | perlwb report RUN_DIR ... | perlwb sweep SWEEP.yaml
 
 A training config is built in this order, later steps winning: the dataclass defaults, the
 ``--config`` YAML file, the convenience flags of the tracking docs (``--enable_tracking`` ...),
 then the dotted ``--config.SECTION.FIELD VALUE`` flags. Everything a user can get wrong is
 checked before training starts (`preflight`); a mistake ends the command with exit code 2 and
-exactly one line on stderr, ``perl: error: ...``, and nothing is written to disk.
+exactly one line on stderr, ``perlwb: error: ...``, and nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from perl.config import (
 
 __all__ = ["main", "build_parser", "config_from_args", "preflight", "check_output_dir", "COMMANDS", "UsageError"]
 
-PROG = "perl"
+PROG = "perlwb"
 # command -> (module, what to call it in messages); each module's `main(argv) -> int` runs it.
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("perl.evaluate", "evaluation"),
@@ -53,13 +53,13 @@ DESCRIPTION = """\
 Train a PEFT adapter with GRPO on Countdown, with spectral and gradient tracking.
 
 commands:
-  perl train [flags]        train (the default: `perl --enable_tracking ...` and `python run.py ...`)
-  perl eval ...             evaluate a trained run
-  perl build-model ...      rebuild the embedded countdown-nano model
-  perl report RUN_DIR ...   write an HTML report of a run
-  perl sweep SWEEP.yaml     run a sweep over PEFT methods, ranks and seeds
+  perlwb train [flags]        train (the default: `perlwb --enable_tracking ...` and `python run.py ...`)
+  perlwb eval ...             evaluate a trained run
+  perlwb build-model ...      rebuild the embedded countdown-nano model
+  perlwb report RUN_DIR ...   write an HTML report of a run
+  perlwb sweep SWEEP.yaml     run a sweep over PEFT methods, ranks and seeds
 
-`perl COMMAND --help` shows the flags of a command; the flags below are those of `train`."""
+`perlwb COMMAND --help` shows the flags of a command; the flags below are those of `train`."""
 
 EPILOG = """\
 Values are built in this order, later ones winning: defaults, --config FILE, the convenience
@@ -103,7 +103,7 @@ def _metavar(tp: Any) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `perl train` parser: --config, the convenience flags, one flag per config field."""
+    """The `perlwb train` parser: --config, the convenience flags, one flag per config field."""
     parser = _Parser(
         prog=PROG,
         usage=f"{PROG} [train] [--config PATH] [convenience flags] [--config.SECTION.FIELD VALUE ...]",
@@ -168,7 +168,7 @@ def _unknown_argument(parser: argparse.ArgumentParser, extras: list[str]) -> Usa
 
 
 def config_from_args(argv: Sequence[str]) -> TrainConfig:
-    """Parse `perl train` arguments into a validated `TrainConfig` (no files are written).
+    """Parse `perlwb train` arguments into a validated `TrainConfig` (no files are written).
 
     Raises:
         ConfigError, UsageError: any mistake, in one sentence.
@@ -252,26 +252,48 @@ def _train(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; partial results are in {cfg.training.output_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    _print_where(result, cfg)
+    if os.environ.get("RANK", "0") in ("", "0"):
+        _print_where(result, cfg)
+    _leave_process_group()
     return 0
 
 
+def _leave_process_group() -> None:
+    """Under `accelerate launch` / torchrun: wait for every rank, then close the process group.
+
+    Without it a rank that finishes first exits with gloo's threads still running and aborts
+    ("terminate called without an active exception"), failing the whole launch after a good run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _print_where(result: Any, cfg: TrainConfig) -> None:
-    """Tell the user where the run, its tracking data and the explorer notebooks are."""
+    """Tell the user where the run, its tracking data and the explorer notebooks are, and what to run
+    next: each command runs as printed from this folder in a fresh shell (no activated venv)."""
+    from perl.runcard import RUN_CARD, display_path, next_commands
+
     out = Path(getattr(result, "output_dir", cfg.training.output_dir))
     tracking = Path(getattr(result, "tracking_dir", cfg.tracker.tracking_output_dir or out))
-    lines = [f"{PROG}: done after {getattr(result, 'global_step', '?')} steps; the run is in {out}/",
-             f"  config and metrics:  {out / 'config.yaml'}, {out / 'metrics.jsonl'}"]
+    card = f" ({display_path(out / RUN_CARD)} says what each file is)" if (out / RUN_CARD).is_file() else ""
+    lines = [f"{PROG}: done after {getattr(result, 'global_step', '?')} steps; the run is in {display_path(out)}/{card}",
+             f"  config and metrics:  {display_path(out / 'config.yaml')}, {display_path(out / 'metrics.jsonl')}"]
     for label, name in (("spectra", "spectral_history_final.nc"), ("gradient flow", "gradient_flow_final.nc"),
                         ("alignment", "alignment_final.nc")):
         if (tracking / name).is_file():
-            lines.append(f"  {label + ':':<20} {tracking / name}")
+            lines.append(f"  {label + ':':<20} {display_path(tracking / name)}")
     if (tracking / "gradient_logs").is_dir():
-        lines.append(f"  {'heatmaps:':<20} {tracking / 'gradient_logs'}/gradient_heatmap_*.png")
-    lines += [f"  explore in JupyterLab: notebooks/02_spectral_explorer.ipynb and 03_gradient_explorer.ipynb "
-              f"with run_dir = {str(out)!r}",
-              f"  or in batch:  papermill notebooks/02_spectral_explorer.ipynb out.ipynb -p run_dir {out}",
-              f"  or as one HTML page:  {PROG} report {out}"]
+        lines.append(f"  {'heatmaps:':<20} {display_path(tracking / 'gradient_logs')}/gradient_heatmap_*.png")
+    commands = next_commands(out, has_adapter=(out / "adapter_config.json").is_file(),
+                             has_tracking=any((tracking / n).is_file() for n in ("spectral_history_final.nc",
+                                                                                 "gradient_flow_final.nc")))
+    if commands:
+        lines.append("next (each command runs as shown from this folder):")
+        for command, what in commands:
+            lines += [f"  {what}:", f"    {command}"]
     print("\n".join(lines))
 
 
@@ -288,7 +310,7 @@ def _delegate(command: str, argv: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of `perl` and `run.py`; returns the exit code.
+    """Entry point of `perlwb`, `python -m perl` and `run.py`; returns the exit code.
 
     Args:
         argv (`Sequence[str]`, optional): arguments without the program name; defaults to sys.argv[1:].

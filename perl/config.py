@@ -777,7 +777,7 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
 
 def to_yaml(cfg: TrainConfig) -> str:
     """The config as YAML text that `load_config` reads back into an equal config."""
-    header = "# perl TrainConfig; `perl train --config <this file>` reproduces the run.\n"
+    header = "# perl TrainConfig; `perlwb train --config <this file>` reproduces the run.\n"
     return header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
@@ -822,6 +822,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     Raises:
         ConfigError: the first problem found, in one sentence that says what to change.
     """
+    if isinstance(getattr(cfg.peft, "type", None), str):
+        # note: method names are case-insensitive (`IA3`, as the original PeRL spells it, is `ia3`)
+        cfg.peft.type = cfg.peft.type.strip().lower()
     for section, cls in SECTIONS.items():
         obj = getattr(cfg, section)
         if not isinstance(obj, cls):

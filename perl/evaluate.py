@@ -5,9 +5,9 @@ the training rewards (:mod:`perl.data.rewards`), and the problems come from the 
 ``test`` partition, which no training set drawn from the ``train`` partition ever contains.
 
 Usage:
-    $ perl eval countdown-nano --n 500 --output results.json
-    $ perl eval runs/demo                      # a run folder: config.yaml + adapter_config.json
-    $ perl eval runs/full                      # a full fine-tuning run: config.yaml + the saved model
+    $ perlwb eval countdown-nano --n 500 --output results.json
+    $ perlwb eval runs/demo                      # a run folder: config.yaml + adapter_config.json
+    $ perlwb eval runs/full                      # a full fine-tuning run: config.yaml + the saved model
 
     >>> from perl.evaluate import evaluate
     >>> evaluate(model, tokenizer, problems, greedy=False, temperature=1.0)
@@ -218,7 +218,7 @@ def run_eval(model, tokenizer, problems, batch_size=64, max_new_tokens=DEFAULT_M
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="perl eval",
+        prog="perlwb eval",
         description="Evaluate a model or a finished run on held-out Countdown problems "
         "(greedy and sampled at temperature 1).",
     )
@@ -239,12 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``perl eval``: print the evaluation table; exit 2 with one line on stderr on a user error."""
+    """``perlwb eval``: print the evaluation table; exit 2 with one line on stderr on a user error."""
     prefer_passive_openmp()
     args = build_parser().parse_args(argv)
     for name in ("n", "num_numbers", "max_number", "max_target", "max_new_tokens", "batch_size", "threads"):
         if getattr(args, name) < 1:
-            print(f"perl eval: --{name.replace('_', '-')} must be a positive integer, "
+            print(f"perlwb eval: --{name.replace('_', '-')} must be a positive integer, "
                   f"got {getattr(args, name)}.", file=sys.stderr)
             return 2
     from perl.data.countdown import generate_problems
@@ -253,9 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = generate_problems(args.n, seed=args.seed, min_numbers=args.num_numbers,
                                      max_numbers=args.num_numbers, max_number=args.max_number,
                                      max_target=args.max_target, split="test")
-        model, tokenizer, description = load_for_eval(args.model)
+        from perl.progress import quiet_known_warnings
+
+        with quiet_known_warnings():
+            model, tokenizer, description = load_for_eval(args.model)
     except (ValueError, OSError) as exc:
-        print(f"perl eval: {exc}", file=sys.stderr)
+        print(f"perlwb eval: {exc}", file=sys.stderr)
         return 2
     import torch
 

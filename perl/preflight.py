@@ -1,6 +1,6 @@
 """Checks at the edge, before anything is written: the run folder, the model, the dataset, the machine.
 
-`perl train` (the CLI) and `perl.train.train` (a notebook cell) both call :func:`preflight`, so a
+`perlwb train` (the CLI) and `perl.train.train` (a notebook cell) both call :func:`preflight`, so a
 mistyped model name or an output folder holding an earlier run gets the same one-sentence
 `ConfigError` wherever training starts. What only shows once the model is built (an adapter rank
 larger than a layer, target modules that match nothing) is checked by `check_adapter_fits`, which

@@ -4,7 +4,7 @@
 with ``flock`` by global rank 0 for the whole run. The kernel releases an ``flock`` when its
 process ends in any way (SIGKILL included), so a lock file that nobody holds is stale by
 definition and is taken over; the pid and host in it only tell a refused user who holds it.
-Readers never take the lock. `perl sweep` locks its sweep folder with the same class.
+Readers never take the lock. `perlwb sweep` locks its sweep folder with the same class.
 
 `Overwrite` moves a previous run's files into ``<folder>/.perl-previous-run/`` instead of deleting
 them. `Overwrite.commit` deletes them once the new run has written its first snapshot or
@@ -82,7 +82,7 @@ class RunLock:
     Usage:
         with RunLock("runs/demo"):
             ...                      # train; a second RunLock("runs/demo").acquire() raises
-        RunLock("sweeps/x", name=".sweep.lock", what="perl sweep")
+        RunLock("sweeps/x", name=".sweep.lock", what="perlwb sweep")
 
     Args:
         folder (`str | Path`): the folder; created if missing (only when the lock is taken).

@@ -1,6 +1,6 @@
 """What a run's stored files must look like, checked before a reader trusts them.
 
-Readers (`perl.open_run`, `perl.open_runs`, a tracker's ``.load()``, `perl report`, the notebooks)
+Readers (`perl.open_run`, `perl.open_runs`, a tracker's ``.load()``, `perlwb report`, the notebooks)
 call these before loading anything: a file that is not what the run's writer makes is refused
 with one line naming the file and the problem, instead of a raw exception deep in xarray or a
 silent partial result. A netCDF file is judged by its header first (dimensions, variables, the

@@ -1,4 +1,4 @@
-"""`perl sweep SWEEP.yaml`: a grid of trainings (methods x ranks x seeds x learning rates x ...),
+"""`perlwb sweep SWEEP.yaml`: a grid of trainings (methods x ranks x seeds x learning rates x ...),
 each in its own run folder under one sweep folder, then the comparison notebooks on the result.
 
 A sweep file is YAML:
@@ -37,8 +37,8 @@ exits 1. Afterwards ``notebooks/04_compare_runs.ipynb`` and ``05_spectral_alignm
 executed with papermill on the finished runs into the sweep folder.
 
 Usage:
-    perl sweep configs/sweeps/methods_nano.yaml --parallel 2
-    perl sweep configs/sweeps/methods_nano.yaml --dry-run      # the plan; nothing is written
+    perlwb sweep configs/sweeps/methods_nano.yaml --parallel 2
+    perlwb sweep configs/sweeps/methods_nano.yaml --dry-run      # the plan; nothing is written
 """
 
 from __future__ import annotations
@@ -639,7 +639,7 @@ def _start(sweep: Sweep, run: SweepRun, redo: bool, env: dict) -> _Running:
     save_config(cfg, run.path / LAUNCH_CONFIG)
     command = launch_command(sweep, run)
     log = open(run.path / LOG_FILE, "w", encoding="utf-8")  # noqa: SIM115 - open while the run lives; _finish closes it
-    log.write(f"# perl sweep: {shlex.join(command)}\n")
+    log.write(f"# perlwb sweep: {shlex.join(command)}\n")
     log.flush()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     return _Running(run, process, log, time.monotonic(), command)
@@ -684,11 +684,11 @@ def _stop(jobs: list[_Running]) -> None:
 
 @contextlib.contextmanager
 def _locked(sweep_dir: Path) -> Iterator[None]:
-    """One `perl sweep` per sweep folder at a time (a second would redo the first's runs in progress)."""
+    """One `perlwb sweep` per sweep folder at a time (a second would redo the first's runs in progress)."""
     from perl.rundir import RunFolderLocked, RunLock
 
     # note: the run folders' lock (one way to lock); the kernel releases it when a sweep is killed
-    lock = RunLock(sweep_dir, name=LOCK_FILE, what="another perl sweep")
+    lock = RunLock(sweep_dir, name=LOCK_FILE, what="another perlwb sweep")
     try:
         lock.acquire()
     except RunFolderLocked as e:
@@ -724,7 +724,7 @@ def run_sweep(sweep: Sweep, notebooks: bool = True, echo: Callable[[str], None] 
         parallel = max(1, min(sweep.parallel, len(todo) or 1))
         env = _child_env(parallel)
         redo = sum(states[r.name] == "unfinished" for r in todo)
-        echo(f"perl sweep: {len(sweep.runs)} runs in {sweep.sweep_dir}: {len(result.skipped)} finished (skipped), "
+        echo(f"perlwb sweep: {len(sweep.runs)} runs in {sweep.sweep_dir}: {len(result.skipped)} finished (skipped), "
              f"{len(todo)} to train" + (f" ({redo} unfinished, trained again)" if redo else "")
              + (f"; {parallel} at a time, {env['OMP_NUM_THREADS']} thread(s) each" if todo else ""))
         total, started = len(todo), 0
@@ -755,7 +755,7 @@ def run_sweep(sweep: Sweep, notebooks: bool = True, echo: Callable[[str], None] 
             result.interrupted = True
             for job in running:
                 result.failed[job.run.name] = "interrupted"
-            echo(f"perl sweep: interrupted; {len(running)} run(s) stopped, trained again on the next start.")
+            echo(f"perlwb sweep: interrupted; {len(running)} run(s) stopped, trained again on the next start.")
             return result
 
         finished = [r for r in sweep.runs if r.name in result.skipped or r.name in result.trained]
@@ -808,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     from perl.cli import _Parser
 
     parser = _Parser(
-        prog="perl sweep",
+        prog="perlwb sweep",
         description="Train a grid of runs (methods x ranks x seeds x learning rates x any config field), "
                     "each in its own folder under the sweep's sweep_dir, skipping finished runs; then execute "
                     "the comparison notebooks on them. See perl/sweep.py for the sweep file format.",
@@ -827,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_plan(sweep: Sweep, states: dict[str, str]) -> None:
     word = {"new": "to train", "unfinished": "to train again (unfinished)", "finished": "finished (skip)"}
     template = shlex.join([*sweep.launcher, "-m", "perl.cli", "train", "--config"]) + f" <run>/{LAUNCH_CONFIG}"
-    print(f"perl sweep: {len(sweep.runs)} runs in {sweep.sweep_dir}, {sweep.parallel} at a time; each: {template}")
+    print(f"perlwb sweep: {len(sweep.runs)} runs in {sweep.sweep_dir}, {sweep.parallel} at a time; each: {template}")
     width = max(len(run.name) for run in sweep.runs)
     for run in sweep.runs:
         print(f"  {run.name:<{width}}  {word[states[run.name]]}")
@@ -836,7 +836,7 @@ def _print_plan(sweep: Sweep, states: dict[str, str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`perl sweep SWEEP.yaml [--parallel N] [--dry-run] [--no-notebooks]`; returns the exit code.
+    """`perlwb sweep SWEEP.yaml [--parallel N] [--dry-run] [--no-notebooks]`; returns the exit code.
 
     0: every run finished (and every notebook executed); 1: some run or notebook failed (listed on
     stderr with its log); 2: a bad sweep file or command line (one line on stderr, nothing started);
@@ -875,17 +875,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:  # note: during the notebooks; the runs' loop handles its own
-        print("perl sweep: interrupted.", file=sys.stderr)
+        print("perlwb sweep: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result.failed or result.notebook_failures:
         what = [f"{len(result.failed)} of {len(sweep.runs)} runs failed"] if result.failed else []
         what += [f"{len(result.notebook_failures)} notebook(s) failed"] if result.notebook_failures else []
-        lines = [f"perl sweep: {', '.join(what)}:"]
+        lines = [f"perlwb sweep: {', '.join(what)}:"]
         lines += [f"  {name}: {reason}; log: {result.logs.get(name, '-')}" for name, reason in result.failed.items()]
         lines += [f"  notebook {name}: {reason}" for name, reason in result.notebook_failures.items()]
         print("\n".join(lines), file=sys.stderr)
     else:
-        print(f"perl sweep: done; {len(sweep.runs)} runs in {sweep.sweep_dir} "
+        print(f"perlwb sweep: done; {len(sweep.runs)} runs in {sweep.sweep_dir} "
               f"({len(result.trained)} trained now, {len(result.skipped)} skipped as finished)")
     return result.exit_code
 

@@ -2,7 +2,7 @@
 
 ``train(config)`` is the whole pipeline: tokenizer, model, adapter, data, rewards, TRL's
 ``GRPOTrainer``, the tracking callbacks; it writes the run folder and returns a :class:`TrainResult`.
-The same function runs from a notebook cell, from ``perl train`` / ``run.py``, and under
+The same function runs from a notebook cell, from ``perlwb train`` / ``run.py``, and under
 ``accelerate launch`` (the Trainer picks up the distributed environment).
 
 Usage:
@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 
 from perl.config import ConfigError, TrainConfig, save_config, to_grpo_kwargs
 from perl.preflight import check_adapter_fits, preflight
+from perl.progress import TrainingProgress, quiet_known_warnings
 from perl.rundir import Overwrite, RunLock
 
 logger = logging.getLogger("perl")
@@ -154,6 +155,18 @@ class MetricsCallback(TrainerCallback):
                 record[key] = float(value)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _readable_console(trainer) -> None:
+    """Our progress bar and short lines instead of the Trainer's log dict at every step (a terminal)
+    or its step/loss table (a notebook); the logs themselves still reach metrics.jsonl and report_to."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    for cls in (ProgressCallback, NotebookProgressCallback, PrinterCallback):
+        trainer.callback_handler.remove_callback(cls)
+    if _is_main_process():
+        trainer.callback_handler.add_callback(TrainingProgress())
 
 
 def default_reward_funcs() -> list[Callable]:
@@ -304,8 +317,9 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
                                  // max(1, per_step)))
 
     check_adapter_fits(model, config)
-    setup = _setup_step(f"build the {config.peft.type} adapter", "change the peft settings",
-                        lambda: build_adapter(model, config.peft, total_steps=total_steps))
+    with quiet_known_warnings(enabled=not config.common.debug):
+        setup = _setup_step(f"build the {config.peft.type} adapter", "change the peft settings",
+                            lambda: build_adapter(model, config.peft, total_steps=total_steps))
     logger.info("adapter: %s", setup.description)
     peft_model = setup.model
 
@@ -454,12 +468,19 @@ def _run(config, trainer, extra_callbacks, grpo_args, setup, peft_model, output_
         handler.callbacks.remove(cb)
         handler.callbacks.insert(0, cb)
 
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if not config.common.debug:
+        _readable_console(trainer)
+    with quiet_known_warnings(enabled=not config.common.debug):
+        trainer.train(resume_from_checkpoint=checkpoint)
     # note: every rank: under ZeRO-3 / FSDP saving gathers the sharded weights (the Trainer writes on rank 0)
     trainer.save_model(str(output_dir))
     if _is_main_process():
         # note: the Trainer pickles its arguments beside the adapter; config.yaml already says all of it
         (output_dir / "training_args.bin").unlink(missing_ok=True)
+        from perl.runcard import write_run_card
+
+        # note: replaces peft's empty model-card template (absolute paths, "More Information Needed")
+        write_run_card(output_dir, config, trainer.state.log_history, tracking_dir, int(trainer.state.global_step))
         for move in moves:
             move.commit()  # note: a run without tracking or checkpoints holds once its adapter is saved
     return TrainResult(

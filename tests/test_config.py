@@ -336,6 +336,15 @@ def test_validate_accepts_every_peft_type_and_the_edges():
     validate(apply_overrides(TrainConfig(), {"training.max_steps": "-1", "peft.lora_dropout": "0.99", "peft.r": "1"}))
 
 
+def test_method_names_are_case_insensitive():
+    # the original PeRL registers "IA3"; any spelling names the same method, stored in lower case
+    for given, stored in (("IA3", "ia3"), ("DoRA", "dora"), (" LoRA_Plus ", "lora_plus"), ("MiLoRA", "milora")):
+        cfg = validate(apply_overrides(TrainConfig(), {"peft.type": given}))
+        assert cfg.peft.type == stored
+        assert f"type: {stored}" in to_yaml(cfg)
+    assert "did you mean 'lora'" in _error(validate, apply_overrides(TrainConfig(), {"peft.type": "LORA2"}))
+
+
 def test_batch_divisibility_counts_processes(monkeypatch):
     cfg = apply_overrides(TrainConfig(), {"training.per_device_train_batch_size": "4"})
     monkeypatch.setenv("WORLD_SIZE", "1")

@@ -1,8 +1,8 @@
 """Hostile and careless inputs, run as a user would: each ends with exit code 2, one line on
 stderr, no traceback, and the run folder byte for byte as it was (its tree is hashed before and after).
 
-One table per door: `perl train` (refused before anything is written, deleted or trained, even with
---overwrite_output_dir), `perl report` and `perl sweep`. The folder under attack is a copy of the
+One table per door: `perlwb train` (refused before anything is written, deleted or trained, even with
+--overwrite_output_dir), `perlwb report` and `perlwb sweep`. The folder under attack is a copy of the
 session's shared tracked run, so every refusal is tested against a real previous run.
 """
 

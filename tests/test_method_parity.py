@@ -2,7 +2,7 @@
 
 One subprocess run per method (``python run.py``, 2 GRPO steps, spectral + gradient tracking every
 step, tiny batch on countdown-nano), shared by the tests of this module. Each test reloads what the
-run saved (the adapter through ``perl eval``'s loader, the fully fine-tuned weights) and checks the
+run saved (the adapter through ``perlwb eval``'s loader, the fully fine-tuned weights) and checks the
 stored spectra against a dense SVD of the actual weight change, computed here independently, and
 the ``gradient/*`` scalars in ``metrics.jsonl`` against the gradient store.
 """
@@ -86,7 +86,7 @@ def _dense_changes(method: str, run: Path) -> dict[tuple[int, str], torch.Tensor
             if name.endswith("_proj.weight") and parts[:2] == ["model", "layers"]:
                 out[(int(parts[2]), parts[4])] = w.double() - base[name]
         return out
-    # the loader `perl eval` uses: base model + the saved adapter
+    # the loader `perlwb eval` uses: base model + the saved adapter
     model, _, _ = load_for_eval(str(run))
     model = model.double()
     out = {}

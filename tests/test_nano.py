@@ -139,7 +139,7 @@ def test_quick_recipe_learns_the_format(tmp_path):
     assert sum(f.stat().st_size for f in out.iterdir()) <= 20 * 2**20
 
 
-# ----------------------------------------------------------------------------------- perl eval
+# ----------------------------------------------------------------------------------- perlwb eval
 def independent_score(text, nums, target):
     """(format ok, equation correct) of one completion, computed without perl.data.rewards."""
     import ast

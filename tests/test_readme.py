@@ -29,3 +29,23 @@ def test_quick_start_commands_are_make_targets_and_ci_runs_the_test_one():
 def test_cpu_constraints_pin_torch():
     assert "torch==2.13.0" in (ROOT / "requirements-cpu.txt").read_text()
     assert "torch==" not in (ROOT / "pyproject.toml").read_text()
+
+
+def test_conda_environment_installs_the_cpu_torch_and_every_dependency():
+    import yaml
+
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    name = lambda spec: re.split(r"[<>=!\[ ]", spec, maxsplit=1)[0].strip().lower().replace("_", "-")
+    # conda-forge's CPU metapackage, and no torch for pip to resolve to PyPI's CUDA build
+    assert any(name(d) == "pytorch-cpu" for d in conda)
+    assert not any(name(d) in ("pytorch", "pytorch-gpu", "cudatoolkit", "pytorch-cuda") for d in conda)
+    assert not any(name(d) == "torch" for d in pip), "pip would install PyPI's default (CUDA) torch wheel"
+    # every dependency of pyproject.toml (torch as pytorch-cpu) is in one of the two sections
+    text = (ROOT / "pyproject.toml").read_text()
+    deps = re.findall(r'^\s+"([^"]+)",$', text.split("dependencies = [")[1].split("]")[0], re.M)
+    have = {name(d) for d in conda + pip} | {"torch"}
+    missing = [d for d in deps if name(d) not in have]
+    assert not missing, f"environment.yml lacks {missing}"
+    assert "-e ." in pip

@@ -1,4 +1,4 @@
-"""`perl sweep`: a grid of real trainings in subprocesses, skip-on-restart, failures, bad sweep files,
+"""`perlwb sweep`: a grid of real trainings in subprocesses, skip-on-restart, failures, bad sweep files,
 and notebook 05 executed on a sweep with a known answer.
 
 The end-to-end sweep is the shipped ``configs/sweeps/smoke_tiny.yaml``: PiSSA and MiLoRA on
@@ -100,7 +100,7 @@ def test_smoke_sweep_trains_every_grid_point_into_its_own_folder(smoke_sweep):
         assert Path(config["training"]["output_dir"]) == run.resolve()
         assert config["tracker"]["enable_alignment_tracking"] is True
         assert (run / "adapter_model.safetensors").is_file()
-        assert "perl: done" in (run / "train.log").read_text()
+        assert "perlwb: done" in (run / "train.log").read_text()
         marker = json.loads((run / sw.MARKER).read_text())
         assert marker["status"] == "finished" and marker["returncode"] == 0
         steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -238,7 +238,7 @@ def test_a_bad_sweep_file_is_one_line_and_exit_2_with_nothing_started(case, tmp_
     changes, message = BAD[case]
     code, out, err = sweep_cli(capsys, write_sweep(tmp_path / "bad.yaml", _bad(tmp_path, changes)))
     assert code == 2 and out == ""
-    assert err.startswith("perl: error: ") and err.count("\n") == 1
+    assert err.startswith("perlwb: error: ") and err.count("\n") == 1
     assert message in err
     assert not (tmp_path / "never").exists()
 

@@ -342,4 +342,4 @@ def test_report_cli(tmp_path, capsys):
     assert (d / "report.html").is_file() and "wrote" in capsys.readouterr().out
     assert report_main([str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("perl report:") and "does not exist" in err and "\n" not in err
+    assert err.startswith("perlwb report:") and "does not exist" in err and "\n" not in err

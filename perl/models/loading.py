@@ -41,7 +41,7 @@ def resolve_model_path(name: str) -> Path | str:
         if not (path / "config.json").is_file():
             raise ModelNotFound(
                 f"the embedded model {name!r} is missing from the package ({path}); "
-                f"rebuild it with `perl build-model {name}`"
+                f"rebuild it with `perlwb build-model {name}`"
             )
         return path
     if name == TINY_RANDOM:

@@ -1,6 +1,6 @@
 """The recipe of ``countdown-nano``: a tiny Qwen2 trained from scratch on solver search traces.
 
-``perl build-model countdown-nano`` (`perl.build_model`, which runs this recipe) generates Countdown
+``perlwb build-model countdown-nano`` (`perl.build_model`, which runs this recipe) generates Countdown
 problems, writes a short search trace for each (:func:`perl.data.countdown.search_trace`), trains a
 Qwen2-architecture causal LM on ``prompt -> trace + answer`` with a plain torch loop on the CPU,
 evaluates it on held-out problems, and saves safetensors, config and tokenizer files. The phases run

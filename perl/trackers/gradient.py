@@ -662,9 +662,12 @@ class GradientFlowTracker:
 
         Args:
             path (str | Path): ``gradient_flow_final.nc``, a live ``gradient_logs/gradient_flow.nc``,
-                or a run folder holding one of them.
+                or a run folder holding one of them; the PeRL tracking docs' names
+                (``gradient_flow_final.pt``, ``gradient_logs/gradient_flow.pt``) open the ``.nc`` beside them.
         """
-        path = Path(path)
+        from .pt_names import resolve_pt_name
+
+        path = resolve_pt_name(path)
         if path.is_dir():
             candidates = [path / FINAL_NAME, path / GRADIENT_DIR / STORE_NAME]
             found = next((c for c in candidates if c.is_file()), None)
@@ -697,7 +700,7 @@ class GradientFlowTracker:
 
         ds = self.data
         if "step" not in ds.dims or ds.sizes["step"] == 0:
-            return {"num_steps": 0, "steps": []}
+            return {"num_steps": 0, "steps": [], "total_steps_logged": 0}
         steps = [int(s) for s in ds["step"].values]
         total = ds["total_grad_norm"].values
         coef = ds["clip_coef"].values
@@ -724,6 +727,7 @@ class GradientFlowTracker:
             }
             per_layer = module_aggregate(ds["grad_norm"].sel(component=component)).mean("step", skipna=True)
             summary["layers"][str(component)] = {str(int(l)): _num(v) for l, v in zip(per_layer["layer"].values, per_layer.values)}
+        summary.update(_original_summary_keys(ds, steps))
         return summary
 
     def get_gradient_matrix(self, component: str = "B", module_type: str | None = None) -> xr.DataArray:
@@ -821,3 +825,31 @@ def _stats(values: np.ndarray) -> dict:
         return {"mean": None, "min": None, "max": None, "nonfinite": int(values.size)}
     return {"mean": _num(finite.mean()), "min": _num(finite.min()), "max": _num(finite.max()),
             "nonfinite": int(values.size - finite.size)}
+
+
+def _original_summary_keys(ds: xr.Dataset, steps: list[int]) -> dict:
+    """The keys of the original PeRL's ``get_summary_stats()``: ``total_steps_logged``, ``step_range``,
+    ``num_layers``, ``layer_range``, ``components_tracked``, ``overall_stats`` (every tracked
+    parameter's gradient norm at every step) and ``component_stats_final`` (mean and max over
+    layers at the last step of each layer's gradient norm). Here a layer's norm of a component is
+    the L2 norm over its modules (the original takes the max over modules; see README.md,
+    "Coming from PeRL"), and the norms are of the accumulated pre-clip gradient. Its ``timing`` is
+    not recorded here."""
+    from .heatmaps import module_aggregate
+
+    tracked = ds["numel"].transpose("layer", "module", "component").values > 0  # the cells that exist
+    layers = sorted({int(ds["layer"].values[i]) for i in np.argwhere(tracked)[:, 0]}) if tracked.any() else []
+    components = [str(c) for k, c in enumerate(ds["component"].values) if tracked[..., k].any()]
+    grads = ds["grad_norm"].transpose("step", "layer", "module", "component").values[:, tracked]
+    finite = grads[np.isfinite(grads)]
+    overall = ({"mean": float(finite.mean()), "std": float(finite.std()), "min": float(finite.min()),
+                "max": float(finite.max())} if finite.size else {"mean": None, "std": None, "min": None, "max": None})
+    final = {}
+    for component in components:
+        per_layer = module_aggregate(ds["grad_norm"].sel(component=component)).isel(step=-1).values
+        per_layer = per_layer[np.isfinite(per_layer)]
+        if per_layer.size:
+            final[component] = {"mean": float(per_layer.mean()), "max": float(per_layer.max())}
+    return {"total_steps_logged": len(steps), "step_range": [steps[0], steps[-1]], "num_layers": len(layers),
+            "layer_range": [layers[0], layers[-1]] if layers else None, "components_tracked": components,
+            "overall_stats": overall, "component_stats_final": final, "layer_aggregation": MODULE_AGGREGATION}

@@ -614,9 +614,13 @@ class SpectralTracker:
     def load(cls, path: str | os.PathLike) -> "SpectralTracker":
         """A read-only tracker over a stored history: a ``.nc`` file (final or live) or a run folder.
 
-        The returned object has ``.data`` and the analysis methods; it cannot log.
+        The returned object has ``.data`` and the analysis methods; it cannot log. The names of the
+        PeRL tracking docs (``spectral_history_final.pt``, ``spectral_logs/spectral_history.pt``)
+        open the ``.nc`` store beside them.
         """
-        path = Path(path)
+        from .pt_names import resolve_pt_name
+
+        path = resolve_pt_name(path)
         if path.is_dir():
             for candidate in (path / FINAL_NAME, path / SPECTRAL_DIR / STORE_NAME, path / STORE_NAME):
                 if candidate.is_file():
@@ -678,6 +682,7 @@ class SpectralTracker:
             "attrs": {k: v for k, v in ds.attrs.items() if k != "config_yaml"},
             "metrics": {},
         }
+        summary.update(_original_summary_keys(ds, steps))
         if not steps:
             return summary
         for name, da in ds.data_vars.items():
@@ -696,6 +701,27 @@ class SpectralTracker:
 
 
 # -------------------------------------------------------------------- helpers
+def _original_summary_keys(ds: xr.Dataset, steps: list[int]) -> dict:
+    """The keys of the original PeRL's ``get_summary_stats()``: ``total_steps_logged``, ``step_range``,
+    ``num_layers`` (adapted modules, i.e. (layer, module) cells with a spectrum) and
+    ``<metric>_latest`` (mean, std, min, max over those modules at the last step). Its ``timing`` is
+    not recorded here. Definitions differ where README.md, "Coming from PeRL", says so."""
+    out: dict = {"total_steps_logged": len(steps), "step_range": [steps[0], steps[-1]] if steps else None}
+    if "singular_values" in ds and steps:
+        adapted = np.isfinite(ds["singular_values"].values).any(axis=tuple(
+            i for i, d in enumerate(ds["singular_values"].dims) if d in ("step", "sv")))
+        out["num_layers"] = int(adapted.sum())
+    for metric in ("effective_rank", "condition_number", "spectral_gap", "frobenius_norm"):
+        if metric not in ds or not steps or "step" not in ds[metric].dims:
+            continue
+        vals = ds[metric].isel(step=-1).values
+        finite = vals[np.isfinite(vals)]
+        if finite.size:
+            out[f"{metric}_latest"] = {"mean": float(finite.mean()), "std": float(finite.std()),
+                                       "min": float(finite.min()), "max": float(finite.max())}
+    return out
+
+
 def _finite_mean(values: np.ndarray) -> float | None:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else None

@@ -1,4 +1,4 @@
-"""`perl report RUN_DIR`: one self-contained HTML page of a run, sliders included.
+"""`perlwb report RUN_DIR`: one self-contained HTML page of a run, sliders included.
 
 The page needs no server, no kernel and no network: Bokeh's and Panel's JavaScript is inlined,
 the gradient PNGs are embedded as base64, and every slider state is precomputed (Panel's embed:
@@ -7,8 +7,8 @@ page). Sections are embedded independently, so the page holds the sum of the sec
 their product. Long runs are subsampled to ``max_frames`` steps per slider, and the page says so.
 
 Usage:
-    perl report runs/demo                        # -> runs/demo/report.html
-    perl report runs/demo --output r.html --max-steps 100
+    perlwb report runs/demo                        # -> runs/demo/report.html
+    perlwb report runs/demo --output r.html --max-steps 100
     >>> from perl.viz.report import write_report; write_report("runs/demo")
 """
 
@@ -104,7 +104,7 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
     pngs = _png_section(run)
 
     doc, comm = Document(), Comm()
-    doc.title = f"perl report: {run.name}"
+    doc.title = f"perlwb report: {run.name}"
     with config.set(embed=True, safe_embed=True):
         for part in static:
             add_to_doc(part.get_root(doc, comm), doc)
@@ -415,31 +415,31 @@ def _header_html(run: Run, spectral, gradients, notes) -> str:
                     for k, v in rows if v is not None)
     note = "".join(f"<p class='perl-note'><b>Note:</b> {html.escape(n)}</p>" for n in notes)
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    return (f"<h1>perl report: {html.escape(run.name)}</h1><table>{table}</table>{note}"
-            f"<p style='color:#666'>Written {stamp} by <code>perl report</code>; self-contained (no network, no kernel): "
+    return (f"<h1>perlwb report: {html.escape(run.name)}</h1><table>{table}</table>{note}"
+            f"<p style='color:#666'>Written {stamp} by <code>perlwb report</code>; self-contained (no network, no kernel): "
             f"the sliders replay precomputed states. Open the run in a notebook "
             f"(<code>SpectralExplorer(perl.open_run(...))</code>) for every step.</p>")
 
 
 # ------------------------------------------------------------------------------ command line
 def main(argv=None) -> int:
-    """``perl report RUN_DIR [--output FILE] [--max-steps N]``; exit 2 with one line on a user error."""
-    parser = argparse.ArgumentParser(prog="perl report", description="Write a self-contained HTML report of a run.")
+    """``perlwb report RUN_DIR [--output FILE] [--max-steps N]``; exit 2 with one line on a user error."""
+    parser = argparse.ArgumentParser(prog="perlwb report", description="Write a self-contained HTML report of a run.")
     parser.add_argument("run_dir", help="the run folder (training.output_dir)")
     parser.add_argument("--output", "-o", default=None, help="HTML file to write (default RUN_DIR/report.html)")
     parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_FRAMES,
                         help=f"most steps per slider; longer runs are subsampled evenly (default {DEFAULT_MAX_FRAMES})")
     args = parser.parse_args(argv)
     if args.max_steps < 1:
-        print(f"perl report: --max-steps must be at least 1, got {args.max_steps}.", file=sys.stderr)
+        print(f"perlwb report: --max-steps must be at least 1, got {args.max_steps}.", file=sys.stderr)
         return 2
     try:
         path = write_report(args.run_dir, args.output, max_frames=args.max_steps)
     except RunError as err:
-        print(f"perl report: {err}", file=sys.stderr)
+        print(f"perlwb report: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"perl report: cannot write {args.output or 'the report'} ({err.strerror or err}); name another --output.",
+        print(f"perlwb report: cannot write {args.output or 'the report'} ({err.strerror or err}); name another --output.",
               file=sys.stderr)
         return 2
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -244,11 +244,36 @@ def prepare_notebooks(run_dir: Path, folder: Path) -> None:
         nbformat.write(nb, folder / f"{name}.ipynb")
 
 
+TRAINING_NOTEBOOK = "01_train_and_track"
+LIVE_RUN = "runs/live"  # relative to the server's root, where notebook 01 trains
+LIVE_STEPS = 40  # long enough that several steps are drawn while the cell still runs, on a busy 2-core machine
+LIVE_OVERRIDES = {"training.per_device_train_batch_size": 8, "dataset.example_numbers": 64, "dataset.test_size": 8}
+
+
+def prepare_training_notebook(folder: Path, max_steps: int = LIVE_STEPS) -> None:
+    """Copy notebook 01 into ``folder`` with its ``parameters`` cell set to a short run in ``LIVE_RUN``
+    (8 completions per step), outputs cleared; nothing is executed."""
+    import nbformat
+
+    folder.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.read(NOTEBOOKS / f"{TRAINING_NOTEBOOK}.ipynb", as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"notebooks/{TRAINING_NOTEBOOK}.ipynb needs exactly one cell tagged 'parameters'"
+    cells[0].source = "\n".join([f"output_dir = {LIVE_RUN!r}", "peft_type = 'lora'", "model_name_or_path = 'countdown-nano'",
+                                  f"max_steps = {max_steps}", "tracking_frequency = 10", f"overrides = {LIVE_OVERRIDES!r}"])
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nbformat.write(nb, folder / f"{TRAINING_NOTEBOOK}.ipynb")
+
+
 @pytest.fixture(scope="module")
 def jupyterlab(tracked_run, tmp_path_factory):
-    """A JupyterLab server whose root holds the explorer notebooks parametrized with the shared run."""
+    """A JupyterLab server whose root holds the explorer notebooks parametrized with the shared run,
+    and notebook 01 set to train a short run."""
     base = tmp_path_factory.mktemp("jupyterlab")
     prepare_notebooks(tracked_run, base / "workspace")
+    prepare_training_notebook(base / "workspace")
     lab = JupyterLab(base / "workspace", base / "home")
     yield lab
     lab.stop()

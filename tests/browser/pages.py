@@ -21,7 +21,15 @@ _FIGURES_JS = """(pattern) => {
   const plain = v => ArrayBuffer.isView(v) ? {shape: v.shape || [v.length], values: Array.from(v)}
                    : Array.isArray(v) ? v.map(plain) : v;
   const found = [];
-  for (const doc of window.Bokeh.documents) {
+  // note: embedded figures are in Bokeh.documents; a jupyter_bokeh widget's document only in the
+  // views of Bokeh.index (a ViewManager, iterable, in Bokeh 3; a plain object before)
+  const docs = new Set(window.Bokeh.documents);
+  const index = window.Bokeh.index;
+  if (index) {
+    const views = typeof index[Symbol.iterator] === "function" ? [...index] : Object.values(index);
+    for (const view of views) if (view && view.model && view.model.document) docs.add(view.model.document);
+  }
+  for (const doc of docs) {
     for (const model of doc.all_models) {
       if (model.type !== "Figure" || !model.title || !re.test(String(model.title.text))) continue;
       const renderers = [];

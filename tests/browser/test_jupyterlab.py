@@ -10,6 +10,7 @@ No request may leave the machine: BokehJS fetched from a CDN leaves every figure
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import pytest
@@ -174,3 +175,81 @@ def test_gradient_explorer_in_jupyterlab(jupyterlab, browser_page, tracked_run):
     check_gradient_selection(page, gr, "B", modules[0], layers[0], step)
     browser_page.shot("gradient_step", output, docs_name="gradient_explorer.png")
     assert_clean(browser_page)
+
+
+# ================================================================================ live training
+# the short name a line of the live plot has -> the Trainer's log key in metrics.jsonl
+LIVE_KEYS = {"reward": "reward", "format_reward": "rewards/format_reward/mean",
+             "equation_reward": "rewards/equation_reward/mean"}
+
+
+def read_metrics(path) -> dict[int, dict]:
+    """metrics.jsonl by step (complete lines only: the run is still appending)."""
+    import json
+
+    records = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "reward" in record:
+                records[int(record["step"])] = record
+    return records
+
+
+def test_training_notebook_draws_while_training(jupyterlab, browser_page):
+    from .conftest import LIVE_RUN, LIVE_STEPS
+
+    page = browser_page.open(jupyterlab.url("01_train_and_track.ipynb"), allow=(jupyterlab.base,))
+    page.get_by_text(KERNEL_IDLE).wait_for()
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
+    training_cell = page.locator(".jp-CodeCell", has_text="LiveRewardPlot")
+
+    # while the training cell runs: the plot holds >= 3 points, each the value metrics.jsonl has
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            lines = figure(page, r"^reward during training$", timeout=2).glyph("MultiLine")
+        except AssertionError:
+            lines = None
+        if lines is not None and lines["xs"] and len(lines["xs"][0]) >= 3:
+            break
+        if time.monotonic() > deadline:
+            training_cell.scroll_into_view_if_needed()
+            browser_page.shot("training_cell_without_plot", training_cell)
+            bokehjs = page.evaluate("() => window.Bokeh ? 'BokehJS ' + window.Bokeh.version : 'no BokehJS'")
+            shown = training_cell.locator(".jp-OutputArea").inner_text()[:1500]
+            pytest.fail(f"the live reward plot did not draw 3 points within 240 s of Run All; the page has "
+                        f"{bokehjs}, and the training cell shows: {shown!r}")
+        time.sleep(0.5)
+    # note: the training cell's prompt, not the status bar: the widgets' own comm messages, answered
+    # between training steps, flip the status bar to Idle while the cell still runs
+    drawn_while = "*" in training_cell.locator(".jp-InputPrompt").inner_text()
+    metrics = read_metrics(jupyterlab.root / LIVE_RUN / "metrics.jsonl")
+    browser_page.shot("live_plot_while_training", training_cell)
+    assert drawn_while, "the kernel was not busy when the points were read: the plot was not drawn during training"
+    steps = [int(s) for s in lines["xs"][0]]
+    assert len(steps) < LIVE_STEPS, f"all {len(steps)} steps were drawn at once: the plot did not draw while training"
+    assert set(lines["label"]) == set(LIVE_KEYS), f"lines of the live plot: {lines['label']}"
+    for label, xs, ys in zip(lines["label"], lines["xs"], lines["ys"]):
+        assert [int(s) for s in xs] == steps, f"line {label} has steps {xs}, the reward line {steps}"
+        missing = [s for s in steps if s not in metrics]
+        assert not missing, f"the plot draws steps {missing} that metrics.jsonl does not have"
+        assert_close(ys, [metrics[s][LIVE_KEYS[label]] for s in steps], f"live plot line {label}")
+
+    # then the whole notebook finishes, with no error, no comm failure and no third-party noise
+    page.wait_for_function(ALL_CELLS_RUN_JS, timeout=600_000)
+    page.get_by_text(KERNEL_IDLE).wait_for()
+    assert_no_error_outputs(page)
+    assert_clean(browser_page)
+    comm_errors = [c for c in browser_page.console if "Exception opening new comm" in c]
+    assert not comm_errors, f"the browser console reports comm failures: {comm_errors[:3]}"
+    outputs = " ".join(page.locator(".jp-OutputArea-output").all_inner_texts())
+    assert "is_gradient_checkpointing" not in outputs, "the transformers deprecation warning reached the notebook"
+    assert "Training Loss" not in outputs, "the Trainer's own step/loss table is shown under the plot"
+    final = read_metrics(jupyterlab.root / LIVE_RUN / "metrics.jsonl")
+    lines = figure(page, r"^reward during training$").glyph("MultiLine")
+    assert [int(s) for s in lines["xs"][0]] == sorted(final), "after training the plot holds every logged step"

@@ -1,4 +1,4 @@
-"""The `perl report` page in headless Chromium, opened as a file with every network request blocked:
+"""The `perlwb report` page in headless Chromium, opened as a file with every network request blocked:
 it draws the stored run, its sliders replay the stored frames, and no request leaves the machine."""
 
 from __future__ import annotations
