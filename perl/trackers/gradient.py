@@ -835,7 +835,7 @@ def _original_summary_keys(ds: xr.Dataset, steps: list[int]) -> dict:
     the L2 norm over its modules (the original takes the max over modules; see README.md,
     "Coming from PeRL"), and the norms are of the accumulated pre-clip gradient. Its ``timing`` is
     not recorded here."""
-    from .heatmaps import module_aggregate
+    from .heatmaps import MODULE_AGGREGATION, module_aggregate
 
     tracked = ds["numel"].transpose("layer", "module", "component").values > 0  # the cells that exist
     layers = sorted({int(ds["layer"].values[i]) for i in np.argwhere(tracked)[:, 0]}) if tracked.any() else []
