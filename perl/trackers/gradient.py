@@ -61,8 +61,6 @@ import json
 import logging
 import math
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,28 +69,22 @@ import xarray as xr
 from torch import nn
 
 from . import sharding
-from .discovery import (DiscoveryError, _clean_name, _layer_and_rest, discover_adapters, discover_full_weights,
-                        peft_config_of)
+from .discovery import peft_config_of
+from .gradient_history import (FINAL_NAME, GRADIENT_DIR, STEP_CONVENTION, STORE_NAME, SUMMARY_NAME,
+                               GradientFlowHistory)
+from .gradient_tensors import TrackedTensor, _ordered, tracked_tensors
 from .store import RunStore
 
 __all__ = ["GradientFlowTracker", "TrackedTensor", "tracked_tensors", "STEP_CONVENTION"]
 
 logger = logging.getLogger("perl")
 
-GRADIENT_DIR = "gradient_logs"
-STORE_NAME = "gradient_flow.nc"
-SUMMARY_NAME = "gradient_flow_summary.json"
-FINAL_NAME = "gradient_flow_final.nc"
 
 # display order; components outside this list (extra trainable tensors) follow in order of appearance
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COMPONENT_ORDER = ("A", "B", "magnitude", "E", "lambda_b", "lambda_d", "ia3", "ln", "miss", "u", "slice", "weight",
                    "bias")
 
-STEP_CONVENTION = (
-    "step s >= 1 is the s-th optimizer step, labelled as the Trainer logs it (global_step after the "
-    "update): the gradient that moved the weights from spectral snapshot s-1 to snapshot s"
-)
 LAYER_CONVENTION = "transformer block index; -1: tensors outside the numbered blocks (embeddings, final norm, lm_head)"
 
 _VARIABLE_ATTRS = {
@@ -146,97 +138,8 @@ _VARIABLE_ATTRS = {
 }
 
 
-# ------------------------------------------------------------------------------------ what is tracked
-@dataclass(frozen=True)
-class TrackedTensor:
-    """One tracked tensor and its cell. Several tensors may share a cell (LayerNorm weight + bias)."""
-
-    layer: int
-    module: str
-    component: str
-    name: str
-    param: torch.Tensor
-
-
-_PEFT_WRAPPER_PARTS = re.compile(r"\.(?:base_layer|modules_to_save\.[^.]+)(?=\.)")
-
-
-def _extra_coordinates(name: str) -> tuple[int, str, str, str]:
-    """``(layer, module path inside the block, component, module path)`` of a plain (non-adapter)
-    parameter name, by the naming rules adapters get in discovery."""
-    # peft keeps a trained base bias / a modules_to_save copy under a wrapper: name it after the module
-    path, _, component = _PEFT_WRAPPER_PARTS.sub("", _clean_name(name)).rpartition(".")
-    layer, rest = _layer_and_rest(path)
-    return layer, rest, component, path
-
-
-def tracked_tensors(model: nn.Module, track_adapter_only: bool = True, target_modules=None) -> list[TrackedTensor]:
-    """The tensors a :class:`GradientFlowTracker` records, with their (layer, module, component).
-
-    Adapter tensors come from :func:`perl.trackers.discovery.discover_adapters` (active adapter
-    only). With ``track_adapter_only=False`` every other trainable parameter is added: component
-    ``weight`` / ``bias`` (or the parameter's own name), module the last name component inside
-    its block (the path inside the block when that is ambiguous), layer -1 outside the blocks.
-    A model without peft adapter (full fine-tuning) with ``track_adapter_only=True`` gives the
-    weights of the ``target_modules`` (component ``weight``).
-
-    Args:
-        model (nn.Module): a peft model, or any model for full fine-tuning.
-        track_adapter_only (bool, defaults to True): only the adapter's tensors (full fine-tuning:
-            only the target modules' weights).
-        target_modules (list[str], optional): full fine-tuning: the modules to track; default every
-            ``nn.Linear`` except the output head.
-
-    Raises:
-        DiscoveryError: a model without trainable target weights.
-    """
-    try:
-        if not peft_config_of(model):
-            # note: full fine-tuning: the weights of the modules an adapter would adapt
-            adapters = [w for w in discover_full_weights(model, target_modules)
-                        if w.components["weight"][0].requires_grad]
-            if not adapters:
-                raise DiscoveryError(f"No trainable weight among the target modules {target_modules}.")
-        else:
-            adapters = discover_adapters(model)
-    except DiscoveryError as err:
-        if track_adapter_only:
-            raise DiscoveryError(f"{err} Pass track_adapter_only=False to track all trainable weights.") from err
-        adapters = []
-    out: list[TrackedTensor] = []
-    seen: set[int] = set()
-    for am in adapters:
-        for component, tensors in am.components.items():
-            for i, p in enumerate(tensors):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(TrackedTensor(am.layer, am.module, component, f"{am.name}.{component}[{i}]", p))
-    if track_adapter_only:
-        return out
-
-    extras = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
-    coords = [_extra_coordinates(n) for n, _ in extras]
-    # short module names unless two different modules of one layer share the last name component
-    modules_by_short: dict[tuple[int, str], set[str]] = {}
-    for am in adapters:
-        modules_by_short.setdefault((am.layer, am.module), set()).add(am.name)
-    for layer, rest, _, path in coords:
-        modules_by_short.setdefault((layer, rest.rpartition(".")[2]), set()).add(path)
-    for (n, p), (layer, rest, component, path) in zip(extras, coords):
-        short = rest.rpartition(".")[2]
-        if len(modules_by_short[(layer, short)]) > 1:
-            short = rest if layer >= 0 else path
-        out.append(TrackedTensor(layer, short, component, n, p))
-    return out
-
-
-def _ordered(values, order=()) -> list:
-    first = [v for v in order if v in values]
-    return first + [v for v in dict.fromkeys(values) if v not in first]
-
-
 # ------------------------------------------------------------------------------------ the tracker
-class GradientFlowTracker:
+class GradientFlowTracker(GradientFlowHistory):
     """Records the pre-clip gradient, gradient-to-weight and update ratios of every adapter tensor.
 
     The Trainer integration is :class:`perl.trackers.callbacks.GradientFlowCallback`; the tracker
@@ -656,136 +559,6 @@ class GradientFlowTracker:
 
         return save_gradient_pngs(self.data, Path(folder) if folder is not None else self.save_dir / GRADIENT_DIR)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "GradientFlowTracker":
-        """A read-only tracker over a stored gradient Dataset.
-
-        Args:
-            path (str | Path): ``gradient_flow_final.nc``, a live ``gradient_logs/gradient_flow.nc``,
-                or a run folder holding one of them; the PeRL tracking docs' names
-                (``gradient_flow_final.pt``, ``gradient_logs/gradient_flow.pt``) open the ``.nc`` beside them.
-        """
-        from .pt_names import resolve_pt_name
-
-        path = resolve_pt_name(path)
-        if path.is_dir():
-            candidates = [path / FINAL_NAME, path / GRADIENT_DIR / STORE_NAME]
-            found = next((c for c in candidates if c.is_file()), None)
-            if found is None:
-                raise FileNotFoundError(
-                    f"No gradient data in {path}: expected {FINAL_NAME} or {GRADIENT_DIR}/{STORE_NAME}; "
-                    "was the run trained with gradient tracking enabled?")
-            path = found
-        ds = RunStore.open(path)
-        missing = [v for v in ("grad_norm", "total_grad_norm") if v not in ds]
-        if missing:
-            raise ValueError(f"{path} is not a gradient flow store (missing {missing}); "
-                             "expected a file written by GradientFlowTracker.")
-        tracker = cls(None, log_frequency=int(ds.attrs.get("log_frequency", 1)), save_dir=path.parent,
-                      peft_type=ds.attrs.get("peft_type"))
-        tracker._loaded = ds
-        return tracker
-
-    # ------------------------------------------------------------------------ reading
-    @property
-    def data(self) -> xr.Dataset:
-        """The recorded Dataset (the stored steps; a pending, unwritten step is not included)."""
-        if self._loaded is not None:
-            return self._loaded
-        return self.store.read()
-
-    def get_summary_stats(self) -> dict:
-        """A JSON-ready summary: steps, totals, clipping, per component and per layer means (NaN -> null)."""
-        from .heatmaps import module_aggregate
-
-        ds = self.data
-        if "step" not in ds.dims or ds.sizes["step"] == 0:
-            return {"num_steps": 0, "steps": [], "total_steps_logged": 0}
-        steps = [int(s) for s in ds["step"].values]
-        total = ds["total_grad_norm"].values
-        coef = ds["clip_coef"].values
-        summary = {
-            "num_steps": len(steps),
-            "first_step": steps[0],
-            "last_step": steps[-1],
-            "log_frequency": int(ds.attrs.get("log_frequency", self.log_frequency)),
-            "peft_type": ds.attrs.get("peft_type"),
-            "step_convention": STEP_CONVENTION,
-            "total_grad_norm": {**_stats(total), "last": _num(total[-1])},
-            "post_clip_grad_norm": _stats(ds["post_clip_grad_norm"].values),
-            "clipped_fraction": _num(np.mean(coef < 1.0)) if len(coef) else None,
-            "nonfinite_steps": [s for s, t in zip(steps, total) if not np.isfinite(t)],
-            "components": {},
-            "layers": {},
-        }
-        for component in ds["component"].values:
-            sel = ds.sel(component=component)
-            tracked = sel["numel"].values > 0  # (layer, module): cells this component exists in
-            summary["components"][str(component)] = {
-                name: _stats(sel[name].transpose("step", "layer", "module").values[:, tracked])
-                for name in ("grad_norm", "grad_to_weight_ratio", "update_ratio")
-            }
-            per_layer = module_aggregate(ds["grad_norm"].sel(component=component)).mean("step", skipna=True)
-            summary["layers"][str(component)] = {str(int(l)): _num(v) for l, v in zip(per_layer["layer"].values, per_layer.values)}
-        summary.update(_original_summary_keys(ds, steps))
-        return summary
-
-    def get_gradient_matrix(self, component: str = "B", module_type: str | None = None) -> xr.DataArray:
-        """``grad_norm`` of one component as a (layer, step) DataArray.
-
-        Args:
-            component (str, defaults to "B"): ``A``, ``B``, ``magnitude``, ``E``, ``ia3``, ...
-            module_type (str, optional): one module (``q_proj``); default: all modules combined as
-                sqrt(sum of squares), the norm of the component's gradient over the whole layer.
-        """
-        from .heatmaps import gradient_matrix
-
-        return gradient_matrix(self.data, component, module_type)
-
-    def get_layer_history(self, layer_idx: int) -> xr.Dataset:
-        """Everything recorded for one layer over steps (with the per-step totals).
-
-        Args:
-            layer_idx (int): transformer block index (-1: tensors outside the blocks).
-        """
-        ds = self.data
-        layers = [int(v) for v in ds["layer"].values]
-        if layer_idx not in layers:
-            raise ValueError(f"Layer {layer_idx} was not tracked; tracked layers are {layers}.")
-        return ds.sel(layer=layer_idx)
-
-    def create_heatmap(self, component: str = "B", save_path: str | os.PathLike | None = None,
-                       module_type: str | None = None):
-        """A layers x steps heatmap of ``grad_norm`` (log colour scale, NaN blank); returns the Figure.
-
-        Args:
-            component (str, defaults to "B"): the component to draw.
-            save_path (str | Path, optional): also write a PNG there.
-            module_type (str, optional): one module instead of all modules combined.
-        """
-        from .heatmaps import heatmap_figure, save_figure
-
-        fig = heatmap_figure(self.data, component, module_type)
-        if save_path is not None:
-            save_figure(fig, save_path)
-        return fig
-
-    def create_layer_comparison_plot(self, layers: list[int] | None = None, component: str = "B",
-                                     save_path: str | os.PathLike | None = None):
-        """``grad_norm`` of one component over steps for a few layers; returns the Figure.
-
-        Args:
-            layers (list[int], optional): block indices; default the first, middle and last block.
-            component (str, defaults to "B"): the component to draw (modules combined per layer).
-            save_path (str | Path, optional): also write a PNG there.
-        """
-        from .heatmaps import layer_comparison_figure, save_figure
-
-        fig = layer_comparison_figure(self.data, component, layers)
-        if save_path is not None:
-            save_figure(fig, save_path)
-        return fig
-
 
 # ------------------------------------------------------------------------------------ helpers
 def _peft_type_of(model: nn.Module, tracked: list[TrackedTensor]) -> str:
@@ -811,45 +584,3 @@ def _perl_version() -> str:
     except ImportError:  # pragma: no cover - perl is always importable here
         return "unknown"
 
-
-def _num(value) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _stats(values: np.ndarray) -> dict:
-    """mean / min / max over the finite values (null when there are none) and how many were not finite."""
-    values = np.asarray(values, dtype=float)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return {"mean": None, "min": None, "max": None, "nonfinite": int(values.size)}
-    return {"mean": _num(finite.mean()), "min": _num(finite.min()), "max": _num(finite.max()),
-            "nonfinite": int(values.size - finite.size)}
-
-
-def _original_summary_keys(ds: xr.Dataset, steps: list[int]) -> dict:
-    """The keys of the original PeRL's ``get_summary_stats()``: ``total_steps_logged``, ``step_range``,
-    ``num_layers``, ``layer_range``, ``components_tracked``, ``overall_stats`` (every tracked
-    parameter's gradient norm at every step) and ``component_stats_final`` (mean and max over
-    layers at the last step of each layer's gradient norm). Here a layer's norm of a component is
-    the L2 norm over its modules (the original takes the max over modules; see README.md,
-    "Coming from PeRL"), and the norms are of the accumulated pre-clip gradient. Its ``timing`` is
-    not recorded here."""
-    from .heatmaps import MODULE_AGGREGATION, module_aggregate
-
-    tracked = ds["numel"].transpose("layer", "module", "component").values > 0  # the cells that exist
-    layers = sorted({int(ds["layer"].values[i]) for i in np.argwhere(tracked)[:, 0]}) if tracked.any() else []
-    components = [str(c) for k, c in enumerate(ds["component"].values) if tracked[..., k].any()]
-    grads = ds["grad_norm"].transpose("step", "layer", "module", "component").values[:, tracked]
-    finite = grads[np.isfinite(grads)]
-    overall = ({"mean": float(finite.mean()), "std": float(finite.std()), "min": float(finite.min()),
-                "max": float(finite.max())} if finite.size else {"mean": None, "std": None, "min": None, "max": None})
-    final = {}
-    for component in components:
-        per_layer = module_aggregate(ds["grad_norm"].sel(component=component)).isel(step=-1).values
-        per_layer = per_layer[np.isfinite(per_layer)]
-        if per_layer.size:
-            final[component] = {"mean": float(per_layer.mean()), "max": float(per_layer.max())}
-    return {"total_steps_logged": len(steps), "step_range": [steps[0], steps[-1]], "num_layers": len(layers),
-            "layer_range": [layers[0], layers[-1]] if layers else None, "components_tracked": components,
-            "overall_stats": overall, "component_stats_final": final, "layer_aggregation": MODULE_AGGREGATION}
