@@ -32,11 +32,9 @@ direction ``s B A``; its magnitude rescaling is not part of dW. Modules without 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +44,9 @@ import xarray as xr
 
 from . import alignment_math as am
 from . import sharding
+from .alignment_base import _BaseSubspaces
+from .alignment_schema import (ALIGNMENT_ATTRS, ALIGNMENT_DIR, BASE_SVD_NAME, EXTRA_DIM, FINAL_NAME, INIT_STATE_NAME,
+                               INTRUDER_VARS, STATIC, STORE_NAME, _DW)
 from .callbacks import SpectralTrackingCallback
 from .discovery import FACTORED_KINDS, AdapterModule, discover_adapters, materialized, peft_config_of, walk
 from .spectral import MODULE_ORDER, STEP_CONVENTION, _derive_peft_type, _is_rank_zero
@@ -56,90 +57,6 @@ logger = logging.getLogger("perl")
 __all__ = ["AlignmentTracker", "AlignmentTrackingCallback", "ALIGNMENT_DIR", "STORE_NAME", "FINAL_NAME",
            "BASE_SVD_NAME", "INIT_STATE_NAME", "ALIGNMENT_ATTRS"]
 
-ALIGNMENT_DIR = "alignment_logs"
-STORE_NAME = "alignment_history.nc"
-FINAL_NAME = "alignment_final.nc"
-BASE_SVD_NAME = "base_svd.safetensors"
-INIT_STATE_NAME = "alignment_tracker_init.safetensors"
-BASE_SVD_FORMAT = "perl-alignment-base-svd-1"
-
-_ZERO = "NaN (0/0) when the update is zero (step 0, or B = 0 at LoRA init) or not finite"
-_DW = "dW = s (B_t A_t - B_0 A_0), factored as s [B_t - B_0, B_0] @ [A_t; A_t - A_0] (never the m x n product)"
-ALIGNMENT_ATTRS: dict[str, dict[str, str]] = {
-    "update_frobenius_norm": {
-        "long_name": "Frobenius norm of the update since init", "units": "weight units",
-        "formula": "||dW||_F, " + _DW, "zero_update": "0",
-    },
-    "update_rank": {
-        "long_name": "numerical rank of the update since init", "units": "1",
-        "formula": "count of sigma_i(dW) > rtol * sigma_1(dW)", "zero_update": "0",
-    },
-    "energy_fraction_top_left": {
-        "long_name": "fraction of the update's energy in W0's top-k left singular subspace", "units": "1",
-        "formula": "||U_k^T dW||_F^2 / ||dW||_F^2 (chance level k/m: chance_energy_fraction_left)", "zero_update": _ZERO,
-    },
-    "energy_fraction_top_right": {
-        "long_name": "fraction of the update's energy in W0's top-k right singular subspace", "units": "1",
-        "formula": "||dW V_k||_F^2 / ||dW||_F^2 (chance level k/n: chance_energy_fraction_right)", "zero_update": _ZERO,
-    },
-    "energy_fraction_bottom_left": {
-        "long_name": "fraction of the update's energy in W0's bottom-k left singular subspace", "units": "1",
-        "formula": "||U_-k^T dW||_F^2 / ||dW||_F^2, U_-k = left vectors of the k smallest of W0's min(m, n) values",
-        "zero_update": _ZERO, "missing": "NaN where W0's SVD was randomized (no bottom-k)",
-    },
-    "energy_fraction_bottom_right": {
-        "long_name": "fraction of the update's energy in W0's bottom-k right singular subspace", "units": "1",
-        "formula": "||dW V_-k||_F^2 / ||dW||_F^2, V_-k = right vectors of the k smallest of W0's min(m, n) values",
-        "zero_update": _ZERO, "missing": "NaN where W0's SVD was randomized (no bottom-k)",
-    },
-    "principal_angle_cosines": {
-        "long_name": "cosines of the principal angles between the update's column space and W0's top-k left subspace",
-        "units": "1", "formula": "svd(U_k^T U_dW), U_dW = the rank(dW) left singular vectors of dW; descending",
-        "zero_update": _ZERO, "description": "min(k, rank(dW)) values; NaN past them",
-    },
-    "amplification_factor": {
-        "long_name": "amplification factor (Hu et al. 2021, LoRA, sec. 7.3)", "units": "1",
-        "formula": "||dW||_F / ||U_dW^T W0 V_dW||_F over dW's rank(dW) singular directions",
-        "zero_update": _ZERO, "precision": "W0 @ V_dW in float32 (W0's own precision at best), the rest in float64",
-    },
-    "intruder_dimensions": {
-        "long_name": "intruder dimensions (Shuttleworth et al. 2024)", "units": "1",
-        "formula": "#{j <= k : max_i |<y_j, u_i>| < epsilon}, y_j = top-k left singular vectors of W_base + s B_t A_t "
-                   "(dense, float64, eigh of the smaller Gram matrix), u_i = all min(m, n) left singular "
-                   "vectors of W0's thin SVD",
-        "zero_update": "0 (the tuned weight is W0)",
-        "missing": "NaN at steps without an intruder snapshot and where W0's SVD was randomized",
-    },
-    "intruder_max_cosine": {
-        "long_name": "largest |cosine| of each top singular vector of the tuned weight with W0's left singular vectors",
-        "units": "1", "formula": "max_i |<y_j, u_i>|, j = intruder_sv (0 = largest singular value of the tuned weight)",
-        "zero_update": "1", "missing": "NaN at steps without an intruder snapshot and where W0's SVD was randomized",
-    },
-    "base_singular_values_top": {
-        "long_name": "top-k singular values of W0", "units": "weight units",
-        "formula": "sigma_1 >= ... >= sigma_k of W0 = W_base + s B_0 A_0 (index base_sv: 0 = largest)",
-    },
-    "base_singular_values_bottom": {
-        "long_name": "bottom-k singular values of W0", "units": "weight units",
-        "formula": "the k smallest of W0's min(m, n) singular values (index base_sv: 0 = smallest)",
-        "missing": "NaN where W0's SVD was randomized",
-    },
-    "alignment_k": {"long_name": "k of the top-k / bottom-k subspaces", "units": "1",
-                    "formula": "min(top_k or 2r, min(m, n))"},
-    "base_svd_randomized": {
-        "long_name": "W0's SVD was randomized (torch.svd_lowrank, top-k only)", "units": "1",
-        "formula": "1 when min(m, n) > full_svd_max_dim, else 0 (full float64 SVD)",
-    },
-    "chance_energy_fraction_left": {"long_name": "expected left energy fraction of a random update", "units": "1",
-                                    "formula": "k / m"},
-    "chance_energy_fraction_right": {"long_name": "expected right energy fraction of a random update", "units": "1",
-                                     "formula": "k / n"},
-}
-STATIC = ("base_singular_values_top", "base_singular_values_bottom", "alignment_k", "base_svd_randomized",
-          "chance_energy_fraction_left", "chance_energy_fraction_right")
-EXTRA_DIM = {"principal_angle_cosines": "angle", "intruder_max_cosine": "intruder_sv",
-             "base_singular_values_top": "base_sv", "base_singular_values_bottom": "base_sv"}
-INTRUDER_VARS = ("intruder_dimensions", "intruder_max_cosine")
 
 
 @dataclass
@@ -160,7 +77,7 @@ class _Group:
     V_bottom: torch.Tensor | None = None
 
 
-class AlignmentTracker:
+class AlignmentTracker(_BaseSubspaces):
     """Records how each adapter's update aligns with its base weight's singular subspaces.
 
     Usage:
@@ -361,121 +278,6 @@ class AlignmentTracker:
                            len(self.store.steps))
             self.store.clear()
         (self.store.path.parent / BASE_SVD_NAME).unlink(missing_ok=True)
-
-    # ---------------------------------------------------------------- the base weights
-    def base_weight(self, a: AdapterModule) -> torch.Tensor:
-        """W0 = W_base + s B_0 A_0 (float64, dense, on the weight's device): the weight at initialisation."""
-        W = a.base_weight().double()
-        init = self._init[a.name]
-        if init:
-            W = W + self._scale[a.name] * (init["B0"].to(W.device).double() @ init["A0"].to(W.device).double())
-        return W
-
-    def _ensure_base(self) -> None:
-        """The once-per-run SVD of every W0 (or its reload from base_svd.safetensors)."""
-        if self._base_ready:
-            return
-        start = time.perf_counter()
-        L, M, K = len(self.layers), len(self.modules), self._k_max
-        st = {name: np.full((L, M, K) if name in EXTRA_DIM else (L, M), np.nan) for name in STATIC}
-        saved, computed, to_save = self._read_base_file(), 0, {}
-        for g in self._groups:
-            parts: dict[str, list[torch.Tensor]] = {"U_top": [], "V_top": [], "U_bottom": [], "V_bottom": []}
-            for a in walk(g.members, with_base=True):  # W0 one module at a time when sharded
-                cell = self._cell[a.name]
-                W0 = self.base_weight(a)
-                fp = _fingerprint(W0)
-                hit = saved.get(a.name)
-                if hit is not None and hit["meta"] == {"k": g.k, "randomized": g.randomized, "shape": [g.m, g.n]} \
-                        and _same_fingerprint(hit["fp"], fp):
-                    svd = hit["svd"]
-                else:
-                    svd = am.base_svd(W0, g.k, randomized=g.randomized, niter=self.randomized_niter,
-                                      keep_full_left=self.intruder_log_frequency > 0)
-                    computed += 1
-                    if svd.U_full is not None:
-                        self._cache_basis(a.name, svd.U_full)
-                to_save[a.name] = (svd, fp, {"k": g.k, "randomized": g.randomized, "shape": [g.m, g.n]})
-                for key in parts:
-                    value = getattr(svd, key)
-                    if value is not None:
-                        parts[key].append(value.float().cpu())
-                st["base_singular_values_top"][cell][: g.k] = svd.S_top.cpu().numpy()
-                if svd.S_bottom is not None:
-                    st["base_singular_values_bottom"][cell][: g.k] = svd.S_bottom.cpu().numpy()
-                st["alignment_k"][cell] = g.k
-                st["base_svd_randomized"][cell] = float(g.randomized)
-                st["chance_energy_fraction_left"][cell] = g.k / g.m
-                st["chance_energy_fraction_right"][cell] = g.k / g.n
-            for key, values in parts.items():
-                setattr(g, key, torch.stack(values) if values else None)
-        self._static = st
-        self._base_ready = True
-        self.base_svd_seconds = time.perf_counter() - start
-        if computed and self.save_base_svd:
-            self._write_base_file(to_save)
-        logger.info("Alignment tracker: base SVD of %d weights (%d computed, %d reloaded) in %.1f s.",
-                    len(to_save), computed, len(to_save) - computed, self.base_svd_seconds)
-
-    def _cache_basis(self, name: str, U_full: torch.Tensor) -> None:
-        size = U_full.numel() * 4
-        if self._cache_used + size <= self.intruder_cache_bytes:
-            self._basis_cache[name] = U_full.float().cpu()
-            self._cache_used += size
-
-    def _basis(self, a: AdapterModule) -> torch.Tensor:
-        """All of W0's left singular vectors (cached within the budget, else recomputed)."""
-        cached = self._basis_cache.get(a.name)
-        if cached is not None:
-            return cached
-        U = am.full_left_basis(self.base_weight(a))
-        self._cache_basis(a.name, U)
-        return U
-
-    def _read_base_file(self) -> dict:
-        path = self.store.path.parent / BASE_SVD_NAME
-        if not path.is_file():
-            return {}
-        from safetensors import safe_open
-
-        out = {}
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != BASE_SVD_FORMAT:
-                    raise ValueError(f"format {meta.get('format')!r}")
-                modules = json.loads(meta["modules"])
-                keys = set(f.keys())
-                for name, info in modules.items():
-                    get = {p: (f.get_tensor(f"{name}::{p}").double() if f"{name}::{p}" in keys else None)
-                           for p in ("U_top", "S_top", "V_top", "U_bottom", "S_bottom", "V_bottom")}
-                    svd = am.BaseSVD(get["U_top"], get["S_top"], get["V_top"], get["U_bottom"], get["S_bottom"],
-                                     get["V_bottom"], None, bool(info["meta"]["randomized"]))
-                    out[name] = {"svd": svd, "fp": info["fp"], "meta": info["meta"]}
-        except Exception as err:  # noqa: BLE001 - a damaged or foreign cache is recomputed, never trusted
-            logger.warning("Ignoring %s (%s): the base SVD is recomputed.", path, err)
-            return {}
-        return out
-
-    def _write_base_file(self, entries: dict) -> None:
-        if not self.is_world_process_zero:
-            return
-        from safetensors.torch import save_file
-
-        tensors, modules = {}, {}
-        for name, (svd, fp, meta) in entries.items():
-            for part in ("U_top", "S_top", "V_top", "U_bottom", "S_bottom", "V_bottom"):
-                value = getattr(svd, part)
-                if value is not None:
-                    dtype = torch.float64 if part.startswith("S") else torch.float32
-                    tensors[f"{name}::{part}"] = value.to(dtype).cpu().contiguous()
-            modules[name] = {"fp": fp, "meta": meta}
-        path = self.store.path.parent / BASE_SVD_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": BASE_SVD_FORMAT, "modules": json.dumps(modules),
-                                               "W0": "W_base + s B_0 A_0 (the weight at initialisation)"})
-        os.replace(tmp, path)
 
     # ---------------------------------------------------------------- logging
     @property
@@ -708,13 +510,6 @@ class AlignmentTracker:
         """The whole history as an xarray Dataset (read from the store)."""
         return self.store.read()
 
-
-def _fingerprint(W: torch.Tensor) -> list[float]:
-    return [float(torch.linalg.matrix_norm(W)), float(W.sum()), float(W.abs().sum())]
-
-
-def _same_fingerprint(a, b, rtol: float = 1e-9) -> bool:
-    return len(a) == len(b) and all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-30) for x, y in zip(a, b))
 
 
 # -------------------------------------------------------------------- the callback
