@@ -1,0 +1,142 @@
+"""What every explorer shares: the selection constants, value formatting, and the widget plumbing.
+
+`_Explorer` holds the ipywidgets controls, the Bokeh layout shown through Panel, the text line that
+states the selection, and batching of redraws (see `perl.viz.explorers` for the explorers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import ipywidgets as widgets
+import numpy as np
+
+from perl.run import MissingDataWarning, metric_name
+from perl.viz.views import inline_notebook_resources
+
+
+PRODUCT = "product"
+UPDATE = "update since init"
+SPECTRAL_HEATMAP_METRICS = (
+    "effective_rank", "entropy_effective_rank", "stable_rank", "condition_number", "spectral_gap",
+    "nuclear_norm", "frobenius_norm", "top1_sv_ratio", "top5_sv_ratio", "top10_sv_ratio", "numerical_rank",
+    "magnitude_norm", "direction_norm", "magnitude_direction_ratio", "rank_budget",
+    "vector_norm", "vector_distance_from_init",
+)
+GRADIENT_VARIABLES = ("grad_norm", "grad_to_weight_ratio", "update_ratio")
+MEAN = "mean"  # RunComparison's layer slider value for the mean over layers
+
+
+def _fmt(value) -> str:
+    value = float(value)
+    return "nan" if not np.isfinite(value) else f"{value:.4g}"
+
+
+def _index(options, value, what: str) -> int:
+    """Position of ``value`` among ``options`` (exact), or a clear error naming what exists."""
+    for i, option in enumerate(options):
+        if option == value:
+            return i
+    shown = list(options)
+    listing = f"{shown[0]} .. {shown[-1]} ({len(shown)} values)" if len(shown) > 12 else ", ".join(map(str, shown))
+    raise ValueError(f"{what} {value!r} is not in this run; choose one of {listing}.")
+
+
+def _training_series(metrics, key):
+    """(steps, values) of a Trainer log key, or None when the run did not log it."""
+    if metrics is None:
+        return None
+    name = metric_name(key)
+    if name not in metrics:
+        return None
+    da = metrics[name]
+    return np.asarray(da["step"].values, dtype=float), np.asarray(da.values, dtype=float)
+
+
+def _quiet(getter):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingDataWarning)
+        return getter()
+
+
+class _Explorer:
+    """Shared machinery: holding redraws while several widgets change, pushing, displaying."""
+
+    def __init__(self):
+        self._holding = 0
+        self._pending: set[str] = set()
+        self._pane = None
+        self.info = widgets.HTML(layout=widgets.Layout(width="100%"))
+        self.refresh_button = widgets.Button(description="refresh", icon="refresh", tooltip="re-read the run folder (a run still training)")
+        self.refresh_button.on_click(lambda _: self.refresh())
+
+    # ---- subclasses provide: self.controls (ipywidgets box), self.layout (Bokeh), _draw(parts)
+    @property
+    def pane(self):
+        """The Panel pane holding the Bokeh figures (created on first use)."""
+        if self._pane is None:
+            import panel as pn
+
+            self._pane = pn.pane.Bokeh(self.layout)
+        return self._pane
+
+    @contextlib.contextmanager
+    def _hold(self):
+        """Collect redraw requests while several controls change; draw and push once at the end."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding:
+                parts, self._pending = self._pending, set()
+                if parts:
+                    self._redraw(parts)
+
+    def _changed(self, parts: set[str]) -> None:
+        if self._holding:
+            self._pending |= parts
+        else:
+            self._redraw(parts)
+
+    def _redraw(self, parts: set[str]) -> None:
+        self._draw(parts)
+        self._push()
+
+    def _push(self) -> None:
+        # only once shown in a notebook is there a browser to push to
+        if self._pane is not None and self._pane._models:
+            from panel.io.notebook import push_notebook
+
+            push_notebook(self._pane)
+
+    def display(self) -> None:
+        """Show the controls, the value line and the figures in the notebook."""
+        from IPython.display import display
+        import panel as pn
+
+        inline_notebook_resources()
+        if not pn.extension._loaded:
+            pn.extension()
+        display(self.controls)
+        display(self.pane)
+
+    def _ipython_display_(self):
+        # IPython calls this for the last expression of a cell: two outputs, controls and figures
+        self.display()
+
+    def _set(self, targets: dict) -> None:
+        """Move several controls at once: ``{widget: (options, value or None, name)}``.
+
+        Every value is checked before any control moves, so a bad value changes nothing.
+        """
+        moves = {w: _index(options, value, name) for w, (options, value, name) in targets.items() if value is not None}
+        with self._hold():
+            for widget, index in moves.items():
+                widget.index = index
+
+    def _observe(self, widget, parts: set[str]) -> None:
+        widget.observe(lambda change: self._changed(parts), names="value")
+
+
