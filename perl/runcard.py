@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from perl.fileio import atomic_write_text
+
 __all__ = ["shell_command", "display_path", "write_run_card", "next_commands", "REWARD_KEY", "CORRECT_KEY",
            "RUN_CARD"]
 
@@ -222,7 +224,4 @@ def write_run_card(output_dir: str | os.PathLike, config, log_history: Sequence[
     """
     path = Path(output_dir) / RUN_CARD
     text = render_run_card(output_dir, config, log_history, tracking_dir, global_step)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from perl.config import ConfigError
+from perl.fileio import atomic_write_text, is_temp_of
 
 __all__ = [
     "LOCK_FILE", "ASIDE_DIR", "RunLock", "RunFolderLocked", "lock_holder", "Overwrite",
@@ -242,9 +243,8 @@ class Overwrite:
             self.done = True
             return self
         self.aside.mkdir()
-        tmp = self.aside / (_MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"folder": str(self.folder), "names": names, "scope": self.scope}), encoding="utf-8")
-        os.replace(tmp, self.aside / _MANIFEST)  # note: before the first move, so a crash is recoverable
+        manifest = json.dumps({"folder": str(self.folder), "names": names, "scope": self.scope})
+        atomic_write_text(self.aside / _MANIFEST, manifest)  # note: before the first move, so a crash is recoverable
         _fsync_dir(self.aside)
         for name in names:
             os.rename(self.folder / name, self.aside / name)
@@ -295,7 +295,7 @@ def restore_previous_run(folder: str | os.PathLike) -> bool:
         scope = None if scope is None else set(scope)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         names = scope = None
-    moved = {e.name for e in aside.iterdir() if e.name not in (_MANIFEST, _MANIFEST + ".tmp")}
+    moved = {e.name for e in aside.iterdir() if e.name != _MANIFEST and not is_temp_of(e.name, _MANIFEST)}
     if names is None:
         if moved:  # note: cannot happen through Overwrite (manifest first); refuse to guess
             raise ConfigError(f"{aside} has no readable manifest; move its contents back into {folder} by hand.")

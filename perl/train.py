@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 from transformers import TrainerCallback
 
 from perl.config import ConfigError, TrainConfig, save_config, to_grpo_kwargs
+from perl.fileio import atomic_write_text
 from perl.preflight import check_adapter_fits, preflight
 from perl.progress import TrainingProgress, quiet_known_warnings
 from perl.rundir import Overwrite, RunLock
@@ -142,9 +143,7 @@ class MetricsCallback(TrainerCallback):
                     kept.append(line)
             except (ValueError, AttributeError):
                 continue  # a torn last line of a killed run
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from perl.fileio import atomic_write_text
 from perl.config.schema import SECTIONS, ConfigError, TrainConfig, _describe, field_type, unwrap_optional
 
 # note: the largest config file we agree to read; a real one is a few kB, so anything bigger is
@@ -352,7 +353,5 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike) -> Path:
     """Write ``cfg`` as YAML to ``path`` (parent folders created); returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(to_yaml(cfg), encoding="utf-8")
-    os.replace(tmp, p)  # note: a reader never sees half a config
+    atomic_write_text(p, to_yaml(cfg))  # note: a reader never sees half a config
     return p

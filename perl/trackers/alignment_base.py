@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 import numpy as np
 import torch
 
+from ..fileio import atomic_write_bytes
 from . import alignment_math as am
 from .alignment_schema import BASE_SVD_FORMAT, BASE_SVD_NAME, EXTRA_DIM, STATIC
 from .discovery import AdapterModule, walk
@@ -123,7 +123,7 @@ class _BaseSubspaces:
     def _write_base_file(self, entries: dict) -> None:
         if not self.is_world_process_zero:
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors, modules = {}, {}
         for name, (svd, fp, meta) in entries.items():
@@ -135,10 +135,8 @@ class _BaseSubspaces:
             modules[name] = {"fp": fp, "meta": meta}
         path = self.store.path.parent / BASE_SVD_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": BASE_SVD_FORMAT, "modules": json.dumps(modules),
-                                               "W0": "W_base + s B_0 A_0 (the weight at initialisation)"})
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save(tensors, metadata={"format": BASE_SVD_FORMAT, "modules": json.dumps(modules),
+                                                         "W0": "W_base + s B_0 A_0 (the weight at initialisation)"}))
 
 
 

@@ -69,6 +69,7 @@ import xarray as xr
 from torch import nn
 
 from . import sharding
+from ..fileio import atomic_write_text
 from .discovery import peft_config_of
 from .gradient_history import (FINAL_NAME, GRADIENT_DIR, STEP_CONVENTION, STORE_NAME, SUMMARY_NAME,
                                GradientFlowHistory)
@@ -534,9 +535,7 @@ class GradientFlowTracker(GradientFlowHistory):
             return None
         summary = self.get_summary_stats()
         path = self.store.path.with_name(SUMMARY_NAME)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(summary, indent=2))
         return self.store.path
 
     def finalize(self) -> Path | None:

@@ -12,11 +12,14 @@ footnote, so neither is confused with a small value or with missing data.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+
+from ..fileio import atomic_write_bytes
 
 __all__ = ["module_aggregate", "gradient_matrix", "gradient_heatmap", "layer_comparison", "heatmap_figure",
            "layer_comparison_figure", "save_gradient_pngs", "save_figure"]
@@ -215,11 +218,6 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     """Write ``fig`` as PNG to ``path`` (folder created; written to a temporary file, then renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, format="png", dpi=fig.dpi)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=fig.dpi)
+    return atomic_write_bytes(path, png.getvalue())
