@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+from perl.cli_support import OneLineParser, UsageError, fail, positive_int
 from perl.models.nano import (
     _OUR_FILES,
     RECIPE_FILE,
@@ -119,7 +120,7 @@ def build(out_dir: str | Path, seed: int = 0, quick: bool = False, recipe: NanoR
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="perlwb build-model",
         description="Rebuild the embedded countdown-nano model from a seed: generate Countdown "
         "problems, train a tiny Qwen2 on solver search traces, save and evaluate it.",
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{SHIPPED_DIR})")
     p.add_argument("--quick", action="store_true",
                    help="a small, fast variant (about a minute) that learns the format only")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default 2; on a machine shared with other jobs 1 is often faster)")
     p.add_argument("--no-progress", action="store_true", help="hide the evaluation progress bars")
     return p
@@ -143,14 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from perl.evaluate import prefer_passive_openmp
 
     prefer_passive_openmp()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
+        args = parser.parse_args(argv)
         _check_output_dir(Path(args.output_dir))
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {args.threads}.")
-    except ValueError as exc:
-        print(f"perlwb build-model: {exc}", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError) as exc:
+        return fail(str(exc), prog=parser.prog)
     recipe = NanoRecipe.quick(seed=args.seed) if args.quick else NanoRecipe(seed=args.seed)
     if args.threads is not None:
         recipe.threads = args.threads

@@ -18,11 +18,11 @@ import argparse
 import dataclasses
 import difflib
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from perl.cli_support import PROG, OneLineParser, UsageError, fail
 from perl.preflight import check_output_dir, optional_module, preflight
 from perl.config import (
     SECTIONS,
@@ -38,7 +38,6 @@ from perl.config import (
 
 __all__ = ["main", "build_parser", "config_from_args", "preflight", "check_output_dir", "COMMANDS", "UsageError"]
 
-PROG = "perlwb"
 # command -> (module, what to call it in messages); each module's `main(argv) -> int` runs it.
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("perl.evaluate", "evaluation"),
@@ -46,7 +45,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("perl.viz.report", "the HTML report"),
     "sweep": ("perl.sweep", "sweeps"),
 }
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\
@@ -68,17 +66,8 @@ flags, the --config.SECTION.FIELD flags. Lists are comma separated (q_proj,v_pro
 The resolved config is written to <output_dir>/config.yaml; --config of that file reproduces the run."""
 
 
-class UsageError(Exception):
-    """A mistake on the command line; its message becomes the one stderr line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    # note: argparse prints usage plus a message over several lines and exits; we want one line.
-    def error(self, message: str) -> None:  # type: ignore[override]
-        missing = re.match(r"argument (\S+): expected one argument", message)
-        if missing:
-            message = f"{missing.group(1)} expects a value (see --help)."
-        raise UsageError(message)
+# note: the names sweep.py and older callers import from here (the public ones live in cli_support)
+_Parser, _fail = OneLineParser, fail
 
 
 def _escape(text: str) -> str:
@@ -104,7 +93,7 @@ def _metavar(tp: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `perlwb train` parser: --config, the convenience flags, one flag per config field."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         usage=f"{PROG} [train] [--config PATH] [convenience flags] [--config.SECTION.FIELD VALUE ...]",
         description=DESCRIPTION,
@@ -220,18 +209,8 @@ def config_from_args(argv: Sequence[str]) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # Commands.
 
-def _one_line(message: str) -> str:
-    text = " ".join(str(message).split())
-    return text if text.endswith((".", "?", "!")) else text + "."
-
-
-def _fail(message: str) -> int:
-    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def _not_available(command: str, module: str) -> int:
-    return _fail(f"'{PROG} {command}' is not available in this installation (module {module} is missing).")
+    return fail(f"'{PROG} {command}' is not available in this installation (module {module} is missing).")
 
 
 def _train(argv: Sequence[str]) -> int:
@@ -241,14 +220,14 @@ def _train(argv: Sequence[str]) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except (ConfigError, UsageError) as e:
-        return _fail(str(e))
+        return fail(str(e))
     train_module = optional_module("perl.train")
     if train_module is None:
         return _not_available("train", "perl.train")
     try:
         result = train_module.train(cfg)
     except ConfigError as e:
-        return _fail(str(e))
+        return fail(str(e))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; partial results are in {cfg.training.output_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -306,7 +285,7 @@ def _delegate(command: str, argv: Sequence[str]) -> int:
     try:
         return int(run(list(argv)) or 0)
     except SystemExit as e:  # their argparse: --help or a usage error, already printed
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else _fail(str(e.code)))
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else fail(str(e.code)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -328,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = ["train", *COMMANDS]
     close = difflib.get_close_matches(command, names, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    return _fail(f"unknown command '{command}'; {hint}commands are {', '.join(names)}.")
+    return fail(f"unknown command '{command}'; {hint}commands are {', '.join(names)}.")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from perl.cli_support import OneLineParser, UsageError, fail, positive_int
+
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
@@ -217,21 +219,21 @@ def run_eval(model, tokenizer, problems, batch_size=64, max_new_tokens=DEFAULT_M
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="perlwb eval",
         description="Evaluate a model or a finished run on held-out Countdown problems "
         "(greedy and sampled at temperature 1).",
     )
     p.add_argument("model", help="countdown-nano, a model directory, a cached hub id, or a run folder")
-    p.add_argument("--n", type=int, default=500, help="number of held-out problems (default 500)")
+    p.add_argument("--n", type=positive_int, default=500, help="number of held-out problems (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problems and of sampling (default 0)")
-    p.add_argument("--num-numbers", type=int, default=3, help="numbers per problem (default 3)")
-    p.add_argument("--max-number", type=int, default=100, help="largest number in a problem (default 100)")
-    p.add_argument("--max-target", type=int, default=1000, help="largest target (default 1000)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+    p.add_argument("--num-numbers", type=positive_int, default=3, help="numbers per problem (default 3)")
+    p.add_argument("--max-number", type=positive_int, default=100, help="largest number in a problem (default 100)")
+    p.add_argument("--max-target", type=positive_int, default=1000, help="largest target (default 1000)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"completion budget in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default 64)")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--batch-size", type=positive_int, default=64, help="prompts per generate call (default 64)")
+    p.add_argument("--threads", type=positive_int, default=2,
                    help="torch CPU threads (default 2)")
     p.add_argument("--output", default=None, help="write the results as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -241,12 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``perlwb eval``: print the evaluation table; exit 2 with one line on stderr on a user error."""
     prefer_passive_openmp()
-    args = build_parser().parse_args(argv)
-    for name in ("n", "num_numbers", "max_number", "max_target", "max_new_tokens", "batch_size", "threads"):
-        if getattr(args, name) < 1:
-            print(f"perlwb eval: --{name.replace('_', '-')} must be a positive integer, "
-                  f"got {getattr(args, name)}.", file=sys.stderr)
-            return 2
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return fail(str(exc), prog=parser.prog)
     from perl.data.countdown import generate_problems
 
     try:
@@ -258,8 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with quiet_known_warnings():
             model, tokenizer, description = load_for_eval(args.model)
     except (ValueError, OSError) as exc:
-        print(f"perlwb eval: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), prog=parser.prog)
     import torch
 
     torch.set_num_threads(args.threads)

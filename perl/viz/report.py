@@ -14,18 +14,17 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as _dt
 import html
-import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from perl.cli_support import OneLineParser, UsageError, fail, positive_int
+from perl.fileio import atomic_write_text
 from perl.run import MissingDataWarning, Run, RunError, metric_name
 from perl.viz.explorers import PRODUCT, SPECTRAL_HEATMAP_METRICS, UPDATE, GRADIENT_VARIABLES
 from perl.viz.views import HeatmapView, LinesView, axis_label, category_colors, depth_colors
@@ -120,13 +119,7 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
         page = file_html(doc, resources, doc.title)
     page = _EXTERNAL_TAG.sub("", page)  # the template's favicon links point at a CDN
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)  # note: a failed write leaves nothing behind
-    return out
+    return atomic_write_text(out, page)  # note: a failed write leaves nothing behind
 
 
 def check_output_path(run: Run, out_html=None) -> Path:
@@ -424,24 +417,22 @@ def _header_html(run: Run, spectral, gradients, notes) -> str:
 # ------------------------------------------------------------------------------ command line
 def main(argv=None) -> int:
     """``perlwb report RUN_DIR [--output FILE] [--max-steps N]``; exit 2 with one line on a user error."""
-    parser = argparse.ArgumentParser(prog="perlwb report", description="Write a self-contained HTML report of a run.")
+    parser = OneLineParser(prog="perlwb report", description="Write a self-contained HTML report of a run.")
     parser.add_argument("run_dir", help="the run folder (training.output_dir)")
     parser.add_argument("--output", "-o", default=None, help="HTML file to write (default RUN_DIR/report.html)")
-    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_FRAMES,
+    parser.add_argument("--max-steps", type=positive_int, default=DEFAULT_MAX_FRAMES,
                         help=f"most steps per slider; longer runs are subsampled evenly (default {DEFAULT_MAX_FRAMES})")
-    args = parser.parse_args(argv)
-    if args.max_steps < 1:
-        print(f"perlwb report: --max-steps must be at least 1, got {args.max_steps}.", file=sys.stderr)
-        return 2
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        return fail(str(err), prog=parser.prog)
     try:
         path = write_report(args.run_dir, args.output, max_frames=args.max_steps)
     except RunError as err:
-        print(f"perlwb report: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err), prog=parser.prog)
     except OSError as err:
-        print(f"perlwb report: cannot write {args.output or 'the report'} ({err.strerror or err}); name another --output.",
-              file=sys.stderr)
-        return 2
+        return fail(f"cannot write {args.output or 'the report'} ({err.strerror or err}); name another --output.",
+                    prog=parser.prog)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
