@@ -1,25 +1,41 @@
-"""The run store: one growing netCDF file per tracker, crash-safe and readable while it grows.
+"""The run store: a folder of small netCDF files per tracker, crash-safe and readable while it grows.
 
 This is the one module that knows netCDF. A tracker hands it one labelled ``xr.Dataset`` per
-snapshot; the store appends it along the unlimited ``step`` dimension.
+snapshot; the store keeps them along the ``step`` dimension.
 
-Why atomic replacement: HDF5 (under netCDF4) does not support a reader and a writer on the same
-file at the same time, and a process killed mid-write can leave an unreadable file. So every
-append copies the store to a temporary file in the same folder, appends there, closes, fsyncs and
-``os.replace``s it over the store. A reader holding the old file keeps a consistent view (POSIX
-keeps the old inode alive); a new reader sees the new, complete file; SIGKILL at any moment
-leaves the last complete file. Nothing is kept in memory between appends except the list of
-stored step numbers, so memory does not grow with the number of steps. The price is one file copy
-per append (a few MB for a 1.5B model after thousands of snapshots).
+Layout. The live store (``spectral_logs/spectral_history.nc``) is a folder of netCDF files named
+``steps_<first>_<last>.nc``, each a complete, self-describing netCDF file (dims, coordinates,
+attrs) holding a run of consecutive snapshots:
+
+- the newest file holds the last < ``BLOCK`` snapshots; an append copies it (at most ``BLOCK``
+  snapshots, a few MB at 1.5B shapes), appends to the copy, fsyncs it and renames it into place
+  under its new name, then removes the old one. Once it holds ``BLOCK`` snapshots it is left as
+  it is and the next append starts a new file;
+- every ``MERGE`` full files are merged into one file of ``BLOCK * MERGE`` snapshots, written
+  fresh with chunks of one (layer, module) cell, renamed into place, and the small files removed.
+
+So the cost of an append does not depend on how long the run is (it copies at most ``BLOCK``
+snapshots; once every ``BLOCK * MERGE`` appends, a merge reads and writes that many), and a store
+of 10,000 snapshots is at most ~40 files. Every file is written under a hidden temporary name
+and ``os.replace``d into place, and no visible file is ever modified: a reader sees complete
+files only, and a writer killed by SIGKILL at any moment leaves every earlier snapshot readable.
+Where a new file covers the steps of older ones that were not removed yet (a merge, or a kill
+between rename and removal), readers take the file covering the widest range. ``finalize``
+writes the consolidated single ``*_final.nc`` file at the end of training. A store written by an
+earlier version as one ``.nc`` file is still read, and continued in the folder layout.
+
+Storage: floats are compressed losslessly (zlib + shuffle); a store created with
+``float32=True`` keeps float64 values as float32 (for quantities computed from float32
+weights, where the extra digits are rounding noise of the computation, not data) and says so in
+the global attr ``stored_float_precision``.
 
 Schema rules:
 - ``step`` is the only growing dimension; every other dimension (``layer``, ``module``, ``sv``,
   ...) and its coordinate values are fixed by the first append. A later append with other sizes
   or labels is refused with a clear error.
 - Trackers declare every variable at the first append (NaN-filled where a quantity does not
-  exist yet). A variable that first appears in a later append is still accepted: it is added
-  then, and earlier steps read NaN (its ``_FillValue``). A variable missing from an append reads
-  NaN at that step.
+  exist yet). A variable that first appears in a later append is still accepted: earlier steps
+  read NaN. A variable missing from an append reads NaN at that step.
 - NaN and Inf are stored as they are. Floating variables have ``_FillValue = NaN``.
 - Variables without a ``step`` dimension are static: written at every append (last wins).
 - Strings (coordinates such as ``module``, ``component``) are netCDF variable-length strings.
@@ -27,8 +43,10 @@ Schema rules:
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,9 +55,18 @@ import netCDF4
 import numpy as np
 import xarray as xr
 
-__all__ = ["RunStore", "StoreError"]
+__all__ = ["RunStore", "StoreError", "BLOCK", "MERGE"]
 
 STEP = "step"
+BLOCK = 32            # snapshots per small file (the most an append ever copies)
+MERGE = 32            # full small files merged into one file of BLOCK * MERGE snapshots
+PART = re.compile(r"^steps_(-?\d+)_(-?\d+)\.nc$")
+# note: readers load files this small into memory at once (the writer removes them when it
+# continues or merges them); larger files are never removed while training runs, so they are read lazily
+_CELL_DIMS = ("layer", "module")
+_CHUNK_BYTES = 1 << 16
+_COMPRESSION = {"zlib": True, "shuffle": True, "complevel": 4}
+_READ_RETRIES = 20
 
 
 class StoreError(ValueError):
@@ -56,18 +83,22 @@ class RunStore:
         store.truncate_after(10)        # on resume from checkpoint-10: drop steps > 10
         store.finalize("run/spectral_history_final.nc")
         ds = RunStore.open("run/spectral_logs/spectral_history.nc")   # any process, any time
+        ds = RunStore.open(path, lazy=True)   # dask-backed: reads only what is selected
 
     Args:
-        path (str | Path): the store file. Created (with its folder) at the first append; an
-            existing file is continued (resume).
+        path (str | Path): the store (a folder of netCDF files, see the module docstring).
+            Created (with its parents) at the first append; an existing store is continued (resume).
         attrs (dict, optional): global attributes written into the file at every append, merged
             over the appended Dataset's own attrs. Values may be str, numbers, lists of numbers
             or strings; dicts are stored as JSON, bools as 0/1, None is skipped.
+        float32 (bool, defaults to False): store float64 data variables as float32 (lossless for
+            values computed from float32 weights up to float32 rounding; said in the attrs).
     """
 
-    def __init__(self, path: str | os.PathLike, attrs: dict | None = None):
+    def __init__(self, path: str | os.PathLike, attrs: dict | None = None, float32: bool = False):
         self.path = Path(path)
         self.attrs = dict(attrs or {})
+        self.float32 = bool(float32)
         self._steps: list[int] = _read_steps(self.path) if self.path.exists() else []
         self._remove_stale_temporaries()
 
@@ -78,37 +109,41 @@ class RunStore:
         return list(self._steps)
 
     def read(self) -> xr.Dataset:
-        """The whole store, loaded into memory (file closed). Empty Dataset if nothing stored."""
+        """The whole store, loaded into memory (files closed). Empty Dataset if nothing stored."""
         if not self.path.exists():
             return xr.Dataset(attrs=_clean_attrs(self.attrs))
         return RunStore.open(self.path)
 
     @staticmethod
-    def open(path: str | os.PathLike) -> xr.Dataset:
-        """Read a store (live or final) into memory and close the file at once.
+    def open(path: str | os.PathLike, lazy: bool = False) -> xr.Dataset:
+        """Read a store (live folder, final file, or an older single-file store).
 
-        Closing at once matters: the writer replaces the file after every append, and a reader
-        must not hold HDF5 handles longer than needed.
+        ``lazy=False`` reads everything into memory and closes the files at once. ``lazy=True``
+        returns dask-backed variables that read only what is selected (files of the live store
+        that the writer may still remove are read at once; the rest stay open until the Dataset
+        is closed or garbage collected).
 
         Args:
-            path (str | Path): a ``.nc`` file written by a RunStore.
+            path (str | Path): a store folder or a ``.nc`` file written by a RunStore.
+            lazy (bool, defaults to False): see above.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"No run store at {path}: expected a .nc file written by a tracker; check the run folder.")
-        try:
-            with xr.open_dataset(path, engine="netcdf4", cache=False) as ds:
-                loaded = ds.load()
-        except OSError as err:
-            raise StoreError(f"Cannot read run store {path} ({err}); expected a netCDF4 file written by a tracker.") from err
-        for name, value in list(loaded.attrs.items()):
-            # attrs that were dicts on the way in come back as dicts
-            if isinstance(value, str) and name.endswith("_json"):
+        if path.is_dir():
+            for attempt in range(_READ_RETRIES):
+                files = [p for _, _, p in _parts(path)]
+                if not files:
+                    raise FileNotFoundError(f"The run store {path} holds no snapshots yet (no steps_*.nc files); "
+                                            "check the run folder, or wait for the first snapshot.")
                 try:
-                    loaded.attrs[name] = json.loads(value)
-                except ValueError:
-                    pass
-        return loaded
+                    parts = [_open_file(p, lazy=lazy and _n_steps_hint(p) > BLOCK) for p in files]
+                except FileNotFoundError:
+                    continue  # the writer replaced a file between listing and opening: list again
+                return _decode_attrs(_combine(parts))
+            raise StoreError(f"The run store {path} changed at every one of {_READ_RETRIES} attempts to read it; try again.")
+        if not path.is_file():
+            raise FileNotFoundError(f"No run store at {path}: expected a store folder or a .nc file written by a tracker; "
+                                    "check the run folder.")
+        return _decode_attrs(_open_file(path, lazy=lazy))
 
     # ---------------------------------------------------------------- writing
     def append(self, ds: xr.Dataset) -> None:
@@ -119,31 +154,47 @@ class RunStore:
                 gives every data variable a step dimension) whose values are all greater than the
                 last stored step; every other dimension matches the store's.
         """
-        ds = _as_step_dataset(ds)
+        ds = self._prepared(ds)
         new_steps = [int(s) for s in ds[STEP].values]
         if any(b <= a for a, b in zip(new_steps, new_steps[1:])):
             raise StoreError(f"Steps to append must increase, got {new_steps}.")
+        staging = self._to_folder()
+        parts = _parts(self.path) if staging is None else []
+        if parts and (not self._steps or parts[-1][1] != self._steps[-1]):
+            self._steps = _read_steps(self.path)  # another RunStore object wrote here since
         if self._steps and new_steps and new_steps[0] <= self._steps[-1]:
             raise StoreError(
                 f"Step {new_steps[0]} is not after the last stored step {self._steps[-1]} in {self.path}; "
                 f"call truncate_after({new_steps[0] - 1}) first when resuming from an earlier checkpoint."
             )
+        if not new_steps:
+            return
         attrs = {**ds.attrs, **self.attrs}
-        if not self.path.exists():
-            self._write_new(ds, attrs)
-        else:
+        last = parts[-1] if parts else None
+        held = self._count(last[0], last[1]) if last else 0
+        if last is not None:
+            with netCDF4.Dataset(last[2], "r") as nc:
+                _check_schema(nc, ds, self.path)
+        if last is not None and held + len(new_steps) <= BLOCK:
+            # continue the newest small file: copy (bounded by BLOCK), append, rename under its new name
             tmp = self._temporary()
             try:
-                shutil.copyfile(self.path, tmp)
+                shutil.copyfile(last[2], tmp)
                 with netCDF4.Dataset(tmp, "a") as nc:
-                    _check_schema(nc, ds, self.path)
-                    _append_into(nc, ds)
+                    _append_into(nc, ds, chunking=_block_chunks)
                     _set_global_attrs(nc, attrs)
-                _fsync_and_replace(tmp, self.path)
+                _fsync_and_replace(tmp, self._name(last[0], new_steps[-1]))
             finally:
-                if tmp.exists():
-                    tmp.unlink()
+                tmp.unlink(missing_ok=True)
+            _unlink_quietly(last[2])
+        elif staging is not None:
+            # the first file is written in a hidden folder renamed into place: a store that exists has a snapshot
+            _write_file(staging / self._name(new_steps[0], new_steps[-1]).name, ds, attrs, chunking=_block_chunks)
+            _fsync_and_replace(staging, self.path)
+        else:
+            _write_file(self._name(new_steps[0], new_steps[-1]), ds, attrs, chunking=_block_chunks)
         self._steps.extend(new_steps)
+        self._merge_if_due()
 
     def truncate_after(self, step: int) -> None:
         """Drop every stored step greater than ``step`` (resume from checkpoint-``step``).
@@ -153,49 +204,244 @@ class RunStore:
         """
         if not self.path.exists() or not self._steps or self._steps[-1] <= step:
             return
-        ds = RunStore.open(self.path)
-        ds = ds.isel({STEP: np.flatnonzero(ds[STEP].values <= step)})
-        self._write_new(ds, ds.attrs)
+        if self.path.is_file():  # an older single-file store: rewrite it
+            ds = RunStore.open(self.path)
+            ds = ds.isel({STEP: np.flatnonzero(ds[STEP].values <= step)})
+            _write_file(self.path, ds, ds.attrs, chunking=_cell_chunks)
+            self._steps = [s for s in self._steps if s <= step]
+            return
+        for first, last, file in _parts(self.path):
+            if first <= step < last:  # the file that straddles the resume point: keep its head
+                ds = _open_file(file, lazy=False)
+                ds = ds.isel({STEP: np.flatnonzero(ds[STEP].values <= step)})
+                kept = int(ds[STEP].values[-1])
+                _write_file(self._name(first, kept), ds, ds.attrs, chunking=_cell_chunks)
+        # note: only after the head is in place, so a kill here leaves the old (untruncated) view
+        for name in os.listdir(self.path):
+            match = PART.match(name)
+            if match and int(match[2]) > step:
+                _unlink_quietly(self.path / name)
         self._steps = [s for s in self._steps if s <= step]
 
     def clear(self) -> None:
         """Delete the store (a new run reusing the folder); the next append starts a new schema."""
-        self.path.unlink(missing_ok=True)
+        if self.path.is_dir():
+            for name in os.listdir(self.path):
+                if PART.match(name) or name.endswith(".tmp"):
+                    _unlink_quietly(self.path / name)
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass  # note: files that are not ours stay
+        else:
+            self.path.unlink(missing_ok=True)
         self._steps = []
 
     def finalize(self, final_path: str | os.PathLike) -> Path:
-        """Write the whole store as one consolidated, compressed file (atomic too).
+        """Write the whole store as one consolidated, compressed netCDF file (atomic too).
+
+        Written ``BLOCK * MERGE`` steps at a time, so memory does not grow with the run; chunks
+        hold one (layer, module) cell, so a reader of one cell's history reads little else.
 
         Args:
             final_path (str | Path): destination, e.g. ``<run>/spectral_history_final.nc``.
         """
         final_path = Path(final_path)
-        ds = self.read()
-        _write_file(final_path, ds, {**ds.attrs, **self.attrs}, compress=True)
+        if not self.path.exists():
+            _write_file(final_path, xr.Dataset(), self.attrs, chunking=_cell_chunks)
+            return final_path
+        ds = RunStore.open(self.path, lazy=True)
+        attrs = {**ds.attrs, **self.attrs}
+        n = ds.sizes.get(STEP, 0)
+        span = BLOCK * MERGE
+        if n <= span:
+            _write_file(final_path, ds.load(), attrs, chunking=_cell_chunks)
+            ds.close()
+            return final_path
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final_path.with_name(f".{final_path.name}.{os.getpid()}.tmp")
+        try:
+            _write_file(tmp, ds.isel({STEP: slice(0, span)}).load(), attrs, chunking=_cell_chunks, replace=False)
+            with netCDF4.Dataset(tmp, "a") as nc:
+                for start in range(span, n, span):
+                    _append_into(nc, ds.isel({STEP: slice(start, start + span)}).load(), chunking=_cell_chunks)
+            _fsync_and_replace(tmp, final_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            ds.close()
         return final_path
 
     # ---------------------------------------------------------------- helpers
-    def _temporary(self) -> Path:
-        return self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+    def _prepared(self, ds: xr.Dataset) -> xr.Dataset:
+        ds = _as_step_dataset(ds)
+        if self.float32:
+            cast = {name: ds[name].astype(np.float32) for name in ds.data_vars if ds[name].dtype == np.float64}
+            ds = ds.assign(cast)
+        ds.attrs = {**ds.attrs, "stored_float_precision": _precision_note(ds, self.float32)}
+        return ds
 
-    def _write_new(self, ds: xr.Dataset, attrs: dict) -> None:
-        _write_file(self.path, ds, attrs, compress=False)
+    def _count(self, first: int, last: int) -> int:
+        return bisect.bisect_right(self._steps, last) - bisect.bisect_left(self._steps, first)
+
+    def _name(self, first: int, last: int) -> Path:
+        return self.path / f"steps_{first:010d}_{last:010d}.nc"
+
+    def _temporary(self) -> Path:
+        return self.path / f".{os.getpid()}.tmp"
+
+    def _merge_if_due(self) -> None:
+        """Merge the trailing run of full small files once there are MERGE of them."""
+        parts = _parts(self.path)
+        tail = []
+        for first, last, file in reversed(parts):
+            if self._count(first, last) > BLOCK:
+                break
+            tail.append((first, last, file))
+        tail.reverse()
+        if not tail or self._count(*tail[-1][:2]) < BLOCK:
+            tail = tail[:-1]  # the newest file is still filling up
+        if len(tail) < MERGE:
+            return
+        tail = tail[-MERGE:] if len(tail) > MERGE else tail
+        parts_ds = [_open_file(file, lazy=False) for _, _, file in tail]
+        merged = _decode_attrs(_combine(parts_ds))
+        attrs = {**merged.attrs, **self.attrs}
+        _write_file(self._name(tail[0][0], tail[-1][1]), merged, attrs, chunking=_cell_chunks)
+        for _, _, file in tail:
+            _unlink_quietly(file)
+
+    def _to_folder(self) -> Path | None:
+        """Move an older single-file store into the folder layout (continued as its first file).
+
+        Returns a new hidden folder to write the first file into when there is no store yet.
+        """
+        if self.path.is_dir():
+            return None
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        if not self.path.is_file():
+            return staging
+        steps = _read_steps(self.path)
+        if steps:
+            os.replace(self.path, staging / f"steps_{steps[0]:010d}_{steps[-1]:010d}.nc")
+        _fsync_and_replace(staging, self.path)
+        return None
 
     def _remove_stale_temporaries(self) -> None:
         # a writer killed mid-append leaves its temporary behind; the store itself is intact
-        if not self.path.parent.is_dir():
-            return
-        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            pid = tmp.name[len(self.path.name) + 2 : -4]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                tmp.unlink(missing_ok=True)
+        folders = [self.path] if self.path.is_dir() else []
+        if self.path.parent.is_dir():
+            folders.append(self.path.parent)
+        for folder in folders:
+            for tmp in folder.glob(".*.tmp"):
+                pid = tmp.name[1:-4].rsplit(".", 1)[-1]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    if tmp.is_dir():
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    else:
+                        tmp.unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------- reading files
+def _parts(folder: Path) -> list[tuple[int, int, Path]]:
+    """The store's files that together hold every stored step once, in step order.
+
+    Files are nested or disjoint by construction; of nested ones the widest wins (a merged file
+    whose small files were not removed yet).
+    """
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    entries = []
+    for name in names:
+        match = PART.match(name)
+        if match:
+            entries.append((int(match[1]), int(match[2]), folder / name))
+    entries.sort(key=lambda e: (e[0], -e[1]))
+    chosen: list[tuple[int, int, Path]] = []
+    for entry in entries:
+        if not chosen or entry[0] > chosen[-1][1]:
+            chosen.append(entry)
+    return chosen
+
+
+def _n_steps_hint(path: Path) -> int:
+    match = PART.match(path.name)
+    return int(match[2]) - int(match[1]) + 1 if match else BLOCK + 1
+
+
+def _open_file(path: Path, lazy: bool) -> xr.Dataset:
+    try:
+        ds = xr.open_dataset(path, engine="netcdf4", cache=False, chunks=-1 if lazy else None)
+        if not lazy:
+            with ds:
+                ds = ds.load()
+        return ds
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - netCDF4/HDF5 raise many types for a damaged file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise StoreError(f"Cannot read run store {path} ({reason}); expected a netCDF4 file written by a tracker.") from err
+
+
+def _combine(parts: list[xr.Dataset]) -> xr.Dataset:
+    """Files of one store as one Dataset: step variables concatenated, static ones from the last file."""
+    if len(parts) == 1:
+        return parts[0]
+    last = parts[-1]
+    static = [name for name in last.data_vars if STEP not in last[name].dims]
+    stepped = [ds.drop_vars([n for n in ds.data_vars if STEP not in ds[n].dims]) for ds in parts]
+    combined = xr.concat(stepped, dim=STEP, data_vars="minimal", coords="minimal", compat="override",
+                         join="override", combine_attrs="override")
+    combined = combined.assign({name: last[name] for name in static})
+    combined.attrs = dict(last.attrs)
+    return combined
+
+
+def _decode_attrs(ds: xr.Dataset) -> xr.Dataset:
+    for name, value in list(ds.attrs.items()):
+        # attrs that were dicts on the way in come back as dicts
+        if isinstance(value, str) and name.endswith("_json"):
+            try:
+                ds.attrs[name] = json.loads(value)
+            except ValueError:
+                pass
+    return ds
+
+
+def _precision_note(ds: xr.Dataset, float32: bool) -> str:
+    if float32:
+        return ("float32: values computed in float64 from float32 weights, stored as float32 "
+                "(relative rounding <= 6e-8 per value); compressed losslessly (zlib + shuffle)")
+    kinds = {str(ds[n].dtype) for n in ds.data_vars if ds[n].dtype.kind == "f"}
+    return f"{', '.join(sorted(kinds)) or 'float64'} as computed; compressed losslessly (zlib + shuffle)"
 
 
 # -------------------------------------------------------------------- file writing
-def _write_file(path: Path, ds: xr.Dataset, attrs: dict, compress: bool) -> None:
+def _block_chunks(var: xr.Variable) -> tuple[int, ...] | None:
+    """Small files: one chunk per variable holding BLOCK steps (appends fill it in place)."""
+    if STEP not in var.dims:
+        return None
+    return tuple(BLOCK if d == STEP else max(1, n) for d, n in zip(var.dims, var.shape))
+
+
+def _cell_chunks(var: xr.Variable) -> tuple[int, ...] | None:
+    """Merged and final files: chunks of one (layer, module) cell and ~64 kB of steps."""
+    if STEP not in var.dims:
+        return None
+    rest = [1 if d in _CELL_DIMS else max(1, n) for d, n in zip(var.dims, var.shape) if d != STEP]
+    steps = max(1, _CHUNK_BYTES // (var.dtype.itemsize * int(np.prod(rest))))
+    steps = min(steps, 1 << 14)
+    return tuple(steps if d == STEP else (1 if d in _CELL_DIMS else max(1, n)) for d, n in zip(var.dims, var.shape))
+
+
+def _write_file(path: Path, ds: xr.Dataset, attrs: dict, chunking=_cell_chunks, replace: bool = True) -> None:
     """Create ``path`` holding ``ds`` (step unlimited), via a temporary file and os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp") if replace else path
     try:
         with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
             if STEP in ds.dims or STEP in ds.coords:
@@ -206,21 +452,22 @@ def _write_file(path: Path, ds: xr.Dataset, attrs: dict, compress: bool) -> None
                     nc.createDimension(dim, size)
             for name, coord in ds.coords.items():
                 if coord.dims == (name,):
-                    _create_variable(nc, name, coord, compress)[:] = _encode(coord.values)
-            _append_into(nc, ds, compress=compress, start=0)
+                    _create_variable(nc, name, coord.variable, chunking)[:] = _encode(coord.values)
+            _append_into(nc, ds, chunking=chunking, start=0)
             _set_global_attrs(nc, attrs)
-        _fsync_and_replace(tmp, path)
+        if replace:
+            _fsync_and_replace(tmp, path)
     finally:
-        if tmp.exists():
+        if replace and tmp.exists():
             tmp.unlink()
 
 
-def _append_into(nc: netCDF4.Dataset, ds: xr.Dataset, compress: bool = False, start: int | None = None) -> None:
+def _append_into(nc: netCDF4.Dataset, ds: xr.Dataset, chunking=_cell_chunks, start: int | None = None) -> None:
     """Write ``ds``'s steps, data variables and non-index coordinates at the end of ``step``."""
     n0 = len(nc.dimensions[STEP]) if start is None else start
     n = ds.sizes.get(STEP, 0)
     if STEP not in nc.variables and STEP in ds.variables:
-        _create_variable(nc, STEP, ds[STEP].variable, compress)
+        _create_variable(nc, STEP, ds[STEP].variable, None)
     if n:
         nc.variables[STEP][n0 : n0 + n] = ds[STEP].values.astype(np.int64)
     extra_coords = [c for c in ds.coords if c not in ds.dims]
@@ -233,7 +480,7 @@ def _append_into(nc: netCDF4.Dataset, ds: xr.Dataset, compress: bool = False, st
                         f"Variable {name!r} uses dimension {dim!r} that the store does not have; "
                         "declare every dimension at the first append."
                     )
-            _create_variable(nc, name, var, compress)
+            _create_variable(nc, name, var, chunking)
         target = nc.variables[name]
         if STEP in var.dims and STEP not in target.dimensions:
             var = var.isel({STEP: -1})  # static in the store: the latest value wins
@@ -251,18 +498,21 @@ def _append_into(nc: netCDF4.Dataset, ds: xr.Dataset, compress: bool = False, st
         nc.setncattr("coordinates", " ".join(sorted(known | set(extra_coords))))
 
 
-def _create_variable(nc: netCDF4.Dataset, name: str, var: xr.DataArray, compress: bool):
+def _create_variable(nc: netCDF4.Dataset, name: str, var: xr.Variable, chunking):
     kind = var.dtype.kind
     attrs = {k: v for k, v in var.attrs.items() if k != "_FillValue"}
+    chunks = chunking(var) if chunking is not None and var.ndim else None
+    layout = {"chunksizes": chunks} if chunks else {}
+    compressed = {**_COMPRESSION, **layout} if var.ndim else {}
     if kind in "OUS":
         v = nc.createVariable(name, str, var.dims)
     elif kind == "b":
-        v = nc.createVariable(name, "i1", var.dims, zlib=compress)
+        v = nc.createVariable(name, "i1", var.dims, **compressed)
         attrs["dtype"] = "bool"  # xarray decodes this back to bool
     elif kind == "f":
-        v = nc.createVariable(name, var.dtype, var.dims, zlib=compress, fill_value=np.nan)
+        v = nc.createVariable(name, var.dtype, var.dims, fill_value=np.nan, **compressed)
     elif kind in "iu":
-        v = nc.createVariable(name, var.dtype, var.dims, zlib=compress)
+        v = nc.createVariable(name, var.dtype, var.dims, **(compressed if name != STEP else {}))
     else:
         raise StoreError(f"Variable {name!r} has dtype {var.dtype}, which the run store cannot hold; use numbers or strings.")
     for key, value in _clean_attrs(attrs).items():
@@ -354,19 +604,30 @@ def _set_global_attrs(nc: netCDF4.Dataset, attrs: dict) -> None:
 
 
 def _read_steps(path: Path) -> list[int]:
+    files = [p for _, _, p in _parts(path)] if path.is_dir() else [path]
+    steps: list[int] = []
+    for file in files:
+        try:
+            with netCDF4.Dataset(file, "r") as nc:
+                if STEP in nc.variables:
+                    steps.extend(int(s) for s in np.asarray(nc.variables[STEP][:]))
+        except OSError as err:
+            raise StoreError(
+                f"Cannot read run store {file} ({err}); expected a netCDF4 file written by a tracker. "
+                "Move it away to start a new store."
+            ) from err
+    return steps
+
+
+def _unlink_quietly(path: Path) -> None:
     try:
-        with netCDF4.Dataset(path, "r") as nc:
-            if STEP not in nc.variables:
-                return []
-            return [int(s) for s in np.asarray(nc.variables[STEP][:])]
-    except OSError as err:
-        raise StoreError(
-            f"Cannot read run store {path} ({err}); expected a netCDF4 file written by a tracker. "
-            "Move it away to start a new store."
-        ) from err
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_and_replace(tmp: Path, path: Path) -> None:
+    """fsync ``tmp`` (a file or a folder), then rename it over ``path`` and fsync the parent folder."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
