@@ -5,8 +5,8 @@
 stored files only (docs/architecture.md, "Run folder"), so a run trained last week on a GPU
 cluster opens the same way as one trained a minute ago in this kernel.
 
-Files are read into memory and closed at once: the trackers replace their stores atomically after
-every append, and a reader must not hold the file it is replaced under.
+Stores are read through `perl.trackers.store.RunStore.open`: small ones into memory at once, large
+ones (long runs) lazily, so opening a 10,000-snapshot run does not read it all.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ SPECTRAL_FINAL = Path("spectral_history_final.nc")
 GRADIENT_LIVE = Path("gradient_logs") / "gradient_flow.nc"
 GRADIENT_FINAL = Path("gradient_flow_final.nc")
 METRICS_FILE = "metrics.jsonl"
+LOAD_BYTES = 256 << 20  # stores smaller than this are read into memory at once; larger ones stay lazy
 CONFIG_FILE = "config.yaml"
 
 # units of the Trainer's logged values that are not dimensionless
@@ -210,27 +211,29 @@ def open_run(output_dir: str | os.PathLike) -> Run:
 
 
 # ---------------------------------------------------------------------- reading files
-def read_store(path: Path) -> xr.Dataset:
-    """A tracker store (netCDF) loaded into memory, file closed; `RunError` if unreadable.
+def read_store(path: Path, lazy: bool | None = None) -> xr.Dataset:
+    """A tracker store (live folder or final netCDF file) via `RunStore.open`; `RunError` if unreadable.
 
-    Reads as `perl.trackers.store.RunStore.open` does (attrs ending in ``_json`` decoded), without
-    importing the trackers package, so analysis never pulls in torch.
+    ``lazy=None`` (default) opens lazily and loads into memory at once when the store is small
+    (under ``LOAD_BYTES``), so a large run opens in about a second and a selection reads only
+    its own chunks. ``perl.trackers.store`` imports no torch, so analysis never pulls it in.
     """
+    from perl.trackers.store import RunStore, StoreError
+
     try:
-        with xr.open_dataset(path, engine="netcdf4", cache=False) as ds:
-            loaded = ds.load()
+        ds = RunStore.open(path, lazy=lazy is not False)
     except FileNotFoundError as err:
         raise RunError(f"{path} disappeared while reading; call refresh() again.") from err
+    except StoreError as err:
+        raise RunError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - netCDF4/HDF5 raise many types for a damaged file
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RunError(f"Cannot read {path} as a netCDF store ({reason}); the file is damaged or not a tracker store.") from None
-    for name, value in list(loaded.attrs.items()):
-        if isinstance(value, str) and name.endswith("_json"):
-            try:
-                loaded.attrs[name] = json.loads(value)
-            except ValueError:
-                pass
-    return loaded
+    if lazy is None and ds.nbytes <= LOAD_BYTES:
+        loaded = ds.load()
+        ds.close()
+        return loaded
+    return ds
 
 
 def read_metrics(path: Path) -> xr.Dataset:
@@ -301,7 +304,8 @@ def _tracking_dir(path: Path, config: dict) -> Path:
 
 def _newer(live: Path, final: Path) -> Path | None:
     """The live store when it is newer than the final file (still training, or resumed)."""
-    live_ok, final_ok = live.is_file(), final.is_file()
+    # note: the live store is a folder (its mtime moves at every append) or, in older runs, a file
+    live_ok, final_ok = live.exists(), final.is_file()
     if live_ok and final_ok:
         return live if live.stat().st_mtime_ns > final.stat().st_mtime_ns else final
     return live if live_ok else final if final_ok else None
@@ -444,11 +448,7 @@ class Runs:
 
 
 def _open_lazy(path: Path) -> xr.Dataset:
-    try:
-        return xr.open_dataset(path, engine="netcdf4", chunks=-1, cache=False)  # one chunk per variable: few dask tasks
-    except Exception as err:  # noqa: BLE001 - netCDF4/HDF5 raise many types for a damaged file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RunError(f"Cannot read {path} as a netCDF store ({reason}); the file is damaged or not a tracker store.") from None
+    return read_store(path, lazy=True)  # dask arrays; one chunk per variable and file: few dask tasks
 
 
 def open_runs(runs: str | os.PathLike | Iterable) -> Runs:

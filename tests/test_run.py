@@ -26,6 +26,9 @@ def lora_dir(tmp_path_factory):
 
 
 def _nc(path, name):
+    if Path(path).is_dir():  # a live store: its steps_*.nc files in step order (none overlap in a fresh store)
+        parts = [_nc(f, name) for f in sorted(Path(path).glob("steps_*.nc"))]
+        return np.concatenate([values for values, _ in parts]), parts[0][1]
     with netCDF4.Dataset(path) as nc:
         nc.set_auto_mask(False)
         return np.asarray(nc.variables[name][:]), [str(v) for v in nc.variables["module"][:]] if "module" in nc.variables else None

@@ -179,7 +179,10 @@ class SpectralTracker:
         self._n_sv, self._n_update = self._spectrum_sizes()
         self.peft_type = peft_type or _derive_peft_type(self.model, self.adapter_name)
         self.attrs = self._global_attrs(run_attrs or {}, max_layers_to_track)
-        self.store = RunStore(self.save_dir / SPECTRAL_DIR / STORE_NAME, attrs=self.attrs)
+        # note: spectra of float32 (or narrower) weights are stored as float32: the rest is rounding noise
+        narrow = all(t.dtype.itemsize <= 4 for a in tracked for ts in a.components.values() for t in ts
+                     if torch.is_tensor(t) and t.is_floating_point())
+        self.store = RunStore(self.save_dir / SPECTRAL_DIR / STORE_NAME, attrs=self.attrs, float32=narrow)
 
     # ---------------------------------------------------------------- initial state
     def _capture_init(self) -> None:
@@ -528,9 +531,9 @@ class SpectralTracker:
         The returned object has ``.data`` and the analysis methods; it cannot log.
         """
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() and not RunStore.is_store(path):
             for candidate in (path / FINAL_NAME, path / SPECTRAL_DIR / STORE_NAME, path / STORE_NAME):
-                if candidate.is_file():
+                if candidate.exists():
                     path = candidate
                     break
             else:

@@ -115,6 +115,12 @@ class RunStore:
         return RunStore.open(self.path)
 
     @staticmethod
+    def is_store(path: str | os.PathLike) -> bool:
+        """True for a store folder (one holding ``steps_*.nc`` files); False for other folders and files."""
+        path = Path(path)
+        return path.is_dir() and bool(_parts(path))
+
+    @staticmethod
     def open(path: str | os.PathLike, lazy: bool = False) -> xr.Dataset:
         """Read a store (live folder, final file, or an older single-file store).
 
