@@ -65,7 +65,6 @@ PART = re.compile(r"^steps_(-?\d+)_(-?\d+)\.nc$")
 # continues or merges them); larger files are never removed while training runs, so they are read lazily
 _CELL_DIMS = ("layer", "module")
 _CHUNK_BYTES = 1 << 16
-_COMPRESSION = {"zlib": True, "shuffle": True, "complevel": 4}
 _READ_RETRIES = 20
 
 
@@ -175,19 +174,22 @@ class RunStore:
             )
         if not new_steps:
             return
-        attrs = {**ds.attrs, **self.attrs}
         last = parts[-1] if parts else None
         held = self._count(last[0], last[1]) if last else 0
+        previous: dict = {}
         if last is not None:
             with netCDF4.Dataset(last[2], "r") as nc:
                 _check_schema(nc, ds, self.path)
+                previous = {k: nc.getncattr(k) for k in nc.ncattrs() if k != "coordinates"}
+        attrs = {**previous, **ds.attrs, **self.attrs}  # global attrs accumulate, the latest value wins
         if last is not None and held + len(new_steps) <= BLOCK:
-            # continue the newest small file: copy (bounded by BLOCK), append, rename under its new name
+            # continue the newest small file: copy it (at most BLOCK snapshots), append to the copy (one
+            # chunk per step: nothing already written is rewritten), rename it in under its new name
             tmp = self._temporary()
             try:
                 shutil.copyfile(last[2], tmp)
                 with netCDF4.Dataset(tmp, "a") as nc:
-                    _append_into(nc, ds, chunking=_block_chunks)
+                    _append_into(nc, ds, layout=SMALL, float32=self.float32)
                     _set_global_attrs(nc, attrs)
                 _fsync_and_replace(tmp, self._name(last[0], new_steps[-1]))
             finally:
@@ -195,10 +197,10 @@ class RunStore:
             _unlink_quietly(last[2])
         elif staging is not None:
             # the first file is written in a hidden folder renamed into place: a store that exists has a snapshot
-            _write_file(staging / self._name(new_steps[0], new_steps[-1]).name, ds, attrs, chunking=_block_chunks)
+            _write_file(staging / self._name(new_steps[0], new_steps[-1]).name, ds, attrs, layout=SMALL, float32=self.float32)
             _fsync_and_replace(staging, self.path)
         else:
-            _write_file(self._name(new_steps[0], new_steps[-1]), ds, attrs, chunking=_block_chunks)
+            _write_file(self._name(new_steps[0], new_steps[-1]), ds, attrs, layout=SMALL, float32=self.float32)
         self._steps.extend(new_steps)
         self._merge_if_due()
 
@@ -213,7 +215,7 @@ class RunStore:
         if self.path.is_file():  # an older single-file store: rewrite it
             ds = RunStore.open(self.path)
             ds = ds.isel({STEP: np.flatnonzero(ds[STEP].values <= step)})
-            _write_file(self.path, ds, ds.attrs, chunking=_cell_chunks)
+            _write_file(self.path, ds, ds.attrs, layout=CELL)
             self._steps = [s for s in self._steps if s <= step]
             return
         for first, last, file in _parts(self.path):
@@ -221,7 +223,7 @@ class RunStore:
                 ds = _open_file(file, lazy=False)
                 ds = ds.isel({STEP: np.flatnonzero(ds[STEP].values <= step)})
                 kept = int(ds[STEP].values[-1])
-                _write_file(self._name(first, kept), ds, ds.attrs, chunking=_cell_chunks)
+                _write_file(self._name(first, kept), ds, ds.attrs, layout=CELL)
         # note: only after the head is in place, so a kill here leaves the old (untruncated) view
         for name in os.listdir(self.path):
             match = PART.match(name)
@@ -254,23 +256,23 @@ class RunStore:
         """
         final_path = Path(final_path)
         if not self.path.exists():
-            _write_file(final_path, xr.Dataset(), self.attrs, chunking=_cell_chunks)
+            _write_file(final_path, xr.Dataset(), self.attrs, layout=CELL)
             return final_path
         ds = RunStore.open(self.path, lazy=True)
         attrs = {**ds.attrs, **self.attrs}
         n = ds.sizes.get(STEP, 0)
         span = BLOCK * MERGE
         if n <= span:
-            _write_file(final_path, ds.load(), attrs, chunking=_cell_chunks)
+            _write_file(final_path, ds.load(), attrs, layout=CELL)
             ds.close()
             return final_path
         final_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = final_path.with_name(f".{final_path.name}.{os.getpid()}.tmp")
         try:
-            _write_file(tmp, ds.isel({STEP: slice(0, span)}).load(), attrs, chunking=_cell_chunks, replace=False)
+            _write_file(tmp, ds.isel({STEP: slice(0, span)}).load(), attrs, layout=CELL, replace=False)
             with netCDF4.Dataset(tmp, "a") as nc:
                 for start in range(span, n, span):
-                    _append_into(nc, ds.isel({STEP: slice(start, start + span)}).load(), chunking=_cell_chunks)
+                    _append_into(nc, ds.isel({STEP: slice(start, start + span)}).load(), layout=CELL)
             _fsync_and_replace(tmp, final_path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -280,9 +282,6 @@ class RunStore:
     # ---------------------------------------------------------------- helpers
     def _prepared(self, ds: xr.Dataset) -> xr.Dataset:
         ds = _as_step_dataset(ds)
-        if self.float32:
-            cast = {name: ds[name].astype(np.float32) for name in ds.data_vars if ds[name].dtype == np.float64}
-            ds = ds.assign(cast)
         ds.attrs = {**ds.attrs, "stored_float_precision": _precision_note(ds, self.float32)}
         return ds
 
@@ -310,9 +309,9 @@ class RunStore:
             return
         tail = tail[-MERGE:] if len(tail) > MERGE else tail
         parts_ds = [_open_file(file, lazy=False) for _, _, file in tail]
-        merged = _decode_attrs(_combine(parts_ds))
+        merged = _stack(parts_ds)
         attrs = {**merged.attrs, **self.attrs}
-        _write_file(self._name(tail[0][0], tail[-1][1]), merged, attrs, chunking=_cell_chunks)
+        _write_file(self._name(tail[0][0], tail[-1][1]), merged, attrs, layout=CELL)
         for _, _, file in tail:
             _unlink_quietly(file)
 
@@ -407,6 +406,36 @@ def _combine(parts: list[xr.Dataset]) -> xr.Dataset:
     return combined
 
 
+def _stack(parts: list[xr.Dataset]) -> xr.Dataset:
+    """In-memory Datasets of consecutive steps as one (what `_combine` does, in numpy: fast for the writer)."""
+    if len(parts) == 1:
+        return parts[0]
+    last = parts[-1]
+    names = dict.fromkeys(n for d in parts for n in d.variables if n not in d.dims)
+    variables = {}
+    for name in names:
+        ref = next(d.variables[name] for d in reversed(parts) if name in d.variables)
+        if STEP not in ref.dims:
+            variables[name] = ref  # static: the last value wins
+            continue
+        axis = ref.dims.index(STEP)
+        pieces = []
+        for d in parts:
+            if name in d.variables:
+                pieces.append(d.variables[name].transpose(*ref.dims).values)
+            else:  # a variable that first appears later reads NaN before
+                shape = list(ref.shape)
+                shape[axis] = d.sizes[STEP]
+                pieces.append(np.full(shape, np.nan, dtype=np.result_type(ref.dtype, np.float32)))
+        variables[name] = xr.Variable(ref.dims, np.concatenate(pieces, axis=axis), ref.attrs)
+    index = {d: last.variables[d] for d in last.dims if d in last.variables and d != STEP}
+    index[STEP] = xr.Variable((STEP,), np.concatenate([d[STEP].values for d in parts]), last[STEP].attrs)
+    coords = [n for n in names if n in last.coords or any(n in d.coords for d in parts)]
+    ds = xr.Dataset({n: v for n, v in variables.items() if n not in coords},
+                    coords={**index, **{n: variables[n] for n in coords}}, attrs=dict(last.attrs))
+    return ds
+
+
 def _decode_attrs(ds: xr.Dataset) -> xr.Dataset:
     for name, value in list(ds.attrs.items()):
         # attrs that were dicts on the way in come back as dicts
@@ -427,11 +456,10 @@ def _precision_note(ds: xr.Dataset, float32: bool) -> str:
 
 
 # -------------------------------------------------------------------- file writing
-def _block_chunks(var: xr.Variable) -> tuple[int, ...] | None:
-    """Small files: one chunk per variable holding BLOCK steps (appends fill it in place)."""
-    if STEP not in var.dims:
-        return None
-    return tuple(BLOCK if d == STEP else max(1, n) for d, n in zip(var.dims, var.shape))
+def _step_chunks(var: xr.Variable) -> tuple[int, ...] | None:
+    """Small files: one chunk per step, so an append writes new chunks and rewrites none
+    (HDF5 does not reuse the space of a rewritten compressed chunk: the file would grow)."""
+    return tuple(1 if d == STEP else max(1, n) for d, n in zip(var.dims, var.shape)) if STEP in var.dims else None
 
 
 def _cell_chunks(var: xr.Variable) -> tuple[int, ...] | None:
@@ -444,7 +472,12 @@ def _cell_chunks(var: xr.Variable) -> tuple[int, ...] | None:
     return tuple(steps if d == STEP else (1 if d in _CELL_DIMS else max(1, n)) for d, n in zip(var.dims, var.shape))
 
 
-def _write_file(path: Path, ds: xr.Dataset, attrs: dict, chunking=_cell_chunks, replace: bool = True) -> None:
+# (chunk sizes of a variable, zlib level): small files are appended to often, so they compress fast
+SMALL = (_step_chunks, 1)
+CELL = (_cell_chunks, 4)
+
+
+def _write_file(path: Path, ds: xr.Dataset, attrs: dict, layout=CELL, replace: bool = True, float32: bool = False) -> None:
     """Create ``path`` holding ``ds`` (step unlimited), via a temporary file and os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp") if replace else path
@@ -458,8 +491,8 @@ def _write_file(path: Path, ds: xr.Dataset, attrs: dict, chunking=_cell_chunks, 
                     nc.createDimension(dim, size)
             for name, coord in ds.coords.items():
                 if coord.dims == (name,):
-                    _create_variable(nc, name, coord.variable, chunking)[:] = _encode(coord.values)
-            _append_into(nc, ds, chunking=chunking, start=0)
+                    _create_variable(nc, name, coord.variable, layout)[:] = _encode(coord.values)
+            _append_into(nc, ds, layout=layout, start=0, float32=float32)
             _set_global_attrs(nc, attrs)
         if replace:
             _fsync_and_replace(tmp, path)
@@ -468,7 +501,7 @@ def _write_file(path: Path, ds: xr.Dataset, attrs: dict, chunking=_cell_chunks, 
             tmp.unlink()
 
 
-def _append_into(nc: netCDF4.Dataset, ds: xr.Dataset, chunking=_cell_chunks, start: int | None = None) -> None:
+def _append_into(nc: netCDF4.Dataset, ds: xr.Dataset, layout=CELL, start: int | None = None, float32: bool = False) -> None:
     """Write ``ds``'s steps, data variables and non-index coordinates at the end of ``step``."""
     n0 = len(nc.dimensions[STEP]) if start is None else start
     n = ds.sizes.get(STEP, 0)
@@ -486,7 +519,7 @@ def _append_into(nc: netCDF4.Dataset, ds: xr.Dataset, chunking=_cell_chunks, sta
                         f"Variable {name!r} uses dimension {dim!r} that the store does not have; "
                         "declare every dimension at the first append."
                     )
-            _create_variable(nc, name, var, chunking)
+            _create_variable(nc, name, var, layout, float32=float32)
         target = nc.variables[name]
         if STEP in var.dims and STEP not in target.dimensions:
             var = var.isel({STEP: -1})  # static in the store: the latest value wins
@@ -504,19 +537,21 @@ def _append_into(nc: netCDF4.Dataset, ds: xr.Dataset, chunking=_cell_chunks, sta
         nc.setncattr("coordinates", " ".join(sorted(known | set(extra_coords))))
 
 
-def _create_variable(nc: netCDF4.Dataset, name: str, var: xr.Variable, chunking):
+def _create_variable(nc: netCDF4.Dataset, name: str, var: xr.Variable, layout, float32: bool = False):
     kind = var.dtype.kind
     attrs = {k: v for k, v in var.attrs.items() if k != "_FillValue"}
-    chunks = chunking(var) if chunking is not None and var.ndim else None
-    layout = {"chunksizes": chunks} if chunks else {}
-    compressed = {**_COMPRESSION, **layout} if var.ndim else {}
+    chunks = layout[0](var) if layout is not None and var.ndim else None
+    compressed = {"zlib": True, "shuffle": True, "complevel": layout[1] if layout else 4} if var.ndim else {}
+    if chunks:
+        compressed["chunksizes"] = chunks
     if kind in "OUS":
         v = nc.createVariable(name, str, var.dims)
     elif kind == "b":
         v = nc.createVariable(name, "i1", var.dims, **compressed)
         attrs["dtype"] = "bool"  # xarray decodes this back to bool
     elif kind == "f":
-        v = nc.createVariable(name, var.dtype, var.dims, fill_value=np.nan, **compressed)
+        dtype = np.float32 if float32 and var.dtype == np.float64 and name not in nc.dimensions else var.dtype
+        v = nc.createVariable(name, dtype, var.dims, fill_value=np.nan, **compressed)
     elif kind in "iu":
         v = nc.createVariable(name, var.dtype, var.dims, **(compressed if name != STEP else {}))
     else:
