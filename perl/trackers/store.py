@@ -391,6 +391,8 @@ def _open_file(path: Path, lazy: bool) -> xr.Dataset:
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - netCDF4/HDF5 raise many types for a damaged file
+        if not path.exists():  # note: HDF5 reports a file removed while it opened it as an "HDF error"
+            raise FileNotFoundError(str(path)) from err
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise StoreError(f"Cannot read run store {path} ({reason}); expected a netCDF4 file written by a tracker.") from err
 
@@ -653,19 +655,23 @@ def _set_global_attrs(nc: netCDF4.Dataset, attrs: dict) -> None:
 
 
 def _read_steps(path: Path) -> list[int]:
-    files = [p for _, _, p in _parts(path)] if path.is_dir() else [path]
-    steps: list[int] = []
-    for file in files:
+    for _ in range(_READ_RETRIES):
+        files = [p for _, _, p in _parts(path)] if path.is_dir() else [path]
+        steps: list[int] = []
         try:
-            with netCDF4.Dataset(file, "r") as nc:
-                if STEP in nc.variables:
-                    steps.extend(int(s) for s in np.asarray(nc.variables[STEP][:]))
+            for file in files:
+                with netCDF4.Dataset(file, "r") as nc:
+                    if STEP in nc.variables:
+                        steps.extend(int(s) for s in np.asarray(nc.variables[STEP][:]))
+            return steps
         except OSError as err:
+            if path.is_dir() and not file.exists():
+                continue  # a writer replaced the file between listing and opening: list again
             raise StoreError(
                 f"Cannot read run store {file} ({err}); expected a netCDF4 file written by a tracker. "
                 "Move it away to start a new store."
             ) from err
-    return steps
+    raise StoreError(f"The run store {path} changed at every one of {_READ_RETRIES} attempts to read it; try again.")
 
 
 def _unlink_quietly(path: Path) -> None:
