@@ -455,9 +455,9 @@ def _decode_attrs(ds: xr.Dataset) -> xr.Dataset:
 def _precision_note(ds: xr.Dataset, float32: bool) -> str:
     if float32:
         return ("float32: values computed in float64 from float32 weights, stored as float32 "
-                "(relative rounding <= 6e-8 per value); compressed losslessly (zlib + shuffle)")
+                "(relative rounding <= 6e-8 per value); merged and final files compressed losslessly (zlib + shuffle)")
     kinds = {str(ds[n].dtype) for n in ds.data_vars if ds[n].dtype.kind == "f"}
-    return f"{', '.join(sorted(kinds)) or 'float64'} as computed; compressed losslessly (zlib + shuffle)"
+    return f"{', '.join(sorted(kinds)) or 'float64'} as computed; merged and final files compressed losslessly (zlib + shuffle)"
 
 
 # -------------------------------------------------------------------- file writing
