@@ -305,3 +305,27 @@ def test_is_store_and_an_empty_or_foreign_folder(tmp_path):
     store = RunStore(tmp_path / "h.nc")
     store.append(snapshot(0))
     assert RunStore.is_store(store.path) and not RunStore.is_store(store.path / "steps_0000000000_0000000000.nc")
+
+
+def test_open_stacked_equals_opening_each_and_refuses_other_layouts(tmp_path):
+    finals = []
+    for run in range(3):
+        store = RunStore(tmp_path / f"r{run}" / "h.nc", attrs={"peft_type": "lora", "seed": run})
+        for step in range(4):
+            ds = snapshot(step)
+            store.append(ds.assign(singular_values=ds.singular_values + 100 * run))
+        finals.append(store.finalize(tmp_path / f"r{run}" / "final.nc"))
+    stacked = xr.decode_cf(RunStore.open_stacked(finals))
+    want = xr.concat([RunStore.open(f) for f in finals], dim="run", data_vars="all", coords="minimal",
+                     compat="override", combine_attrs="drop_conflicts")
+    assert hasattr(stacked.singular_values.data, "dask")
+    xr.testing.assert_identical(stacked.load(), want)
+    assert stacked.attrs["peft_type"] == "lora" and "seed" not in stacked.attrs  # differing attrs dropped
+    cell = stacked.singular_values.isel(run=2).sel(layer=0, module="v_proj").values
+    np.testing.assert_array_equal(cell, 200 + np.arange(4)[:, None] * np.ones((4, 3)))
+    # another layout (more steps), or a live store folder: None, the caller opens them one by one
+    store = RunStore(tmp_path / "r3" / "h.nc")
+    for step in range(5):
+        store.append(snapshot(step))
+    assert RunStore.open_stacked([*finals, store.finalize(tmp_path / "r3" / "final.nc")]) is None
+    assert RunStore.open_stacked([finals[0], store.path]) is None
