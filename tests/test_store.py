@@ -329,3 +329,16 @@ def test_open_stacked_equals_opening_each_and_refuses_other_layouts(tmp_path):
         store.append(snapshot(step))
     assert RunStore.open_stacked([*finals, store.finalize(tmp_path / "r3" / "final.nc")]) is None
     assert RunStore.open_stacked([finals[0], store.path]) is None
+
+
+def test_a_lazy_reader_still_reads_files_the_writer_merged_or_continued_since(tmp_path, small_blocks):
+    store = RunStore(tmp_path / "h.nc")
+    for step in range(5):  # files: 0..2 (full), 3..4 (filling)
+        store.append(snapshot(step))
+    lazy = RunStore.open(store.path, lazy=True)
+    assert hasattr(lazy.singular_values.data, "dask")
+    for step in range(5, 12):  # 3..4 is continued and renamed, then everything is merged
+        store.append(snapshot(step))
+    assert not (store.path / "steps_0000000003_0000000004.nc").exists()
+    np.testing.assert_array_equal(lazy.singular_values.values, _expected_sv(range(5)))
+    assert lazy.effective_rank.sel(layer=0, module="q_proj").values.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]

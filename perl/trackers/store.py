@@ -145,6 +145,10 @@ class RunStore:
                     raise FileNotFoundError(f"The run store {path} holds no snapshots yet (no steps_*.nc files); "
                                             "check the run folder, or wait for the first snapshot.")
                 try:
+                    if lazy:
+                        joined = _open_files_lazily(files)
+                        if joined is not None:
+                            return _decode_attrs(xr.decode_cf(joined) if decode else joined)
                     parts = [_open_file(p, lazy=lazy and _n_steps_hint(p) > BLOCK, decode=decode) for p in files]
                 except FileNotFoundError:
                     continue  # the writer replaced a file between listing and opening: list again
@@ -174,9 +178,7 @@ class RunStore:
         paths = [Path(p) for p in paths]
         if not paths or not all(p.is_file() for p in paths):
             return None
-        with xr.open_dataset(paths[0], engine="netcdf4", cache=False, decode_cf=False) as first:
-            first = first.copy()  # note: the lazily-indexed variables are not read: coordinates and attrs only
-        files, attrs, same = [], dict(first.attrs), True
+        files, first, attrs, same = [], None, {}, True
         try:
             for path in paths:
                 try:
@@ -185,26 +187,34 @@ class RunStore:
                     raise StoreError(f"Cannot read run store {path} ({err}); expected a netCDF4 file written by a tracker.") from err
                 files.append(nc)
                 nc.set_auto_maskandscale(False)
+                if first is None:
+                    first = _static_part(nc)  # coordinates, static variables, attrs (raw)
+                    attrs = dict(first.attrs)
                 same = _same_layout(nc, files[0], first)
                 if not same:
                     break
                 attrs = {k: v for k, v in attrs.items() if k in nc.ncattrs() and _equal_attr(nc.getncattr(k), v)}
+            if not same:
+                return None
+            token = "-".join(f"{p}:{p.stat().st_mtime_ns}" for p in paths)
+            data = {}
+            for name in files[0].variables:
+                raw = files[0].variables[name]
+                if name in first.coords:
+                    continue  # dimension coordinates: the first file's (checked equal in every file)
+                dtype, attrs_ = _decoded(raw)
+                stacked = _Stacked([_FileVariable(p, name) for p in paths], raw.shape, dtype)
+                chunks = (1, *(max(1, n) for n in raw.shape))
+                array = dsa.from_array(stacked, chunks=chunks, name=f"perl-stacked-{abs(hash(token))}-{name}",
+                                       meta=np.empty((0,) * stacked.ndim, dtype=dtype))
+                data[name] = ((dim, *raw.dimensions), array, attrs_)
         finally:
-            if not same or len(files) < len(paths):
-                for nc in files:
-                    nc.close()
-        if not same:
-            return None
-        token = "-".join(f"{p}:{p.stat().st_mtime_ns}" for p in paths)
-        data = {}
-        for name in first.data_vars:
-            raw = files[0].variables[name]  # note: raw dtype and attrs (xr.decode_cf decodes them once, later)
-            stacked = _Stacked([nc.variables[name] for nc in files], raw.dtype)
-            chunks = (1, *(max(1, n) for n in raw.shape))
-            array = dsa.from_array(stacked, chunks=chunks, name=f"perl-stacked-{abs(hash(token))}-{name}",
-                                   meta=np.empty((0,) * stacked.ndim, dtype=raw.dtype))
-            data[name] = ((dim, *raw.dimensions), array, {k: raw.getncattr(k) for k in raw.ncattrs()})
-        stacked_ds = xr.Dataset(data, coords={k: v.variable.load() for k, v in first.coords.items()}, attrs=attrs)
+            # note: no handle stays open: closing one of two netCDF handles on a file while reading
+            # through the other crashed the process (segfault); each read opens its file
+            for nc in files:
+                nc.close()
+        stacked_ds = first.assign(data)
+        stacked_ds.attrs = attrs
         return _decode_attrs(stacked_ds)
 
     # ---------------------------------------------------------------- writing
@@ -496,38 +506,197 @@ def _stack(parts: list[xr.Dataset]) -> xr.Dataset:
     return ds
 
 
-class _Stacked:
-    """The same variable of several open netCDF files as one array with a leading run axis (for dask)."""
+def _open_files_lazily(files: list[Path]) -> xr.Dataset | None:
+    """The files of a store folder as one lazy, not decoded Dataset: one dask array per variable
+    whose chunks are the files (a file the writer has since merged or continued is read from the
+    file that now holds its steps). Selecting one (layer, module) reads only its chunks; xr.concat of
+    per-file dask arrays read 86% of a 10,000-snapshot store for one cell (benchmarks/open_runs.py).
+    None when the files do not all hold the same variables (a variable added during the run)."""
+    import dask.array as dsa
 
-    def __init__(self, variables: list, dtype):
-        self.variables, self.dtype = variables, np.dtype(dtype)
-        self.shape = (len(variables), *variables[0].shape)
-        self.ndim = len(self.shape)
+    handles = []
+    try:
+        for file in files:
+            try:
+                nc = netCDF4.Dataset(file, "r")
+            except OSError as err:
+                if not file.exists():
+                    raise FileNotFoundError(str(file)) from err
+                raise StoreError(f"Cannot read run store {file} ({err}); expected a netCDF4 file written by a tracker.") from err
+            nc.set_auto_maskandscale(False)
+            handles.append(nc)
+        last = handles[-1]
+        names = set(last.variables)
+        if any(set(nc.variables) != names for nc in handles):
+            return None
+        # note: never open a file through xarray while a netCDF4 handle on it is open: closing one of
+        # two handles on a file broke later opens in the process ("NetCDF: HDF error")
+        tail = _static_part(last)
+        steps = [np.asarray(nc.variables[STEP][:]) for nc in handles]
+        lengths = tuple(len(s) for s in steps)
+        token = abs(hash(tuple(f"{f}:{f.stat().st_mtime_ns}" for f in files)))
+        data = {}
+        for name in last.variables:
+            raw = last.variables[name]
+            dims = tuple(raw.dimensions)
+            if STEP not in dims or name in tail.variables:
+                continue  # static variables and coordinates: read above
+            dtype, attrs_ = _decoded(raw)
+            joined = _Joined([_FileVariable(f, name, st) for f, st in zip(files, steps)], dims.index(STEP), lengths,
+                             raw.shape, dtype)
+            # note: one dask chunk per file and layer: selecting one (layer, module) computes only its
+            # layer's chunks (dask does not push the selection into a custom reader's read)
+            chunks = tuple(lengths if d == STEP else ((1,) * n if d == "layer" else (max(1, n),))
+                           for d, n in zip(dims, joined.shape))
+            array = dsa.from_array(joined, chunks=chunks, name=f"perl-store-{token}-{name}",
+                                   meta=np.empty((0,) * joined.ndim, dtype=dtype))
+            data[name] = (dims, array, attrs_)
+        tail = tail.assign({STEP: xr.Variable((STEP,), np.concatenate(steps), tail[STEP].attrs)})
+        return tail.assign(data)
+    finally:
+        for nc in handles:  # note: each read opens its file again (see RunStore.open_stacked)
+            nc.close()
+
+
+def _static_part(nc: netCDF4.Dataset) -> xr.Dataset:
+    """What an open store file holds besides its step variables: dimension coordinates (``step``
+    included), static variables and attrs, read raw (xr.decode_cf decodes)."""
+    variables = {}
+    for name, var in nc.variables.items():
+        dims = tuple(var.dimensions)
+        if STEP in dims and name != STEP:
+            continue
+        values = var[:]
+        values = np.asarray(values, dtype=object) if var.dtype == str else np.asarray(values)
+        variables[name] = xr.Variable(dims, values, {k: var.getncattr(k) for k in var.ncattrs()})
+    index = {n: v for n, v in variables.items() if v.dims == (n,)}
+    rest = {n: v for n, v in variables.items() if n not in index}
+    return xr.Dataset(rest, coords=index, attrs={k: nc.getncattr(k) for k in nc.ncattrs()})
+
+
+class _Joined:
+    """The same variable of consecutive store files as one array along ``step`` (for dask)."""
+
+    def __init__(self, variables: list, axis: int, lengths: tuple, shape: tuple, dtype):
+        self.variables, self.axis, self.dtype = variables, axis, np.dtype(dtype)
+        self.starts = np.cumsum((0, *lengths))
+        shape = list(shape)
+        shape[axis] = int(self.starts[-1])
+        self.shape, self.ndim = tuple(shape), len(shape)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        wanted = np.arange(self.shape[self.axis])[key[self.axis]]
+        scalar = np.ndim(wanted) == 0
+        wanted = np.atleast_1d(wanted)
+        file_of = np.searchsorted(self.starts, wanted, side="right") - 1
+        pieces = []
+        for f in dict.fromkeys(file_of.tolist()):
+            sub = list(key)
+            sub[self.axis] = _as_slice(wanted[file_of == f] - self.starts[f])
+            pieces.append(np.asarray(self.variables[f][tuple(sub)], dtype=self.dtype))
+        if not pieces:
+            shape = np.broadcast_to(np.empty((), bool), self.shape)[key].shape
+            return np.empty(shape, dtype=self.dtype)
+        # note: integer keys before the step axis drop dimensions: find where step went
+        axis = sum(1 for k in key[: self.axis] if not isinstance(k, (int, np.integer)))
+        out = np.concatenate(pieces, axis=axis) if len(pieces) > 1 else pieces[0]
+        return np.take(out, 0, axis=axis) if scalar else out
+
+
+class _FileVariable:
+    """One variable of one store file, opened at every read (no handle is held between reads)."""
+
+    def __init__(self, path: Path, name: str, steps: np.ndarray | None = None):
+        self.path, self.name, self.steps = path, name, steps
 
     def __getitem__(self, key):
         from xarray.backends.locks import HDF5_LOCK
 
+        with HDF5_LOCK:
+            try:
+                with netCDF4.Dataset(self.path, "r") as nc:
+                    nc.set_auto_maskandscale(False)
+                    return np.asarray(nc.variables[self.name][key])
+            except (OSError, RuntimeError) as err:
+                if self.steps is None or self.path.exists():
+                    raise StoreError(f"Cannot read run store {self.path} ({err}); expected a netCDF4 file written by a tracker.") from err
+            # the writer has merged or continued this file since it was listed: read its steps where they are now
+            for first, last, path in _parts(self.path.parent):
+                if first <= self.steps[0] and self.steps[-1] <= last:
+                    with netCDF4.Dataset(path, "r") as nc:
+                        nc.set_auto_maskandscale(False)
+                        var = nc.variables[self.name]
+                        axis = var.dimensions.index(STEP)
+                        where = np.searchsorted(np.asarray(nc.variables[STEP][:]), self.steps)
+                        key = key if isinstance(key, tuple) else (key,)
+                        key = key + (slice(None),) * (len(var.dimensions) - len(key))
+                        sub = list(key)
+                        sub[axis] = where[key[axis]]
+                        if np.ndim(sub[axis]):
+                            sub[axis] = _as_slice(sub[axis])
+                        return np.asarray(var[tuple(sub)])
+        raise StoreError(f"Steps {int(self.steps[0])}..{int(self.steps[-1])} of {self.path.parent} were removed "
+                         "(a resume truncated the store); open it again.")
+
+
+def _decoded(raw) -> tuple[np.dtype, dict]:
+    """The dtype and attrs of a stored variable as read (decoded by the reader, not by dask).
+
+    Floats are stored with ``_FillValue = NaN``, so NaN needs no masking; booleans are int8 with
+    ``dtype = "bool"``. Decoding in the reader, not as dask operations after it, keeps dask able
+    to push a selection into the read (one cell read 640% of a store's bytes otherwise).
+    """
+    attrs = {k: raw.getncattr(k) for k in raw.ncattrs()}
+    fill = attrs.pop("_FillValue", None)
+    if fill is not None and not (np.issubdtype(raw.dtype, np.floating) and np.isnan(fill)):
+        attrs["_FillValue"] = fill  # a real fill value: left to xr.decode_cf
+    if attrs.get("dtype") == "bool":
+        attrs.pop("dtype")
+        return np.dtype(bool), attrs
+    return np.dtype(raw.dtype), attrs
+
+
+def _as_slice(index: np.ndarray):
+    index = np.asarray(index)
+    if index.size and np.all(np.diff(index) == 1):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
+class _Stacked:
+    """The same variable of several store files as one array with a leading run axis (for dask)."""
+
+    def __init__(self, variables: list, shape: tuple, dtype):
+        self.variables, self.dtype = variables, np.dtype(dtype)
+        self.shape = (len(variables), *shape)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
         which, rest = key[0], key[1:]
         runs = np.arange(len(self.variables))[which]
-        with HDF5_LOCK:
-            if np.ndim(runs) == 0:
-                return np.asarray(self.variables[int(runs)][rest], dtype=self.dtype)
-            if not len(runs):
-                return np.empty((0, *np.broadcast_to(np.empty((), bool), self.shape[1:])[rest].shape), dtype=self.dtype)
-            return np.stack([np.asarray(self.variables[int(i)][rest], dtype=self.dtype) for i in runs])
+        if np.ndim(runs) == 0:
+            return np.asarray(self.variables[int(runs)][rest], dtype=self.dtype)
+        if not len(runs):
+            return np.empty((0, *np.broadcast_to(np.empty((), bool), self.shape[1:])[rest].shape), dtype=self.dtype)
+        return np.stack([np.asarray(self.variables[int(i)][rest], dtype=self.dtype) for i in runs])
 
 
 def _same_layout(nc: netCDF4.Dataset, ref: netCDF4.Dataset, first: xr.Dataset) -> bool:
-    """Whether an open file has the variables, dimensions, dtypes of ``ref`` and the coordinate values of ``first``."""
-    if set(nc.variables) != set(ref.variables) or any(len(nc.dimensions.get(d, ())) != n for d, n in first.sizes.items()):
+    """Whether an open file has the variables, dimensions and dtypes of ``ref`` and the coordinate values of ``first``."""
+    if set(nc.variables) != set(ref.variables) or set(nc.dimensions) != set(ref.dimensions):
         return False
-    for name, var in first.variables.items():
-        other, mine = nc.variables[name], ref.variables[name]
+    if any(len(nc.dimensions[d]) != len(ref.dimensions[d]) for d in ref.dimensions):
+        return False
+    for name, mine in ref.variables.items():
+        other = nc.variables[name]
         if tuple(other.dimensions) != tuple(mine.dimensions) or other.dtype != mine.dtype:
             return False
-        if name in first.dims:
-            values = np.asarray(other[:])
+    for name in first.dims:
+        if name in first.variables and nc is not ref:
+            var, values = first[name], np.asarray(nc.variables[name][:])
             same = ([str(v) for v in values] == [str(v) for v in var.values] if var.dtype.kind in "OUS"
                     else np.array_equal(values, var.values))
             if not same:
