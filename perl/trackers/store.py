@@ -326,25 +326,33 @@ class RunStore:
         if not self.path.exists():
             _write_file(final_path, xr.Dataset(), self.attrs, layout=CELL)
             return final_path
-        ds = RunStore.open(self.path, lazy=True)
-        attrs = {**ds.attrs, **self.attrs}
-        n = ds.sizes.get(STEP, 0)
-        span = BLOCK * MERGE
-        if n <= span:
-            _write_file(final_path, ds.load(), attrs, layout=CELL)
-            ds.close()
+        if self.path.is_file():
+            ds = RunStore.open(self.path)
+            _write_file(final_path, ds, {**ds.attrs, **self.attrs}, layout=CELL)
             return final_path
+        # note: file by file, read whole (opening a file per lazy chunk re-read its metadata each time)
+        files = [p for _, _, p in _parts(self.path)]
         final_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = final_path.with_name(f".{final_path.name}.{os.getpid()}.tmp")
+        span, held, written = BLOCK * MERGE, [], False
         try:
-            _write_file(tmp, ds.isel({STEP: slice(0, span)}).load(), attrs, layout=CELL, replace=False)
-            with netCDF4.Dataset(tmp, "a") as nc:
-                for start in range(span, n, span):
-                    _append_into(nc, ds.isel({STEP: slice(start, start + span)}).load(), layout=CELL)
+            for i, file in enumerate(files):
+                held.append(_open_file(file, lazy=False))
+                if sum(d.sizes.get(STEP, 0) for d in held) < span and i < len(files) - 1:
+                    continue
+                slab = _stack(held)
+                attrs = {**slab.attrs, **self.attrs}
+                if not written:
+                    _write_file(tmp, slab, attrs, layout=CELL, replace=False)
+                    written = True
+                else:
+                    with netCDF4.Dataset(tmp, "a") as nc:
+                        _append_into(nc, slab, layout=CELL)
+                        _set_global_attrs(nc, attrs)
+                held = []
             _fsync_and_replace(tmp, final_path)
         finally:
             tmp.unlink(missing_ok=True)
-            ds.close()
         return final_path
 
     # ---------------------------------------------------------------- helpers
