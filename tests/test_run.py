@@ -192,3 +192,17 @@ def test_import_perl_is_light_and_exports_open_run():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "perl.run"
     assert perl.open_run is open_run
+
+
+def test_open_runs_of_one_layout_stacks_final_files_lazily_with_the_same_values(tmp_path):
+    import xarray as xr
+
+    dirs = [synthetic_run(tmp_path / f"s{seed}", steps=5, layers=2, modules=("q_proj", "v_proj"), r=4, seed=seed,
+                          pngs=False) for seed in range(3)]
+    sp = open_runs(dirs).spectral
+    assert hasattr(sp["singular_values"].data, "dask") and list(sp["seed"].values) == [0, 1, 2]
+    for i, d in enumerate(dirs):
+        one = open_run(d).spectral
+        assert open_run(d).source("spectral").name == "spectral_history_final.nc"  # the stacked path
+        for name in one.data_vars:
+            xr.testing.assert_equal(sp[name].isel(run=i, drop=True).reset_coords(drop=True), one[name].reset_coords(drop=True))
