@@ -126,9 +126,9 @@ class RunStore:
         """Read a store (live folder, final file, or an older single-file store).
 
         ``lazy=False`` reads everything into memory and closes the files at once. ``lazy=True``
-        returns dask-backed variables that read only what is selected (files of the live store
-        that the writer may still remove are read at once; the rest stay open until the Dataset
-        is closed or garbage collected).
+        returns dask-backed variables: a final file reads only the chunks of what is selected; a
+        live folder reads by file and layer, opening the file at each read (no handle is held,
+        and a file the writer has merged or continued since is read where its steps are now).
 
         Args:
             path (str | Path): a store folder or a ``.nc`` file written by a RunStore.
