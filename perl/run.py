@@ -214,14 +214,17 @@ def open_run(output_dir: str | os.PathLike) -> Run:
 def read_store(path: Path, lazy: bool | None = None, decode: bool = True) -> xr.Dataset:
     """A tracker store (live folder or final netCDF file) via `RunStore.open`; `RunError` if unreadable.
 
-    ``lazy=None`` (default) opens lazily and loads into memory at once when the store is small
-    (under ``LOAD_BYTES``), so a large run opens in about a second and a selection reads only
-    its own chunks. ``perl.trackers.store`` imports no torch, so analysis never pulls it in.
+    ``lazy=None`` (default) reads a small store (under ``LOAD_BYTES / 2`` on disk) into memory at
+    once and opens a larger one lazily, so a 10,000-snapshot run opens in under a second and a
+    selection reads only its own chunks. ``perl.trackers.store`` imports no torch, so analysis never pulls it in.
     """
     from perl.trackers.store import RunStore, StoreError
 
+    if lazy is None:
+        # note: judged by the bytes on disk (compressed: ~half the values' size), before opening anything
+        lazy = _disk_bytes(path) > LOAD_BYTES // 2
     try:
-        ds = RunStore.open(path, lazy=lazy is not False, decode=decode)
+        ds = RunStore.open(path, lazy=lazy, decode=decode)
     except FileNotFoundError as err:
         raise RunError(f"{path} disappeared while reading; call refresh() again.") from err
     except StoreError as err:
@@ -229,11 +232,16 @@ def read_store(path: Path, lazy: bool | None = None, decode: bool = True) -> xr.
     except Exception as err:  # noqa: BLE001 - netCDF4/HDF5 raise many types for a damaged file
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RunError(f"Cannot read {path} as a netCDF store ({reason}); the file is damaged or not a tracker store.") from None
-    if lazy is None and ds.nbytes <= LOAD_BYTES:
-        loaded = ds.load()
-        ds.close()
-        return loaded
     return ds
+
+
+def _disk_bytes(path: Path) -> int:
+    try:
+        if Path(path).is_dir():
+            return sum(f.stat().st_size for f in Path(path).glob("steps_*.nc"))
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
 
 
 def read_metrics(path: Path) -> xr.Dataset:
