@@ -13,8 +13,10 @@ weights would take 5 GB); the adapter factors are real random tensors.
   so by default it runs on ``--dense-blocks 1`` block (7 modules, one of each shape) and the total
   is that time x 28; ``--dense-blocks 28`` measures all of it.
 
-Prints the times, the ratio and the largest difference relative to each module's sigma_1.
+Prints the times, the ratio and the largest difference relative to each module's sigma_1 (of the
+product, and with ``--nonzero-init`` of the update since init too, against the dense float64 update).
 Targets (issue 4): our snapshot < 0.5 s on 2 CPU cores, >= 300x faster, differences <= 1e-5.
+Targets (issue 11): snapshot <= 0.1 s for LoRA, <= 0.25 s with B_0 A_0 != 0 (``--nonzero-init``).
 
     python benchmarks/spectral_snapshot.py [--dense-blocks N] [--repeats N] [--threads N] [--nonzero-init]
 
@@ -93,7 +95,7 @@ def main(argv=None) -> None:
 
     from perl.trackers import spectral_math as sm
     from perl.trackers.discovery import discover_adapters
-    from perl.trackers.spectral import SpectralTracker, _one_cpu_thread
+    from perl.trackers.spectral import SpectralTracker, _column_major, _one_cpu_thread
 
     model = qwen15b_lora(nonzero_init=args.nonzero_init)
     tracker = SpectralTracker(model, save_dir=tempfile.mkdtemp(prefix="spectral_bench_"))
@@ -108,8 +110,8 @@ def main(argv=None) -> None:
         out = {}
         for group in tracker._groups:
             facs = [m.factors() for m in group.members]
-            sv = sm.factored_singular_values(torch.stack([f[0] for f in facs]), torch.stack([f[1] for f in facs]),
-                                             torch.tensor([f[2] for f in facs], dtype=torch.float64))
+            sv = sm.factored_singular_values(_column_major([f[0] for f in facs]), torch.stack([f[1] for f in facs]),
+                                             torch.tensor([f[2] for f in facs], dtype=torch.float64), dtype=group.dtype)
             out.update({m.name: sv[i] for i, m in enumerate(group.members)})
         return out
 
@@ -118,7 +120,7 @@ def main(argv=None) -> None:
 
     blocks = sorted({a.layer for a in adapters})[: max(1, min(args.dense_blocks, 28))]
     sample = [a for a in adapters if a.layer in blocks]
-    worst = 0.0
+    worst = worst_update = 0.0
     torch.set_num_threads(args.dense_threads)
     start = time.perf_counter()
     for a in sample:
@@ -128,6 +130,12 @@ def main(argv=None) -> None:
         worst = max(worst, float((ours - dense[: ours.numel()].double()).abs().max() / dense[0]))
         stored = snapshot.singular_values.sel(layer=a.layer, module=a.module).values[0]
         worst = max(worst, float(abs(stored - dense[: stored.size].double().numpy()).max() / float(dense[0])))
+        init = tracker._init[a.name]
+        if init:  # the update since init, against the dense float64 difference
+            change = s * (b.double() @ a_.double() - init["B0"].double() @ init["A0"].double())
+            want = torch.linalg.svdvals(change)
+            got = snapshot.update_singular_values.sel(layer=a.layer, module=a.module).values[0]
+            worst_update = max(worst_update, float(abs(got - want[: got.size].numpy()).max() / float(want[0])))
     t_dense_sample = time.perf_counter() - start
     torch.set_num_threads(args.threads)
     t_dense = t_dense_sample * 28 / len(blocks)
@@ -138,9 +146,13 @@ def main(argv=None) -> None:
           f"for 28 blocks{' (extrapolated)' if len(blocks) < 28 else ''}")
     print(f"ratio dense / ours (full snapshot): {t_dense / t_snapshot:.0f}x   "
           f"(dense / factored spectra: {t_dense / t_factored:.0f}x)")
-    print(f"max difference relative to sigma_1: {worst:.2e}")
+    print(f"max difference relative to sigma_1: {worst:.2e}"
+          + (f" (update since init vs dense float64: {worst_update:.2e})" if args.nonzero_init else ""))
+    worst = max(worst, worst_update)
+    limit = 0.25 if args.nonzero_init else 0.1
     print(f"targets: snapshot < 0.5 s [{'ok' if t_snapshot < 0.5 else 'MISSED'}], >= 300x "
-          f"[{'ok' if t_dense / t_snapshot >= 300 else 'MISSED'}], <= 1e-5 [{'ok' if worst <= 1e-5 else 'MISSED'}]")
+          f"[{'ok' if t_dense / t_snapshot >= 300 else 'MISSED'}], <= 1e-5 [{'ok' if worst <= 1e-5 else 'MISSED'}]; "
+          f"issue 11: snapshot <= {limit} s [{'ok' if t_snapshot <= limit else 'MISSED'}]")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     """True for a folder that holds a run: ``config.yaml``, ``metrics.jsonl`` or a tracker store."""
     p = Path(path)
     markers = (CONFIG_FILE, METRICS_FILE, SPECTRAL_FINAL, GRADIENT_FINAL, SPECTRAL_LIVE, GRADIENT_LIVE)
-    return p.is_dir() and any((p / m).is_file() for m in markers)
+    return p.is_dir() and any((p / m).exists() for m in markers)
 
 
 def _runs_below(folder: Path) -> list[Path]:

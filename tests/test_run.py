@@ -27,6 +27,9 @@ def lora_dir(tmp_path_factory):
 
 
 def _nc(path, name):
+    if Path(path).is_dir():  # a live store: its steps_*.nc files in step order (none overlap in a fresh store)
+        parts = [_nc(f, name) for f in sorted(Path(path).glob("steps_*.nc"))]
+        return np.concatenate([values for values, _ in parts]), parts[0][1]
     with netCDF4.Dataset(path) as nc:
         nc.set_auto_mask(False)
         return np.asarray(nc.variables[name][:]), [str(v) for v in nc.variables["module"][:]] if "module" in nc.variables else None
@@ -213,3 +216,17 @@ def test_final_reward_is_one_definition_everywhere(tmp_path):
     runs = open_runs([d])
     assert run_summary(runs).iloc[0]["final_reward"] == pytest.approx(expected)
     assert alignment_table(runs, None).iloc[0]["final_reward"] == pytest.approx(expected)
+
+
+def test_open_runs_of_one_layout_stacks_final_files_lazily_with_the_same_values(tmp_path):
+    import xarray as xr
+
+    dirs = [synthetic_run(tmp_path / f"s{seed}", steps=5, layers=2, modules=("q_proj", "v_proj"), r=4, seed=seed,
+                          pngs=False) for seed in range(3)]
+    sp = open_runs(dirs).spectral
+    assert hasattr(sp["singular_values"].data, "dask") and list(sp["seed"].values) == [0, 1, 2]
+    for i, d in enumerate(dirs):
+        one = open_run(d).spectral
+        assert open_run(d).source("spectral").name == "spectral_history_final.nc"  # the stacked path
+        for name in one.data_vars:
+            xr.testing.assert_equal(sp[name].isel(run=i, drop=True).reset_coords(drop=True), one[name].reset_coords(drop=True))

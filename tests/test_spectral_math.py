@@ -68,6 +68,39 @@ def test_update_since_init_matches_dense_and_is_zero_when_nothing_moved():
     assert torch.equal(lora[:4], sm.factored_singular_values(Bt, At, 2.0)) and torch.count_nonzero(lora[4:]) == 0
 
 
+@pytest.mark.parametrize("m,n,k,move", [(60, 50, 4, 1e-3), (300, 200, 16, 1e-5), (40, 300, 8, 1.0), (7, 40, 4, 1e-3)])
+def test_product_and_update_with_reused_init_bases_match_dense(m, n, k, move):
+    g = torch.Generator().manual_seed(m * n + k)
+    B0, A0 = 0.1 * torch.randn(3, m, k, generator=g), torch.randn(3, k, n, generator=g)
+    Bt, At = B0 + move * torch.randn(3, m, k, generator=g), A0 + 0.1 * move * torch.randn(3, k, n, generator=g)
+    scales = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):  # float32 QRs: the tracker's 1e-5 of sigma_1
+        bases = sm.init_bases(B0, A0, dtype)
+        prod, upd = sm.product_and_update_singular_values(Bt, At, B0, A0, scales, bases=bases, dtype=dtype)
+        assert prod.shape == (3, min(m, n, k)) and upd.shape == (3, min(m, n, 2 * k)) and upd.dtype == torch.float64
+        for i in range(3):
+            want_p = dense_sv(scales[i] * Bt[i].double() @ At[i].double())
+            want_u = dense_sv(scales[i] * (Bt[i].double() @ At[i].double() - B0[i].double() @ A0[i].double()))
+            assert rel_err(prod[i], want_p[: prod.shape[-1]]) < tol, (dtype, "product")
+            assert rel_err(upd[i], want_u[: upd.shape[-1]]) < tol, (dtype, "update")
+    # nothing moved: the update is exactly zero, in float32 too
+    _, zero = sm.product_and_update_singular_values(B0, A0, B0.clone(), A0.clone(), scales, dtype=torch.float32)
+    assert torch.count_nonzero(zero) == 0
+    # a module whose factors went NaN gives NaN, the others are unaffected
+    bad = Bt.clone()
+    bad[1, 0, 0] = float("nan")
+    prod, upd = sm.product_and_update_singular_values(bad, At, B0, A0, scales, dtype=torch.float32)
+    assert torch.isnan(prod[1]).all() and torch.isnan(upd[1]).all() and torch.isfinite(prod[[0, 2]]).all()
+
+
+def test_float32_qrs_stay_within_1e5_of_sigma1():
+    g = torch.Generator().manual_seed(7)
+    B, A = torch.randn(4, 1536, 16, generator=g), torch.randn(4, 16, 256, generator=g)
+    got = sm.factored_singular_values(B, A, 2.0, dtype=torch.float32)
+    want = sm.factored_singular_values(B, A, 2.0)
+    assert got.dtype == torch.float64 and rel_err(got, want) < 1e-5
+
+
 def test_zero_matrix_metrics_are_defined():
     sv = sm.factored_singular_values(torch.zeros(30, 4), torch.randn(4, 20))
     assert torch.count_nonzero(sv) == 0

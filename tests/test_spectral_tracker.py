@@ -105,10 +105,10 @@ def test_stored_spectra_equal_dense_svd_of_peft_delta(method, tmp_path):
         cell = dict(layer=a.layer, module=a.module)
         if a.kind in ("ia3", "ln_tuning"):
             v = torch.cat([p.detach().reshape(-1).double() for ps in a.components.values() for p in ps])
-            assert math.isclose(float(ds.vector_norm.sel(step=STEPS, **cell)), float(v.norm()), rel_tol=1e-9)
+            assert math.isclose(float(ds.vector_norm.sel(step=STEPS, **cell)), float(v.norm()), rel_tol=1e-6)  # stored as float32
             moved = float((v - init_vec[a.name]).norm())
             assert moved > 0
-            assert math.isclose(float(ds.vector_distance_from_init.sel(step=STEPS, **cell)), moved, rel_tol=1e-9)
+            assert math.isclose(float(ds.vector_distance_from_init.sel(step=STEPS, **cell)), moved, rel_tol=1e-6)
             assert float(ds.vector_distance_from_init.sel(step=0, **cell)) == 0.0
             continue
         with torch.no_grad():
@@ -154,7 +154,7 @@ def check_dora(ds, adapters):
             direction = w0 + m.get_delta_weight(a.adapter).double()
             mag = m.lora_magnitude_vector[a.adapter].weight.double()
             effective = (mag / torch.linalg.norm(direction, dim=1)).unsqueeze(1) * direction
-        assert math.isclose(float(ds.magnitude_norm.sel(step=STEPS, **cell)), float(mag.norm()), rel_tol=1e-9)
+        assert math.isclose(float(ds.magnitude_norm.sel(step=STEPS, **cell)), float(mag.norm()), rel_tol=1e-6)  # stored as float32
         assert math.isclose(float(ds.direction_norm.sel(step=STEPS, **cell)), float(direction.norm()), rel_tol=1e-5)
         assert float(ds.magnitude_direction_ratio.sel(step=0, **cell)) == pytest.approx(1.0, abs=1e-6)
         want = torch.linalg.svdvals(effective - w0).numpy()

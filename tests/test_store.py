@@ -103,7 +103,9 @@ WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_store import snapshot
+    import perl.trackers.store as st
     from perl.trackers.store import RunStore
+    st.BLOCK, st.MERGE = {block}, {merge}  # small files fill and merge within the test
     store = RunStore({path!r})
     for step in range({n}):
         store.append(snapshot(step, n_layers={layers}, n_sv={n_sv}))
@@ -112,11 +114,11 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _start_writer(tmp_path, n, layers=2, n_sv=3, pause=0.0):
+def _start_writer(tmp_path, n, layers=2, n_sv=3, pause=0.0, block=4, merge=3):
     script = tmp_path / "writer.py"
     path = tmp_path / "live.nc"
     script.write_text(WRITER.format(tests=os.path.dirname(__file__), path=str(path), n=n, layers=layers,
-                                    n_sv=n_sv, pause=pause))
+                                    n_sv=n_sv, pause=pause, block=block, merge=merge))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, path
 
@@ -168,6 +170,175 @@ def test_sigkill_leaves_the_last_complete_file(tmp_path):
     assert np.all(ds.singular_values.sel(layer=0, module="q_proj").values == np.asarray(steps)[:, None])
     # a new writer removes the killed writer's temporary and continues the store
     store = RunStore(path)
-    assert not list(tmp_path.glob(".live.nc.*.tmp"))
+    assert not list(tmp_path.glob(".live.nc.*.tmp")) and not list(path.glob(".*.tmp"))
     store.append(snapshot(n, n_layers=24, n_sv=64))
     assert RunStore(path).steps[-1] == n
+
+
+# ---------------------------------------------------------------------------- the folder layout
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Files of 3 snapshots, merged 2 at a time, so a few appends exercise every layout rule."""
+    import perl.trackers.store as st
+
+    monkeypatch.setattr(st, "BLOCK", 3)
+    monkeypatch.setattr(st, "MERGE", 2)
+
+
+def _files(path):
+    return sorted(p.name for p in path.glob("steps_*.nc"))
+
+
+def _expected_sv(steps, n_layers=2, n_sv=3):
+    values = np.asarray(steps, dtype=float)[:, None, None, None] * np.ones((len(steps), n_layers, len(MODULES), n_sv))
+    values[:, 1, 2, :] = np.nan
+    return values
+
+
+def test_small_files_fill_then_merge_and_read_back_as_one_dataset(tmp_path, small_blocks):
+    store = RunStore(tmp_path / "h.nc")
+    steps = list(range(0, 150, 10))  # 15 snapshots
+    for step in steps:
+        ds = snapshot(step, extra=step >= 70)  # a variable first seen in a later file
+        ds["scale"] = ds["scale"] + step      # static: the last append wins
+        store.append(ds)
+    # 5 files of 3: the first 4 merged pairwise, the last one full and waiting for a partner
+    assert _files(store.path) == ["steps_0000000000_0000000050.nc", "steps_0000000060_0000000110.nc",
+                                  "steps_0000000120_0000000140.nc"]
+    for lazy in (False, True):
+        ds = RunStore.open(store.path, lazy=lazy)
+        assert [int(s) for s in ds.step.values] == steps and RunStore(store.path).steps == steps
+        np.testing.assert_array_equal(ds.singular_values.values, _expected_sv(steps))
+        late = ds.magnitude_norm.sel(layer=0, module="q_proj").values
+        assert np.isnan(late[:7]).all() and late[7:].tolist() == [-float(s) for s in steps[7:]]
+        assert float(ds.scale.sel(layer=0, module="q_proj")) == 0.5 + 140
+        assert ds.finite.dtype == bool and ds.finite.values.all()
+    assert hasattr(RunStore.open(store.path, lazy=True).singular_values.data, "dask")
+
+
+def test_a_reader_takes_the_widest_file_where_a_merge_was_interrupted(tmp_path, small_blocks):
+    store = RunStore(tmp_path / "h.nc")
+    for step in range(6):
+        store.append(snapshot(step))
+    (merged,) = _files(store.path)
+    # as if killed after the merged file was renamed in but before its small files were removed
+    import perl.trackers.store as st
+
+    for lo in (0, 3):
+        part = RunStore.open(store.path).isel(step=slice(lo, lo + 3))
+        st._write_file(store.path / f"steps_{lo:010d}_{lo + 2:010d}.nc", part, part.attrs)
+    assert len(_files(store.path)) == 3
+    ds = RunStore.open(store.path)
+    assert ds.step.values.tolist() == list(range(6))
+    np.testing.assert_array_equal(ds.singular_values.values, _expected_sv(range(6)))
+    store = RunStore(store.path)
+    store.append(snapshot(6))
+    assert RunStore.open(store.path).step.values.tolist() == list(range(7))
+
+
+def test_truncate_inside_a_merged_file_then_continue_and_finalize(tmp_path, small_blocks):
+    store = RunStore(tmp_path / "h.nc", attrs={"peft_type": "lora"})
+    for step in range(14):
+        store.append(snapshot(step))
+    store.truncate_after(7)  # inside the merged file of steps 6..11
+    assert store.steps == list(range(8)) and RunStore(store.path).steps == list(range(8))
+    assert _files(store.path) == ["steps_0000000000_0000000005.nc", "steps_0000000006_0000000007.nc"]
+    for step in range(8, 12):
+        store.append(snapshot(step))
+    final = store.finalize(tmp_path / "final.nc")
+    assert final.is_file()
+    ds = RunStore.open(final)
+    assert ds.step.values.tolist() == list(range(12)) and ds.attrs["peft_type"] == "lora"
+    np.testing.assert_array_equal(ds.singular_values.values, _expected_sv(range(12)))
+    xr.testing.assert_identical(ds, RunStore.open(store.path))
+    store.clear()
+    assert not store.path.exists() and store.steps == []
+
+
+def test_finalize_of_a_long_store_is_written_in_slabs(tmp_path, small_blocks):
+    store = RunStore(tmp_path / "h.nc")
+    for step in range(20):  # more than BLOCK * MERGE = 6: the final file is written 6 steps at a time
+        store.append(snapshot(step))
+    ds = RunStore.open(store.finalize(tmp_path / "final.nc"))
+    np.testing.assert_array_equal(ds.singular_values.values, _expected_sv(range(20)))
+    assert ds.effective_rank.sel(layer=0, module="v_proj").values.tolist() == list(map(float, range(20)))
+
+
+def test_a_single_file_store_of_an_older_version_is_read_and_continued(tmp_path):
+    import perl.trackers.store as st
+
+    path = tmp_path / "old.nc"
+    old = xr.concat([snapshot(s) for s in range(3)], dim="step", data_vars="minimal", coords="minimal", compat="override")
+    st._write_file(path, old, {"peft_type": "lora"})
+    assert path.is_file() and RunStore(path).steps == [0, 1, 2]
+    store = RunStore(path)
+    store.append(snapshot(3))
+    assert path.is_dir() and RunStore(path).steps == [0, 1, 2, 3]
+    ds = RunStore.open(path)
+    np.testing.assert_array_equal(ds.singular_values.values, _expected_sv(range(4)))
+    assert ds.attrs["peft_type"] == "lora"
+
+
+def test_float32_storage_and_lossless_compression(tmp_path):
+    values = np.random.default_rng(0).standard_normal((1, 2, 3, 3))
+    ds = snapshot(0).assign(singular_values=(("step", "layer", "module", "sv"), values))
+    RunStore(tmp_path / "f32.nc", float32=True).append(ds)
+    RunStore(tmp_path / "f64.nc").append(ds)
+    f32, f64 = RunStore.open(tmp_path / "f32.nc"), RunStore.open(tmp_path / "f64.nc")
+    assert f32.singular_values.dtype == np.float32 and f64.singular_values.dtype == np.float64
+    np.testing.assert_array_equal(f32.singular_values.values, values.astype(np.float32))
+    np.testing.assert_array_equal(f64.singular_values.values, values)  # lossless
+    assert "float32" in f32.attrs["stored_float_precision"] and "float64" in f64.attrs["stored_float_precision"]
+    # merged and final files are compressed: a constant block takes far fewer bytes than its raw values
+    store = RunStore(tmp_path / "big.nc")
+    big = snapshot(0, n_layers=24, n_sv=1024)
+    store.append(big)
+    final = store.finalize(tmp_path / "big_final.nc")
+    assert final.stat().st_size < big.singular_values.nbytes / 4
+    np.testing.assert_array_equal(RunStore.open(final).singular_values.values, big.singular_values.values)
+
+
+def test_is_store_and_an_empty_or_foreign_folder(tmp_path):
+    assert not RunStore.is_store(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no snapshots"):
+        RunStore.open(tmp_path)
+    store = RunStore(tmp_path / "h.nc")
+    store.append(snapshot(0))
+    assert RunStore.is_store(store.path) and not RunStore.is_store(store.path / "steps_0000000000_0000000000.nc")
+
+
+def test_open_stacked_equals_opening_each_and_refuses_other_layouts(tmp_path):
+    finals = []
+    for run in range(3):
+        store = RunStore(tmp_path / f"r{run}" / "h.nc", attrs={"peft_type": "lora", "seed": run})
+        for step in range(4):
+            ds = snapshot(step)
+            store.append(ds.assign(singular_values=ds.singular_values + 100 * run))
+        finals.append(store.finalize(tmp_path / f"r{run}" / "final.nc"))
+    stacked = xr.decode_cf(RunStore.open_stacked(finals))
+    want = xr.concat([RunStore.open(f) for f in finals], dim="run", data_vars="all", coords="minimal",
+                     compat="override", combine_attrs="drop_conflicts")
+    assert hasattr(stacked.singular_values.data, "dask")
+    xr.testing.assert_identical(stacked.load(), want)
+    assert stacked.attrs["peft_type"] == "lora" and "seed" not in stacked.attrs  # differing attrs dropped
+    cell = stacked.singular_values.isel(run=2).sel(layer=0, module="v_proj").values
+    np.testing.assert_array_equal(cell, 200 + np.arange(4)[:, None] * np.ones((4, 3)))
+    # another layout (more steps), or a live store folder: None, the caller opens them one by one
+    store = RunStore(tmp_path / "r3" / "h.nc")
+    for step in range(5):
+        store.append(snapshot(step))
+    assert RunStore.open_stacked([*finals, store.finalize(tmp_path / "r3" / "final.nc")]) is None
+    assert RunStore.open_stacked([finals[0], store.path]) is None
+
+
+def test_a_lazy_reader_still_reads_files_the_writer_merged_or_continued_since(tmp_path, small_blocks):
+    store = RunStore(tmp_path / "h.nc")
+    for step in range(5):  # files: 0..2 (full), 3..4 (filling)
+        store.append(snapshot(step))
+    lazy = RunStore.open(store.path, lazy=True)
+    assert hasattr(lazy.singular_values.data, "dask")
+    for step in range(5, 12):  # 3..4 is continued and renamed, then everything is merged
+        store.append(snapshot(step))
+    assert not (store.path / "steps_0000000003_0000000004.nc").exists()
+    np.testing.assert_array_equal(lazy.singular_values.values, _expected_sv(range(5)))
+    assert lazy.effective_rank.sel(layer=0, module="q_proj").values.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]

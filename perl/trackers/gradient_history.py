@@ -45,9 +45,9 @@ class GradientFlowHistory:
         from .pt_names import resolve_pt_name
 
         path = resolve_pt_name(path)
-        if path.is_dir():
+        if path.is_dir() and not RunStore.is_store(path):
             candidates = [path / FINAL_NAME, path / GRADIENT_DIR / STORE_NAME]
-            found = next((c for c in candidates if c.is_file()), None)
+            found = next((c for c in candidates if c.exists()), None)
             if found is None:
                 raise FileNotFoundError(
                     f"No gradient data in {path}: expected {FINAL_NAME} or {GRADIENT_DIR}/{STORE_NAME}; "

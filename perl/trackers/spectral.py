@@ -120,6 +120,8 @@ class _Group:
     members: list[AdapterModule]
     cells: list[tuple[int, int]]
     init_zero: bool            # B_0 A_0 = 0 for every member: the update is the product
+    dtype: torch.dtype = torch.float64   # of the QRs: float32 for float32 (or narrower) factors
+    init: tuple | None = None  # stacked B_0, A_0 and their QR bases (sm.init_bases), when init_zero is False
 
 
 class SpectralTracker:
@@ -204,7 +206,10 @@ class SpectralTracker:
             self._n_sv, self._n_update = self._spectrum_sizes()
             self.peft_type = peft_type or ("full" if self._full else _derive_peft_type(self.model, self.adapter_name))
             self.attrs = self._global_attrs(run_attrs or {}, max_layers_to_track)
-        self.store = RunStore(self.save_dir / SPECTRAL_DIR / STORE_NAME, attrs=self.attrs)
+        # note: spectra of float32 (or narrower) weights are stored as float32: the rest is rounding noise
+        narrow = all(t.dtype.itemsize <= 4 for a in tracked for ts in a.components.values() for t in ts
+                     if torch.is_tensor(t) and t.is_floating_point())
+        self.store = RunStore(self.save_dir / SPECTRAL_DIR / STORE_NAME, attrs=self.attrs, float32=narrow)
 
     # ---------------------------------------------------------------- initial state
     def _capture_init(self) -> None:
@@ -238,7 +243,19 @@ class SpectralTracker:
                 # note: shapes recorded at creation; the live parameters may be partitioned by now (ZeRO-3)
                 key = (*self._factor_meta[a.name], not self._init[a.name])
                 by_shape.setdefault(key, []).append(a)
-        return [_Group(members, [self._cell[m.name] for m in members], key[-1]) for key, members in by_shape.items()]
+        groups = []
+        for key, members in by_shape.items():
+            # note: float32 QRs are ~10x faster on a CPU than float64 ones, within 1e-6 of sigma_1 (measured)
+            g = _Group(members, [self._cell[m.name] for m in members], key[-1],
+                       torch.float32 if key[2].itemsize <= 4 else torch.float64)
+            if not g.init_zero:
+                B0 = _column_major([self._init[m.name]["B0"] for m in members])
+                A0 = torch.stack([self._init[m.name]["A0"] for m in members])
+                for i, m in enumerate(members):  # views of the stacked copies: B_0, A_0 are held once
+                    self._init[m.name].update(B0=B0[i], A0=A0[i])
+                g.init = (B0, A0, sm.init_bases(B0, A0, g.dtype))
+            groups.append(g)
+        return groups
 
     def save_init_state(self, directory: str | os.PathLike) -> Path | None:
         """Write the initial factors into ``directory`` (a checkpoint) as safetensors, for resume."""
@@ -383,16 +400,15 @@ class SpectralTracker:
 
     def _group_spectra(self, g: _Group, sv, up, metrics, up_metrics, scale, rank) -> None:
         facs = [m.factors() for m in g.members]
-        B = torch.stack([f[0] for f in facs])
+        B = _column_major([f[0] for f in facs])
         A = torch.stack([f[1] for f in facs])
         s = torch.tensor([f[2] for f in facs], dtype=torch.float64, device=B.device)
-        prod = sm.factored_singular_values(B, A, s)
         if g.init_zero:
+            prod = sm.factored_singular_values(B, A, s, dtype=g.dtype)
             upd = torch.nn.functional.pad(prod, (0, min(B.shape[-2], A.shape[-1], 2 * B.shape[-1]) - prod.shape[-1]))
         else:
-            B0 = torch.stack([self._init[m.name]["B0"] for m in g.members])
-            A0 = torch.stack([self._init[m.name]["A0"] for m in g.members])
-            upd = sm.update_singular_values(B, A, B0, A0, s)
+            B0, A0, bases = g.init
+            prod, upd = sm.product_and_update_singular_values(B, A, B0, A0, s, bases=bases, dtype=g.dtype)
         if not self.compute_full_svd:
             prod, upd = prod[..., : self.top_k], upd[..., : self.top_k]
         pm = {k: v.cpu().numpy() for k, v in sm.spectrum_metrics(prod, self.rtol).items()}
@@ -621,9 +637,9 @@ class SpectralTracker:
         from .pt_names import resolve_pt_name
 
         path = resolve_pt_name(path)
-        if path.is_dir():
+        if path.is_dir() and not RunStore.is_store(path):
             for candidate in (path / FINAL_NAME, path / SPECTRAL_DIR / STORE_NAME, path / STORE_NAME):
-                if candidate.is_file():
+                if candidate.exists():
                     path = candidate
                     break
             else:
@@ -759,6 +775,12 @@ def _one_cpu_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _column_major(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """Stack m x k matrices with each one in column-major order, the layout LAPACK's QR works in:
+    2.4x faster QR than the row-major stack of peft's lora_B weights (benchmarks/spectral_snapshot.py)."""
+    return torch.stack([x.mT for x in matrices]).mT
 
 
 def _is_rank_zero() -> bool:
