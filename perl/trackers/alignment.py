@@ -48,8 +48,10 @@ from .alignment_base import _BaseSubspaces
 from .alignment_schema import (ALIGNMENT_ATTRS, ALIGNMENT_DIR, BASE_SVD_NAME, EXTRA_DIM, FINAL_NAME, INIT_STATE_NAME,
                                INTRUDER_VARS, STATIC, STORE_NAME, _DW)
 from .callbacks import SpectralTrackingCallback
-from .discovery import FACTORED_KINDS, AdapterModule, discover_adapters, materialized, peft_config_of, walk
-from .spectral import MODULE_ORDER, STEP_CONVENTION, _derive_peft_type, _is_rank_zero
+from .discovery import (FACTORED_KINDS, AdapterModule, _derive_peft_type, discover_adapters, materialized,
+                        peft_config_of, walk)
+from .sharding import _is_rank_zero
+from .spectral import MODULE_ORDER, STEP_CONVENTION
 from .store import RunStore
 
 logger = logging.getLogger("perl")

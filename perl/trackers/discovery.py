@@ -536,3 +536,19 @@ def adalora_importance_scores(model: nn.Module, am: AdapterModule) -> torch.Tens
         return allocator.exp_avg_ipt[keys[part]] * allocator.exp_avg_unc[keys[part]]
 
     return (score("lora_E").reshape(-1) + score("lora_A").mean(dim=1) + score("lora_B").mean(dim=0)).detach()
+
+
+def _derive_peft_type(model, adapter: str) -> str:
+    config = peft_config_of(model).get(adapter)
+    if config is None:
+        return "unknown"
+    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    if kind == "lora":
+        init = getattr(config, "init_lora_weights", True)
+        if getattr(config, "use_dora", False):
+            return "dora"
+        if isinstance(init, str) and init.lower().startswith("pissa"):
+            return "pissa"
+        if getattr(config, "use_rslora", False):
+            return "rslora"
+    return kind

@@ -32,9 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,73 +42,24 @@ import xarray as xr
 
 from . import sharding
 from . import spectral_math as sm
-from .discovery import (FACTORED_KINDS, AdapterModule, adalora_importance_scores, adalora_rank_budget,
-                        discover_adapters, discover_full_weights, materialized, peft_config_of, walk)
+from .discovery import (FACTORED_KINDS, AdapterModule, _derive_peft_type, adalora_importance_scores,
+                        adalora_rank_budget, discover_adapters, discover_full_weights, materialized, peft_config_of,
+                        walk)
+from ..fileio import atomic_write_text
+from .sharding import _is_rank_zero
+from .spectral_history import FINAL_NAME, SPECTRAL_DIR, STORE_NAME, SUMMARY_NAME, SpectralHistory, _jsonable
+from .spectral_schema import (EXTRA_ATTRS, FULL_SVD_FORMULA, FULL_SVD_NITER, FULL_SVD_SEED, SPECTRUM_ATTRS,
+                              STEP_CONVENTION)
 from .store import RunStore
 
 logger = logging.getLogger("perl")
 
 __all__ = ["SpectralTracker", "SPECTRAL_DIR", "STORE_NAME", "SUMMARY_NAME", "FINAL_NAME", "INIT_STATE_NAME"]
 
-SPECTRAL_DIR = "spectral_logs"
-STORE_NAME = "spectral_history.nc"
-SUMMARY_NAME = "spectral_history_summary.json"
-FINAL_NAME = "spectral_history_final.nc"
 INIT_STATE_NAME = "spectral_tracker_init.safetensors"
 
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "input_layernorm", "post_attention_layernorm", "norm")
-FULL_SVD_NITER = 6
-FULL_SVD_SEED = 0
-FULL_SVD_FORMULA = (f"torch.svd_lowrank(W_t - W_0, q=k+max(k,8), niter={FULL_SVD_NITER}) in float32 on the "
-                    f"weights' device, start block seeded ({FULL_SVD_SEED}); exact dense SVD when q >= min(m, n)")
-STEP_CONVENTION = ("step = optimizer steps done (the Trainer's global_step); the snapshot at step s "
-                   "describes the weights after s optimizer steps; step 0 is before the first update")
-
-SPECTRUM_ATTRS = {
-    "singular_values": {
-        "long_name": "singular values of the scaled adapter product s*B*A", "units": "weight units",
-        "formula": "svd(R_b R_a^T) * |s| with B = Q_b R_b, A^T = Q_a R_a (never the dense product)",
-        "description": "descending; NaN past the module's rank (padding) or where the module is not adapted",
-    },
-    "update_singular_values": {
-        "long_name": "singular values of the update since init s*(B_t A_t - B_0 A_0)", "units": "weight units",
-        "formula": "factored as [B_t - B_0, B_0] @ [A_t; A_t - A_0], rank <= 2r",
-        "description": "what learning changed; exactly 0 at step 0; for PiSSA/MiLoRA differs from the product",
-    },
-}
-EXTRA_ATTRS = {
-    "magnitude_norm": {"long_name": "DoRA magnitude norm ||m||", "units": "weight units", "formula": "||m||_2"},
-    "direction_norm": {
-        "long_name": "DoRA direction norm ||W0 + s B A||_F", "units": "weight units",
-        "formula": "||V||_F, V = W0 + s*B*A (the normalised direction V/||V||_row has norm sqrt(out))",
-    },
-    "magnitude_direction_ratio": {
-        "long_name": "DoRA magnitude / direction norm", "units": "1", "formula": "||m|| / ||W0 + s B A||_F (1 at init)",
-    },
-    "dora_update_singular_values": {
-        "long_name": "top singular values of DoRA's effective weight change W' - W0", "units": "weight units",
-        "formula": "W' = diag(m / ||W0 + sBA||_row) (W0 + sBA); dense, top-k by randomized subspace iteration",
-        "description": "full rank once m moves: only the top len(sv) values are stored",
-    },
-    "rank_budget": {
-        "long_name": "AdaLoRA rank budget", "units": "1",
-        "formula": "triplets kept by peft's latest rank_pattern (r before the first masking)",
-    },
-    "importance_scores": {
-        "long_name": "AdaLoRA triplet importance", "units": "1",
-        "formula": "s(E_i) + mean_j s(A_ij) + mean_k s(B_ki), s = exp_avg_ipt * exp_avg_unc (peft RankAllocator)",
-        "description": "NaN before the allocator has scored; index = triplet, not sorted",
-    },
-    "vector_norm": {"long_name": "adapter vector norm (IA3 / LayerNorm tuning)", "units": "1", "formula": "||v||_2"},
-    "vector_distance_from_init": {
-        "long_name": "adapter vector distance from init", "units": "1", "formula": "||v_t - v_0||_2",
-    },
-    "scale": {"long_name": "adapter scale s", "units": "1",
-              "formula": "delta W = s*B*A; alpha/r (LoRA), alpha/sqrt(r) (rsLoRA), scaling/ranknum (AdaLoRA), "
-                         "1 (VeRA, MiSS, HRA, SliceFine, full)"},
-    "rank": {"long_name": "configured adapter rank r", "units": "1"},
-}
 
 
 @dataclass
@@ -124,7 +73,7 @@ class _Group:
     init: tuple | None = None  # stacked B_0, A_0 and their QR bases (sm.init_bases), when init_zero is False
 
 
-class SpectralTracker:
+class SpectralTracker(SpectralHistory):
     """Records the spectra of every adapter's weight change into a growing netCDF store.
 
     Usage:
@@ -620,145 +569,8 @@ class SpectralTracker:
             return None
         summary = self.get_summary_stats()
         summary_path = self.store.path.with_name(SUMMARY_NAME)
-        tmp = summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_jsonable(summary), indent=2))
-        os.replace(tmp, summary_path)
+        atomic_write_text(summary_path, json.dumps(_jsonable(summary), indent=2))
         return self.store.finalize(Path(path) if path else self.save_dir / FINAL_NAME)
-
-    # ---------------------------------------------------------------- reading
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "SpectralTracker":
-        """A read-only tracker over a stored history: a ``.nc`` file (final or live) or a run folder.
-
-        The returned object has ``.data`` and the analysis methods; it cannot log. The names of the
-        PeRL tracking docs (``spectral_history_final.pt``, ``spectral_logs/spectral_history.pt``)
-        open the ``.nc`` store beside them.
-        """
-        from .pt_names import resolve_pt_name
-
-        path = resolve_pt_name(path)
-        if path.is_dir() and not RunStore.is_store(path):
-            for candidate in (path / FINAL_NAME, path / SPECTRAL_DIR / STORE_NAME, path / STORE_NAME):
-                if candidate.exists():
-                    path = candidate
-                    break
-            else:
-                raise FileNotFoundError(f"No spectral history in {path}: expected {FINAL_NAME} or "
-                                        f"{SPECTRAL_DIR}/{STORE_NAME}; was spectral tracking enabled for this run?")
-        obj = cls.__new__(cls)
-        obj._data = RunStore.open(path)
-        obj.model = None
-        obj.modules = [str(m) for m in obj._data.module.values]
-        obj.layers = [int(l) for l in obj._data.layer.values]
-        obj.is_world_process_zero = False
-        return obj
-
-    @property
-    def data(self) -> xr.Dataset:
-        """The whole history as an xarray Dataset (read from the store for a live tracker)."""
-        if self._data is not None:
-            return self._data
-        return self.store.read()
-
-    def get_layer_history(self, layer_name: str) -> xr.Dataset:
-        """Every variable over steps for one module, e.g. ``"model.layers.0.self_attn.q_proj"``."""
-        ds = self.data
-        match = re.search(r"(?:^|\.)(\d+)\.(.+)$", layer_name)
-        if match:
-            layer, rest = int(match.group(1)), match.group(2)
-        else:
-            layer, rest = -1, layer_name.rsplit(".", 1)[-1]
-        modules = [str(m) for m in ds.module.values]
-        module = rest if rest in modules else rest.rsplit(".", 1)[-1]
-        if layer not in ds.layer.values or module not in modules:
-            raise KeyError(f"No tracked module {layer_name!r}: tracked layers are {[int(x) for x in ds.layer.values]} "
-                           f"and modules {modules}, e.g. 'model.layers.{int(ds.layer.values[-1])}.self_attn.{modules[0]}'.")
-        return ds.sel(layer=layer, module=module)
-
-    def get_metric_across_layers(self, metric: str, step_idx: int = -1) -> xr.DataArray:
-        """``metric`` over (layer, module) at the ``step_idx``-th stored step (default the last)."""
-        ds = self.data
-        if metric not in ds.data_vars:
-            raise KeyError(f"Unknown metric {metric!r}; stored variables: {sorted(ds.data_vars)}.")
-        if "step" not in ds[metric].dims:
-            return ds[metric]
-        return ds[metric].isel(step=step_idx)
-
-    def get_summary_stats(self) -> dict:
-        """JSON-ready summary: steps, run attrs, and per metric the first/last-step mean, min, max
-        over all modules and the last-step mean per module type."""
-        ds = self.data
-        steps = [int(s) for s in ds.step.values]
-        summary = {
-            "peft_type": ds.attrs.get("peft_type"),
-            "num_snapshots": len(steps),
-            "steps": steps,
-            "layers": [int(x) for x in ds.layer.values],
-            "modules": [str(m) for m in ds.module.values],
-            "attrs": {k: v for k, v in ds.attrs.items() if k != "config_yaml"},
-            "metrics": {},
-        }
-        summary.update(_original_summary_keys(ds, steps))
-        if not steps:
-            return summary
-        for name, da in ds.data_vars.items():
-            if "step" not in da.dims or {"sv", "sv_update"} & set(da.dims):
-                continue
-            entry = {}
-            for label, idx in (("first", 0), ("last", -1)):
-                vals = da.isel(step=idx).values
-                finite = vals[np.isfinite(vals)]
-                entry[label] = ({"step": steps[idx], "mean": float(finite.mean()), "min": float(finite.min()),
-                                 "max": float(finite.max())} if finite.size else {"step": steps[idx]})
-            last = da.isel(step=-1)
-            entry["last_by_module"] = {str(m): _finite_mean(last.sel(module=m).values) for m in ds.module.values}
-            summary["metrics"][name] = entry
-        return summary
-
-
-# -------------------------------------------------------------------- helpers
-def _original_summary_keys(ds: xr.Dataset, steps: list[int]) -> dict:
-    """The keys of the original PeRL's ``get_summary_stats()``: ``total_steps_logged``, ``step_range``,
-    ``num_layers`` (adapted modules, i.e. (layer, module) cells with a spectrum) and
-    ``<metric>_latest`` (mean, std, min, max over those modules at the last step). Its ``timing`` is
-    not recorded here. Definitions differ where README.md, "Coming from PeRL", says so."""
-    out: dict = {"total_steps_logged": len(steps), "step_range": [steps[0], steps[-1]] if steps else None}
-    if "singular_values" in ds and steps:
-        adapted = np.isfinite(ds["singular_values"].values).any(axis=tuple(
-            i for i, d in enumerate(ds["singular_values"].dims) if d in ("step", "sv")))
-        out["num_layers"] = int(adapted.sum())
-    for metric in ("effective_rank", "condition_number", "spectral_gap", "frobenius_norm"):
-        if metric not in ds or not steps or "step" not in ds[metric].dims:
-            continue
-        vals = ds[metric].isel(step=-1).values
-        finite = vals[np.isfinite(vals)]
-        if finite.size:
-            out[f"{metric}_latest"] = {"mean": float(finite.mean()), "std": float(finite.std()),
-                                       "min": float(finite.min()), "max": float(finite.max())}
-    return out
-
-
-def _finite_mean(values: np.ndarray) -> float | None:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else None
-
-
-def _jsonable(value):
-    """Plain JSON types; NaN and Inf become null (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
-
 
 @contextlib.contextmanager
 def _one_cpu_thread():
@@ -782,24 +594,3 @@ def _column_major(matrices: list[torch.Tensor]) -> torch.Tensor:
     2.4x faster QR than the row-major stack of peft's lora_B weights (benchmarks/spectral_snapshot.py)."""
     return torch.stack([x.mT for x in matrices]).mT
 
-
-def _is_rank_zero() -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _derive_peft_type(model, adapter: str) -> str:
-    config = peft_config_of(model).get(adapter)
-    if config is None:
-        return "unknown"
-    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
-    if kind == "lora":
-        init = getattr(config, "init_lora_weights", True)
-        if getattr(config, "use_dora", False):
-            return "dora"
-        if isinstance(init, str) and init.lower().startswith("pissa"):
-            return "pissa"
-        if getattr(config, "use_rslora", False):
-            return "rslora"
-    return kind
