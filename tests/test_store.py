@@ -104,8 +104,11 @@ WRITER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_store import snapshot
     import perl.trackers.store as st
+    import perl.trackers.store_read as sr
+    import perl.trackers.store_write as sw
     from perl.trackers.store import RunStore
-    st.BLOCK, st.MERGE = {block}, {merge}  # small files fill and merge within the test
+    for module in (st, sr, sw):  # small files fill and merge within the test
+        module.BLOCK, module.MERGE = {block}, {merge}
     store = RunStore({path!r})
     for step in range({n}):
         store.append(snapshot(step, n_layers={layers}, n_sv={n_sv}))
@@ -180,9 +183,12 @@ def test_sigkill_leaves_the_last_complete_file(tmp_path):
 def small_blocks(monkeypatch):
     """Files of 3 snapshots, merged 2 at a time, so a few appends exercise every layout rule."""
     import perl.trackers.store as st
+    import perl.trackers.store_read as sr
+    import perl.trackers.store_write as sw
 
-    monkeypatch.setattr(st, "BLOCK", 3)
-    monkeypatch.setattr(st, "MERGE", 2)
+    for module in (st, sr, sw):  # note: each module of the store holds its own reference to the sizes
+        monkeypatch.setattr(module, "BLOCK", 3)
+        monkeypatch.setattr(module, "MERGE", 2, raising=False)
 
 
 def _files(path):
