@@ -20,7 +20,7 @@ FLOORS = [
     ("models", ["perl.models"]),
     ("adapters", ["perl.adapters"]),
     ("trackers", ["perl.trackers"]),
-    ("run", ["perl.run"]),
+    ("run", ["perl.run", "perl.run_files"]),
     ("viz", ["perl.viz"]),
     ("commands", ["perl.train", "perl.evaluate", "perl.build_model", "perl.sweep", "perl.notebook_utils",
                   "perl.synthetic"]),
