@@ -73,22 +73,14 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
 
     sections, notes = [], []
     if spectral is not None:
-        keep = subsample(spectral.sizes["step"], max_frames)
-        if len(keep) < spectral.sizes["step"]:
-            notes.append(f"Spectral steps: showing {len(keep)} of {spectral.sizes['step']} stored steps "
-                         f"(evenly subsampled, first and last kept; --max-steps sets how many).")
-        sp = spectral.isel(step=keep)
+        sp = _subsampled(spectral, max_frames, "Spectral", notes, "--max-steps sets how many")
         if "singular_values" in sp:  # IA3 / LayerNorm tuning store norms only
             sections += [_spectra_section(sp), _trajectory_section(sp)]
         sections.append(_spectral_heatmap_section(sp))
         if "rank_budget" in sp:
             sections.append(_rank_budget_section(spectral))
     if gradients is not None:
-        keep = subsample(gradients.sizes["step"], max_frames)
-        if len(keep) < gradients.sizes["step"]:
-            notes.append(f"Gradient steps: showing {len(keep)} of {gradients.sizes['step']} stored steps "
-                         f"(evenly subsampled, first and last kept).")
-        gr = gradients.isel(step=keep)
+        gr = _subsampled(gradients, max_frames, "Gradient", notes)
         sections += [_gradient_heatmap_section(gr), _depth_section(gr)]
         if {"A", "B"} <= {str(c) for c in gr["component"].values}:
             sections.append(_ab_section(gr))
@@ -120,6 +112,15 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
     page = _EXTERNAL_TAG.sub("", page)  # the template's favicon links point at a CDN
     out.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(out, page)  # note: a failed write leaves nothing behind
+
+
+def _subsampled(ds, max_frames: int, what: str, notes: list[str], hint: str = ""):
+    """``ds`` at most ``max_frames`` steps (evenly, first and last kept); a note says so when it drops any."""
+    keep = subsample(ds.sizes["step"], max_frames)
+    if len(keep) < ds.sizes["step"]:
+        notes.append(f"{what} steps: showing {len(keep)} of {ds.sizes['step']} stored steps "
+                     f"(evenly subsampled, first and last kept{'; ' + hint if hint else ''}).")
+    return ds.isel(step=keep)
 
 
 def check_output_path(run: Run, out_html=None) -> Path:
