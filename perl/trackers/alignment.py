@@ -311,14 +311,8 @@ class AlignmentTracker(_BaseSubspaces):
         if not self.enabled:
             return None
         step = int(step)
-        if sharding.distributed() and sharding.any_sharded(self._params):
-            # every rank takes the same branch: the gathers below are collectives
-            if sharding.broadcast_flag(self.is_world_process_zero and step in self.store.steps):
-                return None
-            if not self.is_world_process_zero:
-                self._take_part()
-                return None
-        elif not self.is_world_process_zero or step in self.store.steps:
+        if not sharding.writes_snapshot(self.is_world_process_zero, lambda: step in self.store.steps, self._params,
+                                        self._take_part):
             return None
         snapshot = self.snapshot(step, intruders=self.should_log_intruders(step, final))
         self.store.append(snapshot)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -155,3 +155,22 @@ def _is_rank_zero() -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def writes_snapshot(is_writer: bool, stored: Callable[[], bool], params: Iterable,
+                    take_part: Callable[[], None]) -> bool:
+    """Whether this process computes and stores a tracker's snapshot of a step; every rank calls it.
+
+    With sharded ``params`` every rank takes the same branch, since the gathers of a snapshot are
+    collectives: the step is skipped everywhere when the writer has it ``stored()`` already, and a
+    rank that does not write joins the gathers through ``take_part()``. Otherwise only the writer
+    writes a step it has not stored (``stored`` is called on the writer only).
+    """
+    if distributed() and any_sharded(params):
+        if broadcast_flag(is_writer and stored()):
+            return False
+        if not is_writer:
+            take_part()
+            return False
+        return True
+    return is_writer and not stored()

@@ -289,22 +289,20 @@ class SpectralTracker(SpectralHistory):
         if not self.enabled:
             return None
         step = int(step)
-        if sharding.distributed() and sharding.any_sharded(self._params):
-            # every rank takes the same branch: the gathers below are collectives
-            if sharding.broadcast_flag(self.is_world_process_zero and step in self.store.steps):
-                return None
-            if not self.is_world_process_zero:
-                with materialized(self._spectral + self._vectors, keep=False):
-                    pass
-                for _ in walk(self._dora, with_base=True, compute=False):
-                    pass
-                return None
-        elif not self.is_world_process_zero or step in self.store.steps:
+        if not sharding.writes_snapshot(self.is_world_process_zero, lambda: step in self.store.steps, self._params,
+                                        self._take_part):
             return None
         snapshot = self.snapshot(step)
         self.store.append(snapshot)
         self.last_scalars = self._scalars(snapshot)
         return snapshot
+
+    def _take_part(self) -> None:
+        """A rank that does not write: the same gathers as :meth:`snapshot`, in the same order."""
+        with materialized(self._spectral + self._vectors, keep=False):
+            pass
+        for _ in walk(self._dora, with_base=True, compute=False):
+            pass
 
     def snapshot(self, step: int) -> xr.Dataset:
         """The Dataset of one step (dims step=1, layer, module, sv, sv_update), without storing it."""
