@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .. import __version__
 from . import alignment_math as am
 from . import sharding
 from .alignment_base import _BaseSubspaces
@@ -49,7 +50,7 @@ from .alignment_schema import (ALIGNMENT_ATTRS, ALIGNMENT_DIR, BASE_SVD_NAME, EX
                                INTRUDER_VARS, STATIC, STORE_NAME, _DW)
 from .callbacks import SpectralTrackingCallback
 from .discovery import (FACTORED_KINDS, AdapterModule, _derive_peft_type, discover_adapters, materialized,
-                        peft_config_of, walk)
+                        peft_config_of, target_modules_of, walk)
 from .sharding import _is_rank_zero
 from .spectral import MODULE_ORDER, STEP_CONVENTION
 from .store import RunStore
@@ -445,15 +446,7 @@ class AlignmentTracker(_BaseSubspaces):
     # ---------------------------------------------------------------- attrs, scalars, saving
     def _global_attrs(self, run_attrs: dict, max_layers: int | None) -> dict:
         config = peft_config_of(self.model).get(self.adapter_name)
-        targets = getattr(config, "target_modules", None)
-        if isinstance(targets, (set, frozenset, list, tuple)):
-            targets = sorted(str(t) for t in targets)
-        try:
-            from importlib.metadata import version
-
-            perl_version = version("perl")
-        except Exception:  # noqa: BLE001 - not installed as a distribution
-            perl_version = "unknown"
+        targets = target_modules_of(config)
         attrs = {
             "title": "PeRL alignment of adapter updates with the base weights",
             "Conventions": "CF-1.8",
@@ -462,7 +455,7 @@ class AlignmentTracker(_BaseSubspaces):
             "r": getattr(config, "r", None),
             "lora_alpha": getattr(config, "lora_alpha", None),
             "target_modules": targets,
-            "perl_version": perl_version,
+            "perl_version": __version__,
             "step_convention": STEP_CONVENTION,
             "base_weight": "W0 = W_base + s B_0 A_0, the layer's weight at initialisation (for PiSSA/MiLoRA the "
                            "weight before the residual split); its SVD is taken once per run",

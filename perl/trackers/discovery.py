@@ -552,3 +552,12 @@ def _derive_peft_type(model, adapter: str) -> str:
         if getattr(config, "use_rslora", False):
             return "rslora"
     return kind
+
+
+def target_modules_of(config) -> list[str] | str | None:
+    """A peft config's ``target_modules`` as a run's attrs store it: sorted names (peft keeps a set),
+    a regular expression string, or None."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, (set, frozenset, list, tuple)):
+        targets = sorted(str(t) for t in targets)
+    return targets

@@ -69,6 +69,7 @@ import xarray as xr
 from torch import nn
 
 from . import sharding
+from .. import __version__
 from ..fileio import atomic_write_text
 from .discovery import peft_config_of
 from .gradient_history import (FINAL_NAME, GRADIENT_DIR, STEP_CONVENTION, STORE_NAME, SUMMARY_NAME,
@@ -237,7 +238,7 @@ class GradientFlowTracker(GradientFlowHistory):
             "layer_convention": LAYER_CONVENTION,
             "missing_value_convention": "NaN: not tracked, no gradient, or not measured; never 0",
             "Conventions": "CF-1.8",
-            "perl_version": _perl_version(),
+            "perl_version": __version__,
             **(run_attrs or {}),
         }
         if peft_type is not None:  # an explicit label wins over run_attrs' generic one
@@ -574,12 +575,4 @@ def _peft_type_of(model: nn.Module, tracked: list[TrackedTensor]) -> str:
 def _full_numel(p: torch.Tensor) -> int:
     # note: a ZeRO-3 parameter's own numel is its empty placeholder's
     return int(getattr(p, "ds_numel", p.numel()))
-
-
-def _perl_version() -> str:
-    try:
-        from perl import __version__
-        return __version__
-    except ImportError:  # pragma: no cover - perl is always importable here
-        return "unknown"
 

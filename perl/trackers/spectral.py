@@ -44,7 +44,8 @@ from . import sharding
 from . import spectral_math as sm
 from .discovery import (FACTORED_KINDS, AdapterModule, _derive_peft_type, adalora_importance_scores,
                         adalora_rank_budget, discover_adapters, discover_full_weights, materialized, peft_config_of,
-                        walk)
+                        target_modules_of, walk)
+from .. import __version__
 from ..fileio import atomic_write_text
 from .sharding import _is_rank_zero
 from .spectral_history import FINAL_NAME, SPECTRAL_DIR, STORE_NAME, SUMMARY_NAME, SpectralHistory, _jsonable
@@ -489,16 +490,8 @@ class SpectralTracker(SpectralHistory):
     # ---------------------------------------------------------------- attrs, summaries
     def _global_attrs(self, run_attrs: dict, max_layers: int | None) -> dict:
         config = peft_config_of(self.model).get(self.adapter_name)
-        targets = getattr(config, "target_modules", None)
-        if isinstance(targets, (set, frozenset, list, tuple)):
-            targets = sorted(str(t) for t in targets)
+        targets = target_modules_of(config)
         scales = {round(float(m.factors()[2]), 12) for m in self._spectral if m.has_factors}
-        try:
-            from importlib.metadata import version
-
-            perl_version = version("perl")
-        except Exception:  # noqa: BLE001 - not installed as a distribution
-            perl_version = "unknown"
         base = getattr(self.model, "base_model", self.model)
         model_config = getattr(getattr(base, "model", base), "config", None)
         attrs = {
@@ -513,7 +506,7 @@ class SpectralTracker(SpectralHistory):
             "model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
             "seed": None,
             "config_yaml": None,
-            "perl_version": perl_version,
+            "perl_version": __version__,
             "step_convention": STEP_CONVENTION,
             "compute_full_svd": int(self.compute_full_svd),
             "top_k": self.top_k if not self.compute_full_svd else None,
