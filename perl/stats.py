@@ -171,15 +171,22 @@ def t_ppf(q: float, df: float) -> float:
     lo, hi = 0.0, 1.0
     while t_cdf(hi, df) < q:  # note: df=1 (Cauchy) at q=0.9995 needs hi ~ 640; doubling gets there fast
         lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < q:
-            lo = mid
+    # Newton steps on the CDF (its derivative is the density), bisection when a step leaves the bracket
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    t = 0.5 * (lo + hi)
+    for _ in range(100):
+        err = t_cdf(t, df) - q
+        if err < 0:
+            lo = t
         else:
-            hi = mid
-        if hi - lo <= 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+            hi = t
+        density = math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
+        step = t - err / density if density > 0 else math.nan
+        t_next = step if lo < step < hi else 0.5 * (lo + hi)
+        if abs(t_next - t) <= 1e-13 * max(1.0, abs(t)) or hi - lo <= 1e-13 * max(1.0, hi):
+            return t_next
+        t = t_next
+    return t
 
 
 # ====================================================================================== intervals
