@@ -102,7 +102,7 @@ LOG_FILE = "train.log"
 SWEEP_COPY = "sweep.yaml"
 LOCK_FILE = ".sweep.lock"
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-DEFAULT_NOTEBOOKS = ("04_compare_runs", "05_spectral_alignment")
+DEFAULT_NOTEBOOKS = ("04_compare_runs", "05_spectral_alignment", "06_perl_questions")
 # the trained weights Trainer.save_model leaves in output_dir: an adapter, or a whole model (full)
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 # fields that say where and how a run was launched, not what it is: ignored when a finished run's
@@ -748,6 +748,12 @@ def run_sweep(sweep: Sweep, notebooks: bool = True, echo: Callable[[str], None] 
             return result
 
         finished = [r for r in sweep.runs if r.name in result.skipped or r.name in result.trained]
+        if finished:
+            from perl.sweep_summary import summary_after_sweep
+
+            reason = summary_after_sweep(sweep.sweep_dir, echo=echo)
+            if reason:
+                result.notebook_failures["summary"] = reason
         if notebooks and sweep.notebooks and finished:
             result.notebooks, result.notebook_failures = execute_notebooks(sweep, finished, echo=echo)
     return result
@@ -776,7 +782,10 @@ def execute_notebooks(sweep: Sweep, runs: Sequence[SweepRun], echo: Callable[[st
     for name in sweep.notebooks:
         source = NOTEBOOKS_DIR / f"{name}.ipynb"
         out = sweep.sweep_dir / f"{name}.ipynb"
-        params = {"run_dirs": run_dirs} if "run_dirs" in _parameter_names(source) else {}
+        names = _parameter_names(source)
+        params = {"run_dirs": run_dirs} if "run_dirs" in names else {}
+        if "sweep_dir" in names:
+            params["sweep_dir"] = "."  # note: executed in the sweep folder; reads its summary.nc
         started = time.monotonic()
         try:
             papermill.execute_notebook(str(source), str(out), parameters=params, kernel_name="python3",
@@ -803,7 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the comparison notebooks on them. See perl/sweep.py for the sweep file format.",
         allow_abbrev=False,
     )
-    parser.add_argument("sweep_file", metavar="SWEEP.yaml", help="The sweep file.")
+    parser.add_argument("sweep_file", metavar="SWEEP.yaml", nargs="?", help="The sweep file.")
+    parser.add_argument("--summary", metavar="SWEEP_DIR", help="Only (re)write SWEEP_DIR/summary.csv and summary.nc "
+                        "from its finished runs; trains nothing.")
     parser.add_argument("--parallel", metavar="N", help="Runs at a time (default: the file's parallel, else 1).")
     parser.add_argument("--dry-run", action="store_true", help="Print the runs and their commands; write nothing.")
     parser.add_argument("--no-notebooks", action="store_true", help="Do not execute the notebooks after the runs.")
@@ -833,6 +844,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        if args.summary is not None or args.sweep_file is None:
+            from perl.sweep_summary import summary_main
+
+            return summary_main(args.summary, args.sweep_file)
         parallel = None
         if args.parallel is not None:
             try:
