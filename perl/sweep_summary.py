@@ -19,6 +19,7 @@ The per-run quantities (`QUANTITIES`; each variable's attrs repeat its formula):
   updates have rank up to 2r, so the fraction can exceed 1).
 - ``energy_principal`` / ``energy_minor``: fraction of the update's energy in W0's top-k / bottom-k
   left singular subspace (alignment store), mean over cells at the last step where it is finite.
+  ``energy_chance`` is what a random update would score (k/m, mean over cells).
 - ``intruders``: intruder dimensions per adapted module (mean over cells) at the last intruder snapshot.
 - ``grad_ab_ratio``: mean ||grad A|| / mean ||grad B|| over the logged gradient steps and the cells
   that have both (a ratio of means: defined when A's gradient is 0, as at LoRA's first step).
@@ -105,6 +106,11 @@ QUANTITIES: dict[str, dict[str, str]] = {
         "long_name": "update energy in W0's bottom-k left singular subspace", "units": "1",
         "formula": "as energy_principal for W0's bottom-k left singular vectors (energy_fraction_bottom_left)",
     },
+    "energy_chance": {
+        "long_name": "chance level of energy_principal", "units": "1",
+        "formula": "k/m, the expected energy fraction of a random update in a k-dim subspace of R^m, mean over the "
+                   "tracked cells (alignment store: chance_energy_fraction_left)",
+    },
     "intruders": {
         "long_name": "intruder dimensions per adapted module", "units": "1",
         "formula": "intruder_dimensions (alignment store), mean over adapted cells at the last intruder snapshot",
@@ -180,6 +186,10 @@ def run_values(run: Run | str | os.PathLike, last_k: int = LAST_K) -> dict[str, 
                           ("intruders", "intruder_dimensions")):
             if name in align:
                 out[key] = _cell_mean_last(align[name])
+        if "chance_energy_fraction_left" in align and "energy_fraction_top_left" in align:
+            tracked = np.isfinite(align["energy_fraction_top_left"]).any("step").values
+            chance = align["chance_energy_fraction_left"].values[tracked]
+            out["energy_chance"] = float(chance.mean()) if chance.size else math.nan
 
     gradients = _quiet_get(run, "gradients")
     if gradients is not None and "grad_norm" in gradients and {"A", "B"} <= set(gradients["component"].values.tolist()):
