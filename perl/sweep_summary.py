@@ -294,12 +294,16 @@ def summarize_runs(runs: Iterable[Run | str | os.PathLike], last_k: int = LAST_K
     fewest = min((n for n in logged if n), default=0)
     k = max(1, min(last_k, fewest // 2)) if fewest else last_k
 
-    groups: dict[str, list[Run]] = {}
+    groups: dict[tuple[str, int], list[Run]] = {}
     for run in opened:
-        groups.setdefault(_identity(run.config), []).append(run)
+        identity, copy = _identity(run.config), 0
+        # note: the same configuration and seed twice (a run repeated in another folder) is a group of its own
+        while any(m.seed == run.seed for m in groups.get((identity, copy), [])):
+            copy += 1
+        groups.setdefault((identity, copy), []).append(run)
     labels, used = [], set()
-    for members in groups.values():
-        label = configuration_of(members[0])
+    for (_, copy), members in groups.items():
+        label = configuration_of(members[0]) + (f" ({members[0].name})" if copy else "")
         while label in used:  # note: two configurations that only differ in a field the name leaves out
             label += "'"
         used.add(label)
@@ -311,9 +315,6 @@ def summarize_runs(runs: Iterable[Run | str | os.PathLike], last_k: int = LAST_K
     for i, members in enumerate(groups.values()):
         for run in members:
             j = seeds.index(run.seed if run.seed is not None else -1)
-            if names[i, j]:
-                raise RunError(f"{run.path} and {names[i, j]} are the same configuration with the same seed; "
-                               "keep one of them (or pass the runs of one sweep).")
             names[i, j] = run.name
             for q, v in run_values(run, k).items():
                 values[q][i, j] = v

@@ -225,3 +225,16 @@ def test_notebook06_answers_each_question_with_the_summary_numbers(two_seed_swee
         per_seed.append(np.nanmean(sp["update_frobenius_norm"].isel(step=-1).transpose("layer", "module").values, axis=1))
     shown = np.array([float(v) for v in lora_row.split()[1:]])
     np.testing.assert_allclose(shown, np.mean(per_seed, axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_shipped_perl_questions_sweep_covers_every_method_with_three_seeds():
+    from perl.config import PEFT_TYPES
+
+    shipped = sw.load_sweep(Path(__file__).resolve().parent.parent / "configs" / "sweeps" / "perl_questions_nano.yaml")
+    points = {(r.config.peft.type, r.config.peft.r, r.config.common.seed) for r in shipped.runs}
+    methods = [m for m in PEFT_TYPES if m != "full"]
+    assert points == {(m, 8, s) for m in methods for s in (0, 1, 2)}
+    tracker = shipped.runs[0].config.tracker
+    assert tracker.enable_spectral_tracking and tracker.enable_gradient_tracking and tracker.enable_alignment_tracking
+    assert shipped.runs[0].config.model.model_name_or_path == "countdown-nano"
+    assert "06_perl_questions" in shipped.notebooks
