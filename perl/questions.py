@@ -159,8 +159,12 @@ def svd_init_answer(ds: xr.Dataset, alpha: float = 0.05) -> Answer:
         row = tests[(tests.index == c) & (tests["quantity"] == "equation_reward_gain")].iloc[0]
         sel = ds.sel(config=c)
         side = ("principal" if float(sel["energy_principal_mean"]) > float(sel["energy_minor_mean"]) else "minor")
+        low, high = float(sel["equation_reward_gain_ci_low"]), float(sel["equation_reward_gain_ci_high"])
+        alone = ("no interval" if not np.isfinite(low) else "it loses reward" if high < 0 else
+                 "it gains reward" if low > 0 else "no evidence of a loss or a gain")
         parts.append(
-            f"{sel['method'].values!s} gains {_ci(ds, 'equation_reward_gain', c)} correct-equation reward vs LoRA's "
+            f"{sel['method'].values!s} changes its correct-equation reward by {_ci(ds, 'equation_reward_gain', c)} "
+            f"over training ({alone}) vs LoRA's "
             f"{_ci(ds, 'equation_reward_gain', ref)} (difference {_fmt(row['diff'])}, Welch p = {_fmt(row['pvalue'])}, "
             f"Holm {_fmt(row['pvalue_holm'])}: {row['verdict']}), and its update puts "
             f"{_ci(ds, 'energy_principal', c, 2)} of its energy in W0's principal and {_ci(ds, 'energy_minor', c, 2)} "

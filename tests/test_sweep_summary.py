@@ -39,7 +39,7 @@ SWEEP = {
                 "spectral_log_frequency": 1, "gradient_log_frequency": 1, "alignment_log_frequency": 1,
                 "intruder_log_frequency": 2},
     "grid": {"methods": list(METHODS), "ranks": [4], "seeds": list(SEEDS), "learning_rates": [1.0e-3]},
-    "notebooks": ["06_perl_questions"],
+    "notebooks": ["04_compare_runs", "05_spectral_alignment", "06_perl_questions"],
 }
 
 
@@ -238,3 +238,20 @@ def test_shipped_perl_questions_sweep_covers_every_method_with_three_seeds():
     assert tracker.enable_spectral_tracking and tracker.enable_gradient_tracking and tracker.enable_alignment_tracking
     assert shipped.runs[0].config.model.model_name_or_path == "countdown-nano"
     assert "06_perl_questions" in shipped.notebooks
+
+
+def test_notebooks_04_and_05_draw_error_bars_and_test_against_lora(two_seed_sweep):
+    rows = read_csv(two_seed_sweep / "summary.csv")
+    for name, quantity in (("04_compare_runs", "final_equation_reward"), ("05_spectral_alignment", "energy_principal")):
+        nb = nbformat.read(two_seed_sweep / f"{name}.ipynb", as_version=4)
+        texts = _outputs(nb)  # raises on a failed cell
+        plots = "\n".join(texts)
+        assert ":ErrorBars" in plots, f"{name} draws no error bars"
+        if name == "04_compare_runs":
+            assert ":Area" in plots  # the band over steps
+            assert any(t.startswith("Welch's unequal-variance t-test over seeds (two-sided) against lora-r4-lr1e-3") for t in texts)
+        table = next(t for t in texts if t.lstrip().startswith("method") and "verdict" in t)
+        row = next(line for line in table.splitlines() if line.startswith("pissa-r4-lr1e-3"))
+        diff = float(row.split()[4])
+        expected = float(rows["pissa-r4-lr1e-3"][f"{quantity}_mean"]) - float(rows["lora-r4-lr1e-3"][f"{quantity}_mean"])
+        assert diff == pytest.approx(expected, abs=1e-4)  # as pandas prints it
