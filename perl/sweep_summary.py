@@ -60,6 +60,7 @@ __all__ = [
     "compare_configs",
     "configuration_of",
     "find_sweep_runs",
+    "markdown_table",
     "run_values",
     "summarize_runs",
     "summarize_sweep",
@@ -545,3 +546,28 @@ def summary_main(sweep_dir: str | None, sweep_file: str | None = None) -> int:
           f"mean [{ds.attrs['ci_level']:.0%} CI, {ds.attrs['ci_method']}] over seeds:")
     print("\n".join(_headline(ds)))
     return 0
+
+
+def markdown_table(ds: xr.Dataset, quantities: Sequence[str] = ("final_equation_reward", "equation_reward_gain",
+                                                                 "update_rank_fraction", "energy_principal",
+                                                                 "energy_minor", "grad_ab_ratio"),
+                   digits: int = 3) -> str:
+    """The summary as a Markdown table: one row per configuration, ``mean [low, high]`` per quantity.
+
+    Usage:
+        print(markdown_table(xr.open_dataset("sweeps/perl_questions_nano/summary.nc")))
+    """
+    def cell(i: int, q: str) -> str:
+        mean, low, high = (float(ds[f"{q}_{s}"].values[i]) for s in ("mean", "ci_low", "ci_high"))
+        if not np.isfinite(mean):
+            return "–"
+        if not np.isfinite(low):
+            return f"{mean:.{digits}f}"
+        return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+    head = ["method", "n", *quantities]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i in range(ds.sizes["config"]):
+        lines.append("| " + " | ".join([str(ds["method"].values[i]), str(int(ds["n_seeds"].values[i])),
+                                        *(cell(i, q) for q in quantities)]) + " |")
+    return "\n".join(lines)

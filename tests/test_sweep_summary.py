@@ -174,6 +174,19 @@ def test_compare_configs_reports_the_difference_of_means_and_a_named_test(two_se
         compare_configs(summary, "accuracy")
 
 
+def test_markdown_table_shows_mean_and_interval_per_configuration(two_seed_sweep):
+    from perl.sweep_summary import markdown_table
+
+    rows = read_csv(two_seed_sweep / "summary.csv")
+    lines = markdown_table(read_nc(two_seed_sweep / "summary.nc"), ["energy_principal"]).splitlines()
+    assert lines[0] == "| method | n | energy_principal |"
+    for method in METHODS:
+        row = rows[f"{method}-r4-lr1e-3"]
+        cell = " [".join([f"{float(row['energy_principal_mean']):.3f}", f"{float(row['energy_principal_ci_low']):.3f}, "
+                          f"{float(row['energy_principal_ci_high']):.3f}]"])
+        assert f"| {method} | 2 | {cell} |" in lines
+
+
 def _outputs(nb) -> list[str]:
     texts = []
     for cell in nb.cells:
