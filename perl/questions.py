@@ -1,7 +1,7 @@
 """The PeRL study's questions answered on a sweep with seeds: each answer is a table and one sentence
 that states the finding with its uncertainty (``notebooks/06_perl_questions.ipynb``).
 
-(a) `svd_init_answer`: do SVD-initialised adapters (PiSSA, MiLoRA) lose reward under RL compared
+(a) `svd_init_answer`: do SVD-initialised adapters (PiSSA, MiLoRA, MiLoRA+) lose reward under RL compared
     with LoRA, and where do their updates go relative to W0's principal and minor subspaces?
 (b) `rank_answer`: how much of r does each method's update use?
 (c) `ab_answer`: are the gradients of A and B asymmetric?
@@ -44,7 +44,7 @@ from perl.sweep_summary import (
 __all__ = ["Answer", "ab_answer", "depth_answer", "depth_profile", "interval_table", "open_summary", "rank_answer",
            "svd_init_answer"]
 
-SVD_INIT = ("pissa", "milora")
+SVD_INIT = ("pissa", "milora", "milora_plus")  # milora_plus: A from the bottom-r right singular vectors, B = 0
 
 
 @dataclass
@@ -130,10 +130,10 @@ def _reference(ds: xr.Dataset) -> str | None:
 
 # ====================================================================================== (a)
 def svd_init_answer(ds: xr.Dataset, alpha: float = 0.05) -> Answer:
-    """(a) PiSSA and MiLoRA against LoRA: reward and its gain, and the update's principal / minor energy.
+    """(a) PiSSA, MiLoRA and MiLoRA+ against LoRA: reward and its gain, and the update's principal / minor energy.
 
     ``extra["tests"]``: Welch's t-test over seeds of each SVD-initialised configuration against
-    LoRA, for the final correct-equation reward and its gain, Holm-adjusted over the four tests.
+    LoRA, for the final correct-equation reward and its gain, Holm-adjusted over all of these tests.
     """
     import pandas as pd
 
