@@ -33,8 +33,9 @@ a restart; any other folder (a crash, a kill, a failure) is trained again from s
 never silently overwritten or mistaken for the new one.
 
 Failed runs do not stop the others; they are listed at the end with their log and the command
-exits 1. Afterwards ``notebooks/04_compare_runs.ipynb`` and ``05_spectral_alignment.ipynb`` are
-executed with papermill on the finished runs into the sweep folder.
+exits 1. Afterwards the per-configuration summary over seeds (`perl.sweep_summary`: ``summary.csv``,
+``summary.nc``) is written and notebooks 04, 05 and 06 are executed with papermill on the finished
+runs into the sweep folder. ``--summary SWEEP_DIR`` only rewrites the summary.
 
 Usage:
     perl sweep configs/sweeps/methods_nano.yaml --parallel 2
