@@ -11,11 +11,16 @@ DEMO_DIR ?= runs/demo
 
 setup: $(STAMP)
 
+# note: DeepSpeed (the `deepspeed` extra) ships only as source and its setup.py imports torch;
+# built without build isolation it uses the pinned CPU torch installed first, instead of pulling
+# an unpinned multi-GB CUDA torch into an isolated build environment.
 $(STAMP): pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements-cpu.txt torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c requirements-cpu.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet setuptools wheel
+	$(BIN)/python -m pip install --quiet --no-build-isolation -c requirements-cpu.txt 'deepspeed>=0.19,<0.20'
+	$(BIN)/python -m pip install --quiet -c requirements-cpu.txt -e '.[dev,deepspeed]'
 	touch $(STAMP)
 
 # A short tracked GRPO run (LoRA, both trackers) on the embedded countdown-nano model.

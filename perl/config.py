@@ -60,10 +60,59 @@ __all__ = [
 # note: the largest config file we agree to read; a real one is a few kB, so anything bigger is
 # almost surely the wrong file (or a hostile one) and is refused before YAML sees it.
 MAX_CONFIG_BYTES = 1_000_000
+# note: the offline generator verifies every problem (a few ms each on a CPU); beyond this many a
+# run would spend longer generating than training, so larger data sets come from a file.
+MAX_GENERATED_PROBLEMS = 100_000
+
+
+# note: PyYAML shares the object of an anchor between its aliases, so a 1 kB "billion laughs"
+# file loads into a small graph that explodes the moment anything walks it (validation, deepcopy,
+# yaml.dump into a store's attributes, an error message). The composer therefore counts every node
+# as the reader will see it, aliases expanded, and refuses past a fixed size; and it refuses
+# nesting past a fixed depth before Python's recursion limit turns it into a 3000-line traceback.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+class YAMLBoundsError(yaml.YAMLError):
+    """A YAML document whose aliases expand beyond `MAX_YAML_NODES` or that nests beyond `MAX_YAML_DEPTH`."""
+
+    def __init__(self, problem: str, mark=None):
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load plus YAML 1.2 floats: PyYAML alone reads `5e-4` (no dot) as a string."""
+    """safe_load plus YAML 1.2 floats (PyYAML alone reads `5e-4`, no dot, as a string), bounded
+    in expanded size and nesting depth (see `MAX_YAML_NODES`, `MAX_YAML_DEPTH`)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise YAMLBoundsError(f"nesting deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        size = self._sizes.get(id(node))
+        if size is None:
+            size = 1
+            if isinstance(node, yaml.SequenceNode):
+                size += sum(self._sizes.get(id(child), 1) for child in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                size += sum(self._sizes.get(id(k), 1) + self._sizes.get(id(v), 1) for k, v in node.value)
+            if size > MAX_YAML_NODES:
+                raise YAMLBoundsError(
+                    f"more than {MAX_YAML_NODES} values once its aliases (*name) are expanded", node.start_mark
+                )
+            self._sizes[id(node)] = size
+        return node
 
 
 _Loader.add_implicit_resolver(
@@ -74,7 +123,10 @@ _Loader.add_implicit_resolver(
 
 
 def _yaml_load(text: str) -> Any:
+    """YAML text -> Python values with the bounded safe loader (aliases and depth bounded)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+
+
 
 
 class ConfigError(ValueError):
@@ -95,7 +147,7 @@ def _f(default: Any, help: str, **constraints: Any) -> Any:
 
 PEFT_TYPES = (
     "lora", "dora", "adalora", "pissa", "milora", "milora_plus", "lora_plus", "rslora", "lorafa",
-    "vera", "ia3", "layernorm", "miss", "full",
+    "vera", "ia3", "layernorm", "miss", "hra", "slicefine", "full",
 )
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # note: the installed TRL (1.16) accepts exactly these; `luspo` additionally needs
@@ -121,7 +173,7 @@ class CommonConfig:
         debug (`bool`, defaults to False): verbose logging.
     """
 
-    seed: int = _f(42, "Random seed of the run (adapter initialisation, sampling, data order).")
+    seed: int = _f(42, "Random seed of the run (adapter initialisation, sampling, data order).", ge=0, le=2**32 - 1)
     debug: bool = _f(False, "Debug mode: verbose logging.")
 
 
@@ -215,6 +267,11 @@ class PeftConfig:
         "balance", "miss: initialisation variant (balance, bat or mini).", choices=("balance", "bat", "mini")
     )
     miss_mini_r: int = _f(1, "miss: size of the shared shard (r must be divisible by it).", ge=1)
+    slicefine_mode: str = _f(
+        "column", "slicefine: train r columns (input features) or r rows (output features) of each weight.",
+        choices=("column", "row"),
+    )
+    slicefine_position: int = _f(0, "slicefine: first column / row of the trainable slice.", ge=0)
 
 
 @dataclass
@@ -349,10 +406,10 @@ class DatasetConfig:
     min_numbers: int = _f(3, "Generator: fewest numbers in a problem.", ge=2)
     # note: 3 by default: countdown-nano solves about a third of 3-number problems under sampling
     # (room for RL), but almost no 4-number ones, which would give GRPO no signal on a CPU
-    max_numbers: int = _f(3, "Generator: most numbers in a problem (the hub data set has 3 and 4).", ge=2)
+    max_numbers: int = _f(3, "Generator: most numbers in a problem (the hub data set has 3 and 4).", ge=2, le=5)
     max_number: int = _f(100, "Generator: largest number drawn.", ge=1)
     max_target: int = _f(1000, "Generator: largest target.", ge=1)
-    seed: int = _f(0, "Seed of the generator and of the train/test split.")
+    seed: int = _f(0, "Seed of the generator and of the train/test split.", ge=0, le=2**32 - 1)
 
 
 @dataclass
@@ -797,6 +854,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if p.type == "miss" and p.r % p.miss_mini_r:
         raise ConfigError(f"peft.r ({p.r}) must be divisible by peft.miss_mini_r ({p.miss_mini_r}) for miss.")
+    if p.type == "hra" and p.r % 2:
+        raise ConfigError(f"peft.r ({p.r}) must be even for hra: its identity init pairs the r reflections.")
+    if p.type == "full" and cfg.tracker.enable_alignment_tracking:
+        raise ConfigError("alignment tracking measures an adapter's low-rank factors and full fine-tuning has none; "
+                          "drop --enable_alignment_tracking (spectral and gradient tracking work for full).")
     if t.loss_type == "luspo" and t.importance_sampling_level != "sequence":
         raise ConfigError("loss_type luspo needs training.importance_sampling_level sequence.")
     world = _world_size()
@@ -809,6 +871,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if t.resume_from_checkpoint is not None and not t.resume_from_checkpoint.strip():
         raise ConfigError("training.resume_from_checkpoint is empty; use none, true or a checkpoint path.")
+    if d.dataset_name_or_path.strip() == "countdown-generated":
+        wanted = (d.example_numbers or 0) + d.test_size
+        if wanted > MAX_GENERATED_PROBLEMS:
+            raise ConfigError(
+                f"dataset.example_numbers + dataset.test_size ({wanted}) exceeds {MAX_GENERATED_PROBLEMS} "
+                "generated problems, the most the offline generator makes in reasonable time; ask for fewer "
+                "or use a dataset file."
+            )
     if d.min_numbers > d.max_numbers:
         raise ConfigError(f"dataset.min_numbers ({d.min_numbers}) must not exceed dataset.max_numbers ({d.max_numbers}).")
     if cfg.tracker.tracking_output_dir is not None and not cfg.tracker.tracking_output_dir.strip():

@@ -7,6 +7,7 @@ the training rewards (:mod:`perl.data.rewards`), and the problems come from the 
 Usage:
     $ perl eval countdown-nano --n 500 --output results.json
     $ perl eval runs/demo                      # a run folder: config.yaml + adapter_config.json
+    $ perl eval runs/full                      # a full fine-tuning run: config.yaml + the saved model
 
     >>> from perl.evaluate import evaluate
     >>> evaluate(model, tokenizer, problems, greedy=False, temperature=1.0)
@@ -145,11 +146,20 @@ def load_for_eval(model_or_run: str):
     """Return ``(model, tokenizer, description)`` for a model name/path or a run folder.
 
     A run folder holds ``config.yaml`` (its ``model.model_name_or_path`` is the base) and a peft
-    adapter (``adapter_config.json``) in the folder itself.
+    adapter (``adapter_config.json``) in the folder itself; a full fine-tuning run (``peft.type:
+    full``) holds the whole trained model instead, which is loaded as it is.
     """
 
     path = Path(model_or_run).expanduser()
     if path.is_dir() and (path / "config.yaml").is_file():
+        method = _run_method(path)
+        if method == "full":
+            # note: a full fine-tuning run saves the whole model (config.json + weights) into its folder
+            if not (path / "config.json").is_file():
+                raise ValueError(f"full fine-tuning run {str(path)!r} has no saved model (config.json); evaluate "
+                                 "a finished run or one of its checkpoint-N folders.")
+            model, tokenizer = _load_base(str(path))
+            return model, tokenizer, f"full fine-tuning run {path}"
         if not (path / "adapter_config.json").is_file():
             raise ValueError(
                 f"run folder {str(path)!r} has no adapter_config.json; evaluate a finished run "
@@ -169,6 +179,16 @@ def load_for_eval(model_or_run: str):
         return model, tokenizer, f"{base} + {config.peft.type} adapter {path}"
     model, tokenizer = _load_base(model_or_run)
     return model, tokenizer, str(model_or_run)
+
+
+def _run_method(path: Path) -> str | None:
+    """The ``peft.type`` a run folder's config.yaml names (lower case), None when it cannot be read."""
+    from perl.config import ConfigError, load_config
+
+    try:
+        return str(load_config(path / "config.yaml").peft.type).lower()
+    except ConfigError:
+        return None
 
 
 def _load_base(name: str):

@@ -21,7 +21,6 @@ from typing import Iterable
 
 import numpy as np
 import xarray as xr
-import yaml
 
 __all__ = ["Run", "Runs", "RunError", "MissingDataWarning", "open_run", "open_runs", "metric_name"]
 
@@ -41,6 +40,10 @@ _METRIC_UNITS = {"completions/mean_length": "tokens", "completions/min_length": 
 
 class RunError(ValueError):
     """A run folder or one of its files that cannot be read."""
+
+
+class _NotARunFolder(RunError):
+    """A folder without any file of a run (globs in `open_runs` skip these, never damaged runs)."""
 
 
 class MissingDataWarning(UserWarning):
@@ -81,11 +84,12 @@ class Run:
             what = "is a file, not a folder" if path.exists() else "does not exist"
             raise RunError(f"Run folder {path} {what}; pass the output_dir of a training run.")
         self.path = path
+        _recover_overwrite(path)
         self.config = _read_config(path / CONFIG_FILE)
         self.tracking_dir = _tracking_dir(path, self.config)
         self._cache: dict[str, tuple[tuple, xr.Dataset | None]] = {}
         if not self.config and not any(self._source(k) for k in ("spectral", "gradients", "metrics")):
-            raise RunError(
+            raise _NotARunFolder(
                 f"{path} is not a run folder: no {CONFIG_FILE}, {METRICS_FILE} or tracking stores in it; "
                 "pass the output_dir of a training run."
             )
@@ -216,6 +220,7 @@ def read_store(path: Path) -> xr.Dataset:
     Reads as `perl.trackers.store.RunStore.open` does (attrs ending in ``_json`` decoded), without
     importing the trackers package, so analysis never pulls in torch.
     """
+    _check_store(path)
     try:
         with xr.open_dataset(path, engine="netcdf4", cache=False) as ds:
             loaded = ds.load()
@@ -233,13 +238,27 @@ def read_store(path: Path) -> xr.Dataset:
     return loaded
 
 
+def _check_store(path: Path) -> None:
+    from perl.schema import StoredFileError, check_store_file
+
+    try:
+        check_store_file(path)
+    except StoredFileError as err:
+        raise RunError(str(err)) from None
+
+
 def read_metrics(path: Path) -> xr.Dataset:
     """``metrics.jsonl`` as a Dataset by ``step``: one float variable per numeric log key.
 
     A step logged twice (a resumed run, or the final summary) keeps the last value of each key. An
     unfinished last line (the file is being written) is ignored; any other bad line is an error.
     """
+    from perl.schema import MAX_METRICS_BYTES, check_metrics_step
+
     try:
+        if path.stat().st_size > MAX_METRICS_BYTES:
+            raise RunError(f"{path} is larger than {MAX_METRICS_BYTES // 2**20} MiB, more than perl.train writes; "
+                           "expected the metrics.jsonl of a training run.")
         lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as err:
         raise RunError(f"Cannot read {path} ({type(err).__name__}); expected JSON lines written by perl.train.") from None
@@ -249,14 +268,12 @@ def read_metrics(path: Path) -> xr.Dataset:
             continue
         try:
             record = json.loads(line)
-            step = record["step"]
-            if isinstance(step, bool) or not float(step).is_integer():
-                raise ValueError
+            step = check_metrics_step(record["step"])
         except (ValueError, KeyError, TypeError):
             if number == len(lines):  # an unfinished last line: the writer is mid-append
                 continue
             raise RunError(
-                f"{path} line {number} is not a JSON object with an integer 'step'; "
+                f"{path} line {number} is not a JSON object with an integer 'step' in [0, 2**53]; "
                 "expected one Trainer log per line as perl.train writes them."
             ) from None
         values = by_step.setdefault(int(step), {})
@@ -275,17 +292,40 @@ def read_metrics(path: Path) -> xr.Dataset:
 
 
 def _read_config(path: Path) -> dict:
+    from perl.config import ConfigError, config_from_dict, read_yaml_file
+
     if not path.is_file():
         return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise RunError(f"Cannot read {path} as YAML ({type(err).__name__}); expected the config.yaml written by perl.train.") from None
+    # note: the bounded reader of config files: size, alias expansion and nesting depth limited
+    data = read_yaml_file(path, "the run's config", "replace it with the config.yaml perl.train wrote", error=RunError)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise RunError(f"{path} holds a YAML {type(data).__name__}, expected a mapping of config sections.")
+    try:
+        config_from_dict(data, source=str(path))  # note: types and keys, as train() would read it
+    except ConfigError as err:
+        message = str(err) if str(path) in str(err) else f"{path}: {err}"
+        raise RunError(message.rstrip(".") + "; expected the config.yaml written by perl.train.") from None
     return data
+
+
+def _recover_overwrite(path: Path) -> None:
+    """A training killed mid-overwrite left the previous run aside: put it back (see perl/rundir.py)."""
+    from perl.config import ConfigError
+    from perl.rundir import has_interrupted_overwrite, recover_interrupted_overwrite
+
+    if not has_interrupted_overwrite(path):
+        return
+    try:
+        restored = recover_interrupted_overwrite([path], lock_folder=path)
+    except (OSError, ConfigError) as err:
+        raise RunError(f"{path} holds a previous run that an interrupted overwrite moved aside into "
+                       f"{path}/.perl-previous-run and it could not be put back ({err}); move its contents "
+                       f"back into {path} by hand.") from None
+    for folder in restored:
+        warnings.warn(f"Restored the previous run in {folder}: a training that overwrote it was killed before "
+                      "its first snapshot.", stacklevel=3)
 
 
 def _tracking_dir(path: Path, config: dict) -> Path:
@@ -471,6 +511,7 @@ def final_reward(metrics: xr.Dataset | None, last: int = 10, key: str = "reward"
 
 
 def _open_lazy(path: Path) -> xr.Dataset:
+    _check_store(path)
     try:
         return xr.open_dataset(path, engine="netcdf4", chunks=-1, cache=False)  # one chunk per variable: few dask tasks
     except Exception as err:  # noqa: BLE001 - netCDF4/HDF5 raise many types for a damaged file
@@ -498,8 +539,8 @@ def open_runs(runs: str | os.PathLike | Iterable) -> Runs:
             for p in matches:
                 try:
                     opened.append(Run(p))
-                except RunError:
-                    continue  # a glob also matches folders that are not runs
+                except _NotARunFolder:
+                    continue  # note: a glob also matches folders that are not runs; a damaged run is an error
             if not opened:
                 raise RunError(f"No run folders match {pattern!r}; pass a glob of training output_dirs.")
             return Runs(opened)

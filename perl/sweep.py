@@ -16,7 +16,7 @@ grid:
   training.beta: [0.0, 0.04]          # any section.field (also written config.section.field)
 launcher: accelerate launch --num_processes 8   # optional; default: this Python interpreter
 parallel: 1                           # optional; --parallel N wins
-notebooks: true                       # optional: false, or a list such as [04_compare_runs]
+notebooks: true                       # optional: false, or names in notebooks/ such as [04_compare_runs]
 ```
 
 Every grid point becomes a run folder named after its values, ``lora-r8-s0-lr5e-4`` (plus
@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import fcntl
 import hashlib
 import itertools
 import json
@@ -102,6 +101,8 @@ LAUNCH_CONFIG = "launch_config.yaml"
 LOG_FILE = "train.log"
 SWEEP_COPY = "sweep.yaml"
 LOCK_FILE = ".sweep.lock"
+# note: each point is a whole training (minutes to hours); a grid beyond this is a typo or a hostile file
+MAX_GRID_POINTS = 1000
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 DEFAULT_NOTEBOOKS = ("04_compare_runs", "05_spectral_alignment", "06_perl_questions")
 # the trained weights Trainer.save_model leaves in output_dir: an adapter, or a whole model (full)
@@ -161,6 +162,8 @@ class Sweep:
         launcher (`list[str]`): command prefix that runs a Python module given ``-m``.
         parallel (`int`, defaults to 1): runs at a time.
         notebooks (`list[str]`): notebooks (names in ``notebooks/``) executed after the runs.
+        notebook_paths (`dict[str, Path]`): notebooks given by path on the command line (``--notebook``),
+            by name; the only way to run a notebook from outside ``notebooks/``.
     """
 
     source: Path
@@ -170,6 +173,7 @@ class Sweep:
     launcher: list[str]
     parallel: int = 1
     notebooks: list[str] = field(default_factory=lambda: list(DEFAULT_NOTEBOOKS))
+    notebook_paths: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -296,6 +300,10 @@ def _notebook_list(value: Any, where: str) -> list[str]:
     out = []
     for name in names:
         stem = str(name).removesuffix(".ipynb")
+        if isinstance(name, str) and (stem in ("", ".", "..") or "/" in stem or "\\" in stem or os.sep in stem):
+            # note: the project's notebooks only: a path would run any notebook (code) from anywhere
+            raise SweepError(f"{where}: notebooks lists {name!r}, a path; name notebooks of {NOTEBOOKS_DIR} "
+                             "without folders (e.g. 04_compare_runs).")
         if not isinstance(name, str) or not (NOTEBOOKS_DIR / f"{stem}.ipynb").is_file():
             have = ", ".join(sorted(p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb"))) or "none"
             raise SweepError(f"{where}: notebook {name!r} is not in {NOTEBOOKS_DIR} (have: {have}).")
@@ -409,6 +417,11 @@ def load_sweep(path: str | os.PathLike, parallel: int | None = None) -> Sweep:
             raise SweepError(f"{where}: grid sets {dotted} twice; keep one of its axes.")
         axes[dotted] = _axis_values(str(key), values, where)
     _check_reserved(sections, list(axes), where)
+    points = math.prod(len(v) for v in axes.values())
+    if points > MAX_GRID_POINTS:
+        sizes = " x ".join(str(len(v)) for v in axes.values())
+        raise SweepError(f"{where}: the grid has {points} points ({sizes}), more than the {MAX_GRID_POINTS} runs a "
+                         "sweep may hold; split it into several sweep files.")
     if base.tracker.tracking_output_dir or base.training.resume_from_checkpoint is not None:
         key = "tracker.tracking_output_dir" if base.tracker.tracking_output_dir else "training.resume_from_checkpoint"
         raise SweepError(f"{where}: base_config sets {key}, which a sweep decides: {_RESERVED[key]}.")
@@ -673,20 +686,18 @@ def _stop(jobs: list[_Running]) -> None:
 @contextlib.contextmanager
 def _locked(sweep_dir: Path) -> Iterator[None]:
     """One `perl sweep` per sweep folder at a time (a second would redo the first's runs in progress)."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(sweep_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held (locked) until the finally
+    from perl.rundir import RunFolderLocked, RunLock
+
+    # note: the run folders' lock (one way to lock); the kernel releases it when a sweep is killed
+    lock = RunLock(sweep_dir, name=LOCK_FILE, what="another perl sweep")
     try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SweepError(f"another perl sweep is running in {sweep_dir}; wait for it, or stop it first.") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        lock.acquire()
+    except RunFolderLocked as e:
+        raise SweepError(str(e)) from None
+    try:
         yield
     finally:
-        fh.close()  # note: closing releases the lock; a killed sweep releases it too
+        lock.release()
 
 
 def run_sweep(sweep: Sweep, notebooks: bool = True, echo: Callable[[str], None] = print) -> SweepResult:
@@ -756,7 +767,8 @@ def run_sweep(sweep: Sweep, notebooks: bool = True, echo: Callable[[str], None] 
             if reason:
                 result.notebook_failures["summary"] = reason
         if notebooks and sweep.notebooks and finished:
-            result.notebooks, result.notebook_failures = execute_notebooks(sweep, finished, echo=echo)
+            result.notebooks, failures = execute_notebooks(sweep, finished, echo=echo)
+            result.notebook_failures.update(failures)
     return result
 
 
@@ -781,7 +793,7 @@ def execute_notebooks(sweep: Sweep, runs: Sequence[SweepRun], echo: Callable[[st
     done, failures = [], {}
     run_dirs = [os.path.relpath(r.path, sweep.sweep_dir) for r in runs]
     for name in sweep.notebooks:
-        source = NOTEBOOKS_DIR / f"{name}.ipynb"
+        source = sweep.notebook_paths.get(name, NOTEBOOKS_DIR / f"{name}.ipynb")
         out = sweep.sweep_dir / f"{name}.ipynb"
         names = _parameter_names(source)
         params = {"run_dirs": run_dirs} if "run_dirs" in names else {}
@@ -819,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", metavar="N", help="Runs at a time (default: the file's parallel, else 1).")
     parser.add_argument("--dry-run", action="store_true", help="Print the runs and their commands; write nothing.")
     parser.add_argument("--no-notebooks", action="store_true", help="Do not execute the notebooks after the runs.")
+    parser.add_argument("--notebook", metavar="PATH", action="append", default=None,
+                        help="Execute this notebook file after the runs instead of the sweep file's notebooks "
+                             "(repeatable); the sweep file itself may only name notebooks of notebooks/.")
     return parser
 
 
@@ -858,6 +873,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if parallel < 1:
                 raise UsageError(f"--parallel expects a positive integer (runs at a time), got {args.parallel!r}.")
         sweep = load_sweep(args.sweep_file, parallel=parallel)
+        if args.notebook:
+            paths = [Path(p).expanduser() for p in args.notebook]
+            for path in paths:
+                if path.suffix != ".ipynb" or not path.is_file():
+                    raise UsageError(f"--notebook {path} is not a notebook file (.ipynb); pass the path of one.")
+            if len({p.stem for p in paths}) < len(paths):
+                raise UsageError("--notebook names two notebooks with the same file name; each is executed into "
+                                 "the sweep folder under its name, so rename one.")
+            sweep.notebooks = [p.stem for p in paths]
+            sweep.notebook_paths = {p.stem: p.resolve() for p in paths}
         if args.no_notebooks:
             sweep.notebooks = []
         if args.dry_run:

@@ -21,17 +21,21 @@ print(result.output_dir, result.log_history[-1])
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from transformers import TrainerCallback
 
-from perl.config import TrainConfig, save_config, to_grpo_kwargs
-from perl.preflight import preflight
+from perl.config import ConfigError, TrainConfig, save_config, to_grpo_kwargs
+from perl.preflight import check_adapter_fits, preflight
+from perl.rundir import Overwrite, RunLock
 
 logger = logging.getLogger("perl")
 
@@ -73,22 +77,10 @@ def resolve_checkpoint(output_dir: Path, resume: str | None) -> str | None:
     return str(Path(resume).expanduser())
 
 
-# note: what a fresh run (not resuming) removes from a folder it was allowed to overwrite, so that
-# old stores and metrics never mix with the new run's. Only files this package writes.
+# note: what a fresh run (not resuming) moves aside from a folder without an earlier run in it (or
+# from a separate tracking folder), so old stores never mix with the new run's. Only files ours.
 _STALE_OUTPUTS = ("metrics.jsonl", "spectral_logs", "gradient_logs", "alignment_logs", "spectral_history_final.nc",
                   "gradient_flow_final.nc", "alignment_final.nc")
-
-
-def _clear_stale_outputs(*folders: Path) -> None:
-    import shutil
-
-    for folder in folders:
-        for name in _STALE_OUTPUTS:
-            path = folder / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
 
 
 def build_grpo_args(config: TrainConfig):
@@ -102,10 +94,27 @@ def build_grpo_args(config: TrainConfig):
     if not torch.cuda.is_available():
         kwargs.setdefault("dataloader_pin_memory", False)  # note: pinning needs an accelerator
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cpu_engine_environment()
         # note: without use_cpu accelerate only forms a process group for accelerators, so each
-        # process of `accelerate launch --num_processes N` on a CPU would train alone (and all write)
+        # process of `accelerate launch --num_processes N` on a CPU would train alone (and all write);
+        # the gloo backend is the one CPU collectives have (DeepSpeed's batch-size check needs the
+        # real world size, which accelerate only knows once the process group exists)
         kwargs["use_cpu"] = True
+        kwargs.setdefault("ddp_backend", "gloo")
     return GRPOConfig(**kwargs)
+
+
+def cpu_engine_environment() -> None:
+    """What DeepSpeed needs on a machine without GPUs, set before it is imported: its CPU accelerator.
+
+    Called by :func:`train` (and :func:`build_grpo_args`) so that ``accelerate launch
+    --config_file configs/accelerate/cpu_ds_zero2.yaml run.py ...`` needs no hand-set environment.
+    A value the user set wins.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 class MetricsCallback(TrainerCallback):
@@ -169,6 +178,9 @@ def tracking_callbacks(config: TrainConfig, model, tracking_dir: Path, run_attrs
             max_layers_to_track=tc.max_layers_to_track,
             top_k=tc.top_k_singular_values,
             run_attrs=run_attrs,
+            # note: only full fine-tuning reads these: the modules to follow and k = 2r values of W_t - W_0
+            target_modules=config.peft.target_modules,
+            full_top_k=2 * config.peft.r,
         )
         callbacks.append(SpectralTrackingCallback(tracker, save_with_checkpoints=tc.save_with_checkpoints))
     if tc.enable_gradient_tracking:
@@ -181,6 +193,7 @@ def tracking_callbacks(config: TrainConfig, model, tracking_dir: Path, run_attrs
             track_adapter_only=tc.track_adapter_only,
             peft_type=config.peft.type,
             run_attrs=run_attrs,
+            target_modules=config.peft.target_modules,
         )
         callbacks.append(GradientFlowCallback(tracker))
     if tc.enable_alignment_tracking:
@@ -252,60 +265,184 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
     from perl.data.datasets import load_countdown
     from perl.models.loading import load_model_and_tokenizer
 
+    cpu_engine_environment()
+    # note: everything up to the lock only builds in memory; a failure is a ConfigError and the
+    # run folder is exactly as it was (see perl/rundir.py for what happens after)
     preflight(config)
     output_dir = Path(config.training.output_dir).expanduser()
     checkpoint = resolve_checkpoint(output_dir, config.training.resume_from_checkpoint)
     tracking_dir = Path(config.tracker.tracking_output_dir or output_dir).expanduser()
+    main_process = _is_main_process()
 
-    if _is_main_process():
-        if checkpoint is None:
-            _clear_stale_outputs(output_dir, tracking_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / CONFIG_FILE)
-
+    grpo_args = _setup_step("build the training arguments", "change the training settings",
+                            lambda: build_grpo_args(config))
     torch.manual_seed(config.common.seed)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model_and_tokenizer(
-        config.model.model_name_or_path,
-        dtype=config.model.dtype,
-        attn_implementation=config.model.attn_implementation,
-        device_type=device_type,
-        seed=config.common.seed,
+    model, tokenizer = _quiet_setup_step(
+        f"load the model {config.model.model_name_or_path!r}",
+        "check that folder (config.json, weights, tokenizer) or point --config.model.model_name_or_path elsewhere",
+        lambda: load_model_and_tokenizer(
+            config.model.model_name_or_path,
+            dtype=config.model.dtype,
+            attn_implementation=config.model.attn_implementation,
+            device_type=device_type,
+            seed=config.common.seed,
+        ),
     )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
-    train_ds, _test_ds = load_countdown(
-        config.dataset, tokenizer, max_prompt_length=config.training.max_prompt_length
+    train_ds, _test_ds = _setup_step(
+        f"build the dataset from {config.dataset.dataset_name_or_path!r}",
+        "fix the data (columns nums and target) or change the dataset settings",
+        lambda: load_countdown(config.dataset, tokenizer, max_prompt_length=config.training.max_prompt_length),
     )
-    grpo_args = build_grpo_args(config)
     total_steps = config.training.max_steps if config.training.max_steps and config.training.max_steps > 0 else None
     if total_steps is None:
         per_step = grpo_args.per_device_train_batch_size * grpo_args.gradient_accumulation_steps
         total_steps = max(1, int(len(train_ds) * config.training.num_train_epochs * config.training.num_generations
                                  // max(1, per_step)))
 
-    setup = build_adapter(model, config.peft, total_steps=total_steps)
+    check_adapter_fits(model, config)
+    setup = _setup_step(f"build the {config.peft.type} adapter", "change the peft settings",
+                        lambda: build_adapter(model, config.peft, total_steps=total_steps))
     logger.info("adapter: %s", setup.description)
     peft_model = setup.model
 
+    existed = output_dir.exists()
+    try:
+        # note: built before the lock so that TRL's own checks are refusals too; the callbacks
+        # that write (trackers, metrics) join it once the folder is ours (see _run)
+        trainer = _setup_step("set up the GRPO trainer", "change the training settings", lambda: GRPOTrainer(
+            model=peft_model,
+            reward_funcs=list(reward_funcs or default_reward_funcs()),
+            args=grpo_args,
+            train_dataset=train_ds,
+            processing_class=tokenizer,
+            callbacks=list(setup.callbacks),
+            optimizers=(None, None),
+        ))
+    except ConfigError:
+        if not existed and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # note: the Trainer creates output_dir as it is built
+        raise
+
+    # note: from here on the folder changes: rank 0 alone locks it for the run's life, moves a
+    # previous run aside (put back on any failure before the new run's first snapshot), and writes
+    lock = RunLock(output_dir).acquire() if main_process else None
+    moves: list[Overwrite] = []
+    try:
+        if main_process:
+            if checkpoint is None:
+                moves = _move_previous_run_aside(output_dir, tracking_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, output_dir / CONFIG_FILE)
+        with _terminate_as_exit():
+            return _run(config, trainer, extra_callbacks, grpo_args, setup, peft_model, output_dir, tracking_dir,
+                        checkpoint, moves)
+    except BaseException:
+        for move in moves:
+            if not move.done:
+                move.rollback()
+                logger.warning("training failed before its first snapshot; the previous run in %s is back.",
+                               move.folder)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _setup_step(what: str, hint: str, build: Callable):
+    """Run one building step of train(); any error it raises is the user's input -> one-line ConfigError."""
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt model or data file raises anything from OSError to KeyError
+        reason = " ".join(str(e).split()) or type(e).__name__
+        if len(reason) > 300:
+            reason = reason[:297] + "..."
+        raise ConfigError(f"could not {what}: {reason}; {hint}.") from e
+
+
+def _quiet_setup_step(what: str, hint: str, build: Callable):
+    """`_setup_step` without transformers' weight-loading bar: a refusal is one line on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _setup_step(what, hint, build)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _move_previous_run_aside(output_dir: Path, tracking_dir: Path) -> list[Overwrite]:
+    """Move what a previous run left in the run folder (and a separate tracking folder) aside."""
+    from perl.preflight import earlier_run
+
+    moves = []
+    if output_dir.is_dir():
+        # note: a folder without a run in it only loses stale outputs of ours; other files stay
+        whole_run = earlier_run(output_dir) is not None
+        moves.append(Overwrite(output_dir, None if whole_run else _STALE_OUTPUTS).move_aside())
+    if tracking_dir.resolve() != output_dir.resolve() and not tracking_dir.resolve().is_relative_to(output_dir.resolve()):
+        moves.append(Overwrite(tracking_dir, _STALE_OUTPUTS).move_aside())
+    return moves
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so the lock is released and an
+    uncommitted overwrite is rolled back; only the main thread can install a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _CommitOverwrite(TrainerCallback):
+    """Deletes the moved-aside previous run once the new one has a snapshot or a checkpoint on disk."""
+
+    def __init__(self, moves: list[Overwrite], tracking_dir: Path):
+        self.moves = moves
+        self.tracking_dir = tracking_dir
+
+    def commit(self) -> None:
+        for move in self.moves:
+            move.commit()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if any(p.suffix == ".nc" for d in self.tracking_dir.glob("*_logs") for p in d.rglob("*.nc")):
+            self.commit()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.commit()
+
+
+def _run(config, trainer, extra_callbacks, grpo_args, setup, peft_model, output_dir, tracking_dir, checkpoint,
+         moves) -> TrainResult:
+    """The training itself, once the folder is locked and prepared (see `train`)."""
     callbacks = list(setup.callbacks)
     callbacks += tracking_callbacks(config, peft_model, tracking_dir, run_attributes(config, peft_model))
     if _is_main_process():
         # note: after the trackers, so the scalars they add to each log are in metrics.jsonl too
         callbacks.append(MetricsCallback(output_dir / METRICS_FILE))
+        if moves:
+            callbacks.append(_CommitOverwrite(moves, tracking_dir))
     callbacks += list(extra_callbacks or [])
 
-    optimizers = (None, None)
-    trainer = GRPOTrainer(
-        model=peft_model,
-        reward_funcs=list(reward_funcs or default_reward_funcs()),
-        args=grpo_args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        optimizers=optimizers,
-    )
+    for cb in callbacks[len(setup.callbacks):]:
+        trainer.add_callback(cb)
     if setup.optimizer_factory is not None:
         trainer.optimizer = setup.optimizer_factory(trainer.model, grpo_args)
     handler = trainer.callback_handler
@@ -318,10 +455,13 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
         handler.callbacks.insert(0, cb)
 
     trainer.train(resume_from_checkpoint=checkpoint)
+    # note: every rank: under ZeRO-3 / FSDP saving gathers the sharded weights (the Trainer writes on rank 0)
+    trainer.save_model(str(output_dir))
     if _is_main_process():
-        trainer.save_model(str(output_dir))
         # note: the Trainer pickles its arguments beside the adapter; config.yaml already says all of it
         (output_dir / "training_args.bin").unlink(missing_ok=True)
+        for move in moves:
+            move.commit()  # note: a run without tracking or checkpoints holds once its adapter is saved
     return TrainResult(
         output_dir=output_dir,
         tracking_dir=tracking_dir,

@@ -25,7 +25,9 @@ VOCAB = 64
 # note: methods that move the base weight to the residual W - sBA: the step-0 output is W x up to the
 # float32 rounding of that subtraction, not bit-identical
 RESIDUAL_METHODS = {"pissa", "milora"}
-ADAPTER_MARKERS = ("lora_", "vera_lambda", "ia3_l", "ln_tuning_layers", "miss_block")
+# note: HRA's H_0 = I is a product of equal reflection pairs, exact in maths, not in float32
+ROUNDED_IDENTITY_METHODS = RESIDUAL_METHODS | {"hra"}
+ADAPTER_MARKERS = ("lora_", "vera_lambda", "ia3_l", "ln_tuning_layers", "miss_block", "hra_u", "slicefine_slice")
 # parameters an adapter owns but never trains (AdaLoRA's current-rank counter)
 ADAPTER_FIXED = ("ranknum",)
 
@@ -107,7 +109,7 @@ def lora_layers(peft_model):
 def test_registry_names_match_the_config_choices():
     assert PEFT_METHODS == (
         "lora", "dora", "adalora", "pissa", "milora", "milora_plus", "lora_plus", "rslora",
-        "lorafa", "vera", "ia3", "layernorm", "miss",
+        "lorafa", "vera", "ia3", "layernorm", "miss", "hra", "slicefine",
     )
     # the config's `choices` and the registry must agree, or a valid config could fail to build
     assert set(PEFT_TYPES) == set(ALL_METHODS)
@@ -146,8 +148,9 @@ def test_step0_output_equals_the_base_model(method):
         logits = setup.model(input_ids=ids).logits
     # Why each method is an identity at init: LoRA family B = 0; DoRA B = 0 and m = ||W||_col; AdaLoRA
     # E = 0; VeRA lambda_b = 0; IA3 vectors = 1; LayerNorm tuning copies the norms; MiSS block = 0;
-    # MiLoRA+ B = 0; PiSSA / MiLoRA subtract exactly what the adapter adds (up to rounding).
-    tol = 2e-5 if method in RESIDUAL_METHODS else 0.0
+    # MiLoRA+ B = 0; PiSSA / MiLoRA subtract exactly what the adapter adds (up to rounding); HRA's
+    # reflections come in equal pairs (H = I up to rounding); SliceFine's slice starts as the base values.
+    tol = 2e-5 if method in ROUNDED_IDENTITY_METHODS else 0.0
     torch.testing.assert_close(logits, reference, atol=tol, rtol=0.0)
     assert method in setup.description.split(":")[0]
 

@@ -383,7 +383,7 @@ def test_top_left_singular_vectors_match_the_svd(shape):
     np.testing.assert_allclose((Z.T @ Z).numpy(), np.eye(5), atol=1e-10)
 
 
-@pytest.mark.parametrize("method", ["dora", "adalora", "vera", "miss", "rslora"])
+@pytest.mark.parametrize("method", ["dora", "adalora", "vera", "miss", "rslora", "hra", "slicefine"])
 def test_other_factored_methods_equal_dense_recomputation(method, tmp_path):
     from types import SimpleNamespace
 
@@ -399,6 +399,9 @@ def test_other_factored_methods_equal_dense_recomputation(method, tmp_path):
         if a.kind == "miss":
             w0 = m.get_base_layer().weight.detach()
             return (m.get_delta_weight_miss(a.adapter, w0.clone()) - w0).detach().double()
+        if a.kind == "hra":  # peft's HRA returns the rotation H; the weight is W0 @ H
+            w0 = m.get_base_layer().weight.detach().double()
+            return (w0 @ m.get_delta_weight(a.adapter).detach().double() - w0).detach()
         return m.get_delta_weight(a.adapter).detach().double()
 
     init = {a.name: peft_delta(a) for a in discover_adapters(model)}

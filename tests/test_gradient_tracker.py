@@ -187,10 +187,36 @@ def test_nonfinite_total_stores_nan_per_tensor(tmp_path, caplog):
     assert "destroyed" in caplog.text
 
 
+def test_full_fine_tuning_tracks_the_target_modules_weights_like_an_adapter(tmp_path):
+    model = tiny_qwen2()
+    tracker = GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path, target_modules=["q_proj", "down_proj"])
+    lm_loss(model, torch.randint(0, VOCAB, (2, 10))).backward()
+    tracker.log_step(1)
+    assert tracker.log_update()
+    ds = tracker.data.sel(step=1)
+    assert [str(c) for c in ds.component.values] == ["weight"]
+    assert [str(m) for m in ds.module.values] == ["q_proj", "down_proj"]
+    assert [int(l) for l in ds.layer.values] == [0, 1]
+    named = dict(model.named_parameters())
+    for layer in (0, 1):
+        for module, block in (("q_proj", "self_attn"), ("down_proj", "mlp")):
+            grad = named[f"model.layers.{layer}.{block}.{module}.weight"].grad
+            assert stored(ds.grad_norm, (layer, module, "weight")) == pytest.approx(float(grad.norm()), rel=1e-5)
+    # the post-clip total still covers every trainable parameter, tracked or not
+    everything = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters() if p.grad is not None))
+    assert float(ds.post_clip_grad_norm) == pytest.approx(float(everything), rel=1e-5)
+    # the Trainer-log scalars: per module, the L2 norm over layers
+    q = float(np.sqrt(sum(stored(ds.grad_norm, (l, "q_proj", "weight")) ** 2 for l in (0, 1))))
+    assert tracker.last_scalars["gradient/weight/q_proj"] == pytest.approx(q, rel=1e-12)
+    assert tracker.last_scalars["gradient/step"] == 1.0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(DiscoveryError, match="No trainable weight"):
+        GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path / "frozen")
+
+
 def test_full_fine_tuning_tracks_every_weight_under_named_cells(tmp_path):
     model = tiny_qwen2()
-    with pytest.raises(DiscoveryError, match="track_adapter_only=False"):
-        GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path)
     tracker = GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path, track_adapter_only=False)
     lm_loss(model, torch.randint(0, VOCAB, (2, 10))).backward()
     tracker.log_step(1)
@@ -412,27 +438,27 @@ def test_callback_without_trainer_refuses_to_record(tmp_path):
     assert not (tmp_path / "gradient_logs" / "gradient_flow.nc").exists()
 
 
-def test_deepspeed_or_fsdp_warns_and_writes_nothing(tmp_path, caplog, monkeypatch):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-    from transformers import TrainerControl, TrainerState
-
+def test_gradients_captured_before_an_engine_clips_are_stored_as_read(tmp_path):
+    # the DeepSpeed path: the engine hook reads the gradients, then the engine clips in place and
+    # steps; log_step must store what was read (not divide the clipped values), post-clip = total * coef
     model = peft_model("lora")
+    _randomize(model, "lora_B")
     tracker = GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path)
-    targs = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True)
-    trainer = LMTrainer(model=model, args=targs, train_dataset=TokenRows(torch.randint(0, VOCAB, (2, 8))))
-    callback = GradientFlowCallback(tracker, trainer=trainer)
-    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
-    state, control = TrainerState(), TrainerControl()
-    with caplog.at_level(logging.WARNING, logger="perl"):
-        callback.on_train_begin(targs, state, control)
-    assert "unsupported under DeepSpeed/FSDP" in caplog.text
-    lm_loss(model, torch.randint(0, VOCAB, (2, 8))).backward()
-    callback.on_pre_optimizer_step(targs, state, control)
-    callback.on_optimizer_step(targs, state, control)
-    callback.on_train_end(targs, state, control)
-    assert not (tmp_path / "gradient_logs" / "gradient_flow.nc").exists()
-    assert "clip_grad_norm_" not in trainer.accelerator.__dict__
+    lm_loss(model, torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))).backward()
+    expected = norms_by_cell([(n, p.grad) for n, p in model.named_parameters() if p.grad is not None])
+    tracker.capture_gradients()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.nn.utils.clip_grad_norm_(params, 1e-3)
+    for p in params:
+        p.grad.zero_()  # the engine zeroes after its step: nothing may be read from p.grad any more
+    tracker.log_step(1, total_grad_norm=total, max_grad_norm=1e-3)
+    torch.optim.SGD(params, lr=0.1).step()
+    tracker.log_update()
+    ds = tracker.data.sel(step=1)
+    for (layer, module, component), value in expected.items():
+        assert float(ds.grad_norm.sel(layer=layer, module=module, component=component)) == pytest.approx(value, rel=1e-5)
+    assert float(ds.total_grad_norm) == pytest.approx(float(total), rel=1e-6)
+    assert float(ds.post_clip_grad_norm) == pytest.approx(1e-3, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------ DDP on CPU

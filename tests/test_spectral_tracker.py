@@ -1,4 +1,4 @@
-"""SpectralTracker on a tiny Qwen2 for all thirteen PEFT methods, against independent dense SVDs.
+"""SpectralTracker on a tiny Qwen2 for all fifteen PEFT methods, against independent dense SVDs.
 
 Each method is built through the adapter registry (the code path of training), trained for a few
 manual optimizer steps on a random-token loss, logged, and the stored values are compared with
@@ -25,7 +25,7 @@ registry = pytest.importorskip("perl.adapters.registry")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = registry.PEFT_METHODS
-assert len(METHODS) == 13
+assert len(METHODS) == 15
 STEPS = 3
 REL = 1e-5
 
@@ -69,6 +69,15 @@ def dense_delta(am):
         if m.miss_fn == "bat":
             return m.get_delta_weight(ad, w0.clone())
         return m.get_delta_weight_miss(ad, w0.clone()) - w0
+    if am.kind == "hra":
+        # peft's HRA "delta" is the rotation H (in x in), the effective weight W0 @ H; in float64
+        w0 = m.get_base_layer().weight.detach().double()
+        u = m.hra_u[ad].detach().double()
+        u = u / u.norm(dim=0)
+        h = torch.eye(u.shape[0], dtype=torch.float64)
+        for i in range(u.shape[1]):
+            h = h - 2 * h @ u[:, i:i + 1] @ u[:, i:i + 1].T
+        return w0 @ h - w0
     return m.get_delta_weight(ad)
 
 
@@ -129,7 +138,7 @@ def test_stored_spectra_equal_dense_svd_of_peft_delta(method, tmp_path):
         check_dora(ds, adapters)
     if method == "adalora":
         check_adalora(ds, adapters, model)
-    if method in ("lora", "dora", "rslora", "lora_plus", "lorafa", "milora_plus", "adalora", "miss"):
+    if method in ("lora", "dora", "rslora", "lora_plus", "lorafa", "milora_plus", "adalora", "miss", "hra", "slicefine"):
         # B_0 A_0 = 0: the zero product at step 0 has defined metrics (documented), not 1e10
         assert float(ds.frobenius_norm.sel(step=0).max()) == 0.0
         assert float(ds.effective_rank.sel(step=0).max()) == 0.0

@@ -1,4 +1,5 @@
-"""PEFT adapters: the method registry, MiLoRA / MiLoRA+ init, LoRA+ / LoRA-FA optimizers, AdaLoRA allocation.
+"""PEFT adapters: the method registry, MiLoRA / MiLoRA+ init, LoRA+ / LoRA-FA optimizers, AdaLoRA allocation,
+SliceFine (a peft tuner registered with peft on import, so ``PeftModel.from_pretrained`` loads it).
 
 Usage:
 ```python
@@ -21,11 +22,13 @@ from perl.adapters.registry import (
     resolve_target_modules,
 )
 from perl.adapters.reload import load_trained_adapter
+from perl.adapters.slicefine import SliceFineConfig
 
 __all__ = [
     "ALL_METHODS",
     "FULL_FINETUNING",
     "PEFT_METHODS",
+    "SliceFineConfig",
     "AdaLoraAllocatorCallback",
     "AdapterSetup",
     "apply_minor_init",

@@ -23,6 +23,7 @@ shown, so a config object without a knob still builds):
 | ``feedforward_modules`` | ia3: None = peft's per-architecture rule (Qwen2: down_proj), within the targets | None |
 | ``ln_target_modules`` | layernorm: None = every normalisation layer of the model | None |
 | ``miss_init``, ``miss_mini_r`` | miss: ``"balance"`` / ``"bat"`` / ``"mini"``; mini_r for ``"mini"`` | "balance", 1 |
+| ``slicefine_mode``, ``slicefine_position`` | slicefine: ``"column"`` / ``"row"`` slice, its first index | "column", 0 |
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ logger = logging.getLogger("perl")
 
 PEFT_METHODS: tuple[str, ...] = (
     "lora", "dora", "adalora", "pissa", "milora", "milora_plus", "lora_plus", "rslora",
-    "lorafa", "vera", "ia3", "layernorm", "miss",
+    "lorafa", "vera", "ia3", "layernorm", "miss", "hra", "slicefine",
 )
 FULL_FINETUNING = "full"
-#: every value ``peft.type`` accepts: the thirteen adapters and ``"full"`` (no adapter, all weights train)
+#: every value ``peft.type`` accepts: the fifteen adapters and ``"full"`` (no adapter, all weights train)
 ALL_METHODS: tuple[str, ...] = PEFT_METHODS + (FULL_FINETUNING,)
 
 ADAPTER_NAME = "default"
@@ -369,12 +370,49 @@ def _miss(model, cfg, targets, total_steps) -> AdapterSetup:
     return AdapterSetup(peft_model, None, [], desc, "miss")
 
 
+def _hra(model, cfg, targets, total_steps) -> AdapterSetup:
+    from peft import HRAConfig, TaskType, get_peft_model
+
+    r = int(cfg.r)
+    if r % 2:
+        # note: peft's identity init pairs equal reflections (H_0 = I); an odd r silently falls back to random u
+        raise ValueError(f"peft.r must be even for hra (its identity init pairs the r reflections), got {r}")
+    config = HRAConfig(task_type=TaskType.CAUSAL_LM, r=r, target_modules=list(targets), init_weights=True)
+    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    desc = (
+        f"hra: W = W0 H, H = product of r Householder reflections I - 2 u u^T/|u|^2 (r={r}, equal pairs so "
+        f"H = I at init), on {_targeted(peft_model)}; "
+        f"lora_alpha, lora_dropout unused; " + _param_summary(peft_model)
+    )
+    return AdapterSetup(peft_model, None, [], desc, "hra")
+
+
+def _slicefine(model, cfg, targets, total_steps) -> AdapterSetup:
+    from peft import get_peft_model
+
+    from perl.adapters.slicefine import SLICE_MODES, SliceFineConfig
+
+    mode = str(_knob(cfg, "slicefine_mode", "column"))
+    if mode not in SLICE_MODES:
+        raise ValueError(f"peft.slicefine_mode must be one of {list(SLICE_MODES)}, got {mode!r}")
+    position = int(_knob(cfg, "slicefine_position", 0))
+    config = SliceFineConfig(task_type="CAUSAL_LM", r=int(cfg.r), slice_mode=mode, slice_position=position,
+                             target_modules=list(targets))
+    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    desc = (
+        f"slicefine: {cfg.r} {mode}s of each weight from index {position} trainable (initialised to the base "
+        f"values, the slice moved left where it would not fit), the rest frozen, on {_targeted(peft_model)}; "
+        f"lora_alpha, lora_dropout unused; " + _param_summary(peft_model)
+    )
+    return AdapterSetup(peft_model, None, [], desc, "slicefine")
+
+
 def _full(model, cfg, targets, total_steps) -> AdapterSetup:
     for p in model.parameters():
         p.requires_grad_(True)
     desc = (
-        "full: no adapter, every weight trains; r, lora_alpha, lora_dropout, target_modules unused; "
-        + _param_summary(model)
+        "full: no adapter, every weight trains; the trackers follow the target_modules "
+        f"{', '.join(targets)}; r, lora_alpha, lora_dropout unused; " + _param_summary(model)
     )
     return AdapterSetup(model, None, [], desc, FULL_FINETUNING)
 
@@ -386,6 +424,8 @@ _BUILDERS: dict[str, Callable] = {
     "ia3": _ia3,
     "layernorm": _layernorm,
     "miss": _miss,
+    "hra": _hra,
+    "slicefine": _slicefine,
     FULL_FINETUNING: _full,
 }
 assert set(_BUILDERS) == set(ALL_METHODS)
@@ -416,7 +456,9 @@ def build_adapter(model: nn.Module, peft_cfg, total_steps: int) -> AdapterSetup:
     if method not in _BUILDERS:
         raise ValueError(f"unknown peft.type {getattr(peft_cfg, 'type', None)!r}; valid types: {', '.join(ALL_METHODS)}")
     if method == FULL_FINETUNING:
-        targets = []
+        # note: full fine-tuning trains every weight; target_modules only says what the trackers follow
+        targets = getattr(peft_cfg, "target_modules", None) or []
+        targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
     else:
         if int(peft_cfg.r) < 1:
             raise ValueError(f"peft.r must be a positive integer, got {peft_cfg.r}")

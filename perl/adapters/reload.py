@@ -7,7 +7,10 @@ minor component ``s B0 A0``. (PiSSA's config does say ``init_lora_weights="pissa
 the SVD on load; with ``pissa_niter > 0`` that SVD is randomised and only the registry's seeded
 build reproduces it.) :func:`load_trained_adapter` therefore rebuilds the adapter with the registry,
 which recomputes the residual deterministically, and then loads the saved adapter tensors.
-AdaLoRA goes through peft, which trims its matrices to the saved rank pattern.
+AdaLoRA goes through peft, which trims its matrices to the saved rank pattern. HRA (peft's) and
+SliceFine (ours, :mod:`perl.adapters.slicefine`, registered with peft on import) take the same
+rebuild-and-load path; a SliceFine adapter holds the trained slices, put back in place of the
+base values. A ``full`` run has no adapter: :func:`perl.evaluate.load_for_eval` loads its saved model.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ _LAZY = {
     "SpectralTracker": (".spectral", "SpectralTracker"),
     "SpectralTrackingCallback": (".callbacks", "SpectralTrackingCallback"),
     "discover_adapters": (".discovery", "discover_adapters"),
+    "discover_full_weights": (".discovery", "discover_full_weights"),
     "GradientFlowTracker": (".gradient", "GradientFlowTracker"),
     "GradientFlowCallback": (".callbacks", "GradientFlowCallback"),
     "AlignmentTracker": (".alignment", "AlignmentTracker"),

@@ -45,9 +45,10 @@ import torch
 import xarray as xr
 
 from . import alignment_math as am
+from . import sharding
 from .callbacks import SpectralTrackingCallback
-from .discovery import AdapterModule, discover_adapters, peft_config_of
-from .spectral import MODULE_ORDER, STEP_CONVENTION, _derive_peft_type, _is_rank_zero, _sharded
+from .discovery import FACTORED_KINDS, AdapterModule, discover_adapters, materialized, peft_config_of, walk
+from .spectral import MODULE_ORDER, STEP_CONVENTION, _derive_peft_type, _is_rank_zero
 from .store import RunStore
 
 logger = logging.getLogger("perl")
@@ -232,16 +233,16 @@ class AlignmentTracker:
         present = {a.module for a in self.adapters}
         self.modules = [m for m in MODULE_ORDER if m in present] + sorted(present - set(MODULE_ORDER))
         self._cell = {a.name: (self.layers.index(a.layer), self.modules.index(a.module)) for a in self.adapters}
-        self._tracked = [a for a in self.adapters if a.kind in ("lora", "adalora", "vera", "miss") and a.has_factors]
+        self._tracked = [a for a in self.adapters if a.kind in FACTORED_KINDS and a.has_factors]
         self.not_tracked = [a.name for a in self.adapters if a not in self._tracked]
-        self.enabled = bool(self._tracked) and not _sharded(self.adapters)
+        # note: sharded parameters (ZeRO-3, FSDP2) are gathered one module at a time at snapshots
+        self.enabled = bool(self._tracked)
         if not self._tracked:
-            logger.warning("Alignment tracking needs low-rank adapter factors (LoRA family, AdaLoRA, VeRA, MiSS); "
+            logger.warning("Alignment tracking needs low-rank adapter factors (LoRA family, AdaLoRA, VeRA, MiSS, "
+                           "HRA, SliceFine); "
                            "this model has none (%s): nothing will be recorded.", self.adapters[0].kind)
-        elif not self.enabled:
-            logger.warning("Alignment tracking is unsupported with sharded parameters (DeepSpeed ZeRO-3, FSDP): "
-                           "nothing will be recorded.")
-        self._capture_init()
+        with materialized(self._tracked):
+            self._capture_init()
         self.peft_type = peft_type or _derive_peft_type(self.model, self.adapter_name)
         self.attrs = self._global_attrs(run_attrs or {}, max_layers_to_track)
         self.store = RunStore(self.save_dir / ALIGNMENT_DIR / STORE_NAME, attrs=self.attrs)
@@ -269,10 +270,12 @@ class AlignmentTracker:
         """B_0, A_0 (CPU copies) of modules whose initial product is not zero, and each module's scale."""
         self._init: dict[str, dict[str, torch.Tensor]] = {}
         self._scale: dict[str, float] = {}
+        self._shapes: dict[str, tuple] = {}
         with torch.no_grad():
             for a in self._tracked:
                 b, a_, s = a.factors()
                 self._scale[a.name] = float(s)
+                self._shapes[a.name] = (tuple(b.shape), tuple(a_.shape))
                 self._init[a.name] = ({} if not (b.any() and a_.any())
                                       else {"B0": b.detach().cpu().clone(), "A0": a_.detach().cpu().clone()})
         self._reset_base()
@@ -287,8 +290,7 @@ class AlignmentTracker:
     def _make_groups(self) -> list[_Group]:
         by_key: dict[tuple, list[AdapterModule]] = {}
         for a in self._tracked:
-            b, a_, _ = a.factors()
-            m, r, n = b.shape[0], b.shape[1], a_.shape[1]
+            (m, r), (_, n) = self._shapes[a.name]  # note: the live parameters may be partitioned by now
             k = min(self.top_k or 2 * int(a.rank or r), m, n)
             by_key.setdefault((m, r, n, k, not self._init[a.name]), []).append(a)
         groups = []
@@ -333,7 +335,7 @@ class AlignmentTracker:
                     raise ValueError(f"{path} holds initial factors for {name!r}, which this model does not have; "
                                      "resume with the model and adapter config of the original run.")
                 restored[name][part] = f.get_tensor(key)
-        shapes = {a.name: (tuple(a.factors()[0].shape), tuple(a.factors()[1].shape)) for a in self._tracked}
+        shapes = self._shapes
         for name, parts in restored.items():
             if parts and (tuple(parts["B0"].shape), tuple(parts["A0"].shape)) != shapes[name]:
                 raise ValueError(f"{path}: initial factors of {name!r} do not match the model's shapes "
@@ -379,7 +381,8 @@ class AlignmentTracker:
         saved, computed, to_save = self._read_base_file(), 0, {}
         for g in self._groups:
             parts: dict[str, list[torch.Tensor]] = {"U_top": [], "V_top": [], "U_bottom": [], "V_bottom": []}
-            for a, cell in zip(g.members, g.cells):
+            for a in walk(g.members, with_base=True):  # W0 one module at a time when sharded
+                cell = self._cell[a.name]
                 W0 = self.base_weight(a)
                 fp = _fingerprint(W0)
                 hit = saved.get(a.name)
@@ -476,6 +479,11 @@ class AlignmentTracker:
 
     # ---------------------------------------------------------------- logging
     @property
+    def _params(self) -> list:
+        # note: read from the modules each time: an engine may have replaced them (FSDP2's DTensors)
+        return [p for a in self._tracked for p in a.adapter_parameters() + a.base_parameters()]
+
+    @property
     def steps(self) -> list[int]:
         """Steps stored so far."""
         return self.store.steps
@@ -492,21 +500,48 @@ class AlignmentTracker:
         """Compute one snapshot labelled ``step`` and append it (intruders when due or ``final``).
 
         Returns the snapshot (None on processes that do not write, or if ``step`` is already stored).
+        With sharded parameters (ZeRO-3, FSDP2) every rank must call it: each module is gathered in
+        turn (its base weight too: W0's SVD once, W0 @ V and intruders per snapshot), global rank 0
+        computes and writes.
         """
-        if not self.is_world_process_zero or not self.enabled:
+        if not self.enabled:
             return None
         step = int(step)
-        if step in self.store.steps:
+        if sharding.distributed() and sharding.any_sharded(self._params):
+            # every rank takes the same branch: the gathers below are collectives
+            if sharding.broadcast_flag(self.is_world_process_zero and step in self.store.steps):
+                return None
+            if not self.is_world_process_zero:
+                self._take_part()
+                return None
+        elif not self.is_world_process_zero or step in self.store.steps:
             return None
         snapshot = self.snapshot(step, intruders=self.should_log_intruders(step, final))
         self.store.append(snapshot)
         self.last_scalars = self._scalars(snapshot)
         return snapshot
 
+    def _take_part(self) -> None:
+        """A rank that does not write: the same gathers as :meth:`snapshot`, in the same order."""
+        if not self._base_ready:
+            for g in self._groups:
+                for _ in walk(g.members, with_base=True, compute=False):
+                    pass
+            self._base_ready = True
+        with materialized(self._tracked, keep=False):
+            pass
+        for g in self._groups:
+            for _ in walk(g.members, with_base=True, compute=False):
+                pass
+
     @torch.no_grad()
     def snapshot(self, step: int, intruders: bool = False) -> xr.Dataset:
         """The Dataset of one step (without storing it); the base SVD is computed first if needed."""
         self._ensure_base()
+        with materialized(self._tracked):
+            return self._snapshot(step, intruders)
+
+    def _snapshot(self, step: int, intruders: bool) -> xr.Dataset:
         L, M = len(self.layers), len(self.modules)
         shapes = {"principal_angle_cosines": (self._n_angle,), "intruder_max_cosine": (self._k_max,)}
         names = [n for n in ALIGNMENT_ATTRS if n not in STATIC
@@ -539,7 +574,9 @@ class AlignmentTracker:
             out["energy_fraction_bottom_left"] = am.subspace_energy_fraction(g.U_bottom, up.U, up.S)
             out["energy_fraction_bottom_right"] = am.subspace_energy_fraction(g.V_bottom, up.V, up.S)
         out = {name: v.cpu().numpy() for name, v in out.items()}
-        for j, (a, cell) in enumerate(zip(g.members, g.cells)):
+        index = {a.name: j for j, a in enumerate(g.members)}
+        for a in walk(g.members, with_base=True):  # W0 @ V and intruders need W0: one module at a time
+            j, cell = index[a.name], self._cell[a.name]
             for name, v in out.items():
                 if v.ndim == 2:
                     values[name][cell][: v.shape[1]] = v[j]
@@ -691,7 +728,8 @@ class AlignmentTrackingCallback(SpectralTrackingCallback):
     if the loop ended elsewhere. A new run replaces an earlier store in the folder; a resumed run
     truncates the store, restores B_0, A_0 from ``checkpoint-N/alignment_tracker_init.safetensors``
     and reuses ``base_svd.safetensors`` when the weights match. The base SVD happens at the first
-    snapshot (train begin): a one-off cost. Only the global main process computes and writes.
+    snapshot (train begin): a one-off cost. Only the global main process computes and writes; with
+    sharded parameters (ZeRO-3, FSDP2) every rank takes part in the gathers.
 
     Usage:
         tracker = AlignmentTracker.from_config(config.tracker, peft_model, tracking_dir, run_attrs=attrs)
@@ -709,8 +747,7 @@ class AlignmentTrackingCallback(SpectralTrackingCallback):
             self._log(step, final)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if int(state.global_step) not in self.tracker.steps:
-            self._log(int(state.global_step), final=True)
+        self._log(int(state.global_step), final=True)  # skipped when already stored
         self.tracker.save()
 
     def _log(self, step: int, final: bool = False) -> None:

@@ -26,14 +26,16 @@ class SpectralTrackingCallback(TrainerCallback):
       restores the initial factors from ``checkpoint-N`` and continues: no duplicated, no missing step.
     - ``on_save``: with ``save_with_checkpoints`` the initial factors go into the checkpoint folder
       (safetensors; the adapter's size for PiSSA / MiLoRA, nearly empty for plain LoRA whose
-      B_0 = 0), never the history itself.
+      B_0 = 0, the target modules' weights W_0 for full fine-tuning), never the history itself.
     - ``on_log``: the last snapshot's scalars (``spectral/effective_rank/mean``,
       ``spectral/effective_rank/q_proj``, ...) are added to the Trainer's log record once. For
       ``report_to`` integrations (tensorboard, wandb) to see them, this callback must come before
       them in ``trainer.callback_handler.callbacks`` (the Trainer puts its integrations first).
     - ``on_train_end``: logs the final step if needed, writes the summary JSON and the final file.
 
-    Only the global main process (``state.is_world_process_zero``) computes and writes.
+    Only the global main process (``state.is_world_process_zero``) computes and writes. With
+    sharded parameters (DeepSpeed ZeRO-3, FSDP2) every rank runs the same events: the tracker
+    gathers each module in turn (all ranks together) and rank 0 computes and writes.
 
     Usage:
         tracker = SpectralTracker(peft_model, log_frequency=10, save_dir=output_dir)
@@ -57,7 +59,8 @@ class SpectralTrackingCallback(TrainerCallback):
         else:
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{step}")
             self.tracker.resume(step, checkpoint if os.path.isdir(checkpoint) else None)
-        if step == 0 or (self.tracker.should_log(step) and step not in self.tracker.steps):
+        # note: log_step itself skips a stored step (deciding on rank 0 for all ranks when sharded)
+        if step == 0 or self.tracker.should_log(step):
             self._log(step)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -78,8 +81,7 @@ class SpectralTrackingCallback(TrainerCallback):
         self._pending = {}
 
     def on_train_end(self, args, state, control, **kwargs):
-        if state.global_step not in self.tracker.steps:
-            self._log(state.global_step)
+        self._log(state.global_step)  # skipped when already stored
         self.tracker.save()
 
     def _log(self, step: int) -> None:
@@ -107,11 +109,20 @@ class GradientFlowCallback(TrainerCallback):
     - at ``on_pre_optimizer_step`` gives the tracker the clipped gradients, the captured total and
       ``max_norm`` (the tracker undoes the uniform clip factor), labelled ``global_step + 1``: the
       step number the Trainer logs for this update;
-    - at ``on_optimizer_step`` lets the tracker measure the update the optimizer made.
+    - at ``on_optimizer_step`` lets the tracker measure the update the optimizer made and keeps the
+      step's scalars (``gradient/total_pre_clip``, ``gradient/clip_coef``, ``gradient/B/q_proj``, ...;
+      ``gradient/step`` says which step they describe);
+    - at ``on_log`` adds those scalars to the Trainer's log record once, as
+      :class:`SpectralTrackingCallback` does, so ``report_to`` loggers and ``metrics.jsonl`` get them.
 
-    Only the global main process computes and writes; under DDP its gradients are the all-reduced
-    ones. Under DeepSpeed and FSDP gradients are partitioned or stepped inside the engine: the
-    callback logs a warning that gradient tracking is unsupported there and writes nothing.
+    Only the global main process writes; under DDP its gradients are the all-reduced ones and it
+    alone computes. Under DeepSpeed (ZeRO-1/2/3) the engine clips and steps inside
+    ``accelerator.backward`` at the accumulation boundary, before any callback runs: the callback
+    wraps the engine's ``step`` at train begin so that, at logged steps, the tracker reads the full
+    accumulated gradients (``deepspeed.utils.safe_get_full_grad``) just before the engine clips
+    them; the total it stores is the engine's own pre-clip norm (what the Trainer logs as
+    ``grad_norm``). The wrapper is removed at train end. With sharded parameters (ZeRO-3,
+    FSDP2) norms are sums of squares of each rank's shard, all-reduced; every rank takes part.
 
     Usage:
         tracker = GradientFlowTracker(peft_model, log_frequency=10, save_dir="runs/x")
@@ -135,7 +146,11 @@ class GradientFlowCallback(TrainerCallback):
         self._wrapper = None
         self._captured = None
         self._active = False
+        self._collective = False
+        self._engine = None
+        self._engine_step = None
         self._warned_uncaptured = False
+        self._pending_logs: dict[str, float] = {}
 
     def bind_trainer(self, trainer) -> "GradientFlowCallback":
         """Give the callback the Trainer whose clipping it must observe; returns self."""
@@ -150,17 +165,18 @@ class GradientFlowCallback(TrainerCallback):
                 "GradientFlowCallback needs the Trainer to read the pre-clip gradient norm: call "
                 "callback.bind_trainer(trainer) after building the Trainer (perl.train does this)."
             )
+        from . import sharding
+
         accelerator = self._trainer.accelerator
-        kind = str(getattr(accelerator, "distributed_type", "")).upper()
-        if ("DEEPSPEED" in kind or "FSDP" in kind or getattr(self._trainer, "is_deepspeed_enabled", False)
-                or getattr(self._trainer, "is_fsdp_enabled", False)):
-            if state.is_world_process_zero:
-                logger.warning(
-                    "Gradient tracking is unsupported under DeepSpeed/FSDP (gradients are partitioned or stepped "
-                    "inside the engine): nothing will be written to %s. Train with DDP or one device to track "
-                    "gradients.", self.tracker.store.path if self.tracker.store else self.tracker.save_dir)
-            return
+        self.tracker.writes = bool(state.is_world_process_zero)
+        if getattr(self._trainer, "is_fsdp_enabled", False):
+            self.tracker.rebind()  # note: fully_shard registered new (DTensor) parameters
+        engine = _deepspeed_engine(self._trainer)
+        # note: with an engine or sharded parameters every rank computes its share (collectives)
+        self._collective = engine is not None or (sharding.distributed() and sharding.any_sharded(self.tracker._params))
         self._wrap(accelerator)
+        if engine is not None:
+            self._hook_engine(engine)
         if state.is_world_process_zero:
             if state.global_step > 0:
                 self.tracker.resume_from(state.global_step)
@@ -170,14 +186,14 @@ class GradientFlowCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         captured, self._captured = self._captured, None
-        if not self._active or not state.is_world_process_zero:
+        if not self._active or not (state.is_world_process_zero or self._collective):
             return
         step = state.global_step + 1
         if not self.tracker.should_log(step):
             return
         if captured is None:
             # the Trainer clipped by a path we cannot observe (sagemaker / mixed device meshes)
-            if not self._warned_uncaptured:
+            if not self._warned_uncaptured and state.is_world_process_zero:
                 logger.warning("Gradient tracker could not observe the Trainer's gradient clipping; pre-clip "
                                "norms are stored as NaN, post-clip totals are measured.")
                 self._warned_uncaptured = True
@@ -189,8 +205,18 @@ class GradientFlowCallback(TrainerCallback):
         self.tracker.log_step(step, total_grad_norm=total, max_grad_norm=max_norm)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._active and state.is_world_process_zero:
-            self.tracker.log_update()
+        if self._active and (state.is_world_process_zero or self._collective):
+            if self.tracker.log_update() and state.is_world_process_zero:
+                self._pending_logs = dict(self.tracker.last_scalars)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending_logs or logs is None:
+            return
+        logs.update(self._pending_logs)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            # the Trainer copied `logs` into log_history just before this event
+            state.log_history[-1].update(self._pending_logs)
+        self._pending_logs = {}
 
     def on_save(self, args, state, control, **kwargs):
         if self._active and self.save_with_checkpoints and state.is_world_process_zero:
@@ -202,6 +228,7 @@ class GradientFlowCallback(TrainerCallback):
                 self.tracker.finalize()
         finally:
             self._unwrap()
+            self._unhook_engine()
             self._active = False
 
     # ------------------------------------------------------------------ clip capture
@@ -222,3 +249,36 @@ class GradientFlowCallback(TrainerCallback):
         if acc is not None and acc.__dict__.get("clip_grad_norm_") is wrapper:
             del acc.clip_grad_norm_
         self._accelerator = self._wrapper = None
+
+    # ------------------------------------------------------------------ DeepSpeed engine hook
+    def _hook_engine(self, engine) -> None:
+        """Read the gradients at the accumulation boundary, before the engine clips, steps and zeroes them."""
+        self._unhook_engine()
+        original = engine.step
+
+        def step(*args, **kwargs):
+            if (self._active and engine.is_gradient_accumulation_boundary()
+                    and self.tracker.should_log(self._trainer.state.global_step + 1)):
+                self.tracker.capture_gradients()  # every rank: safe_get_full_grad is a collective
+            return original(*args, **kwargs)
+
+        engine.step = step  # an instance attribute shadows the method; removed at train end
+        self._engine, self._engine_step = engine, step
+
+    def _unhook_engine(self) -> None:
+        engine, hook = self._engine, self._engine_step
+        if engine is not None and engine.__dict__.get("step") is hook:
+            del engine.step
+        self._engine = self._engine_step = None
+
+
+def _deepspeed_engine(trainer):
+    """The DeepSpeed engine the Trainer's accelerator drives, or None."""
+    wrapped = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is not None:
+        return wrapped.engine
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        model = getattr(trainer, "model_wrapped", None)
+        if model is not None and hasattr(model, "is_gradient_accumulation_boundary"):
+            return model
+    return None

@@ -24,22 +24,42 @@ Method by method (``delta_W`` is out x in, the orientation of ``nn.Linear.weight
 - MiSS (default and ``"mini"`` init): ``B = miss_block^T`` (repeated for mini), ``A`` = the r x in
   matrix of stacked identities that sums the input in blocks of r; scale 1. MiSS ``"bat"`` has no
   low-rank form: ``dense_delta()`` builds it with peft's ``get_delta_weight`` (O(out*in) memory).
+- HRA: ``W' = W0 H`` with ``H = H_1 ... H_r`` the product of the Householder reflections
+  ``H_i = I - 2 u_i u_i^T / |u_i|^2`` (peft's order), so ``delta_W = W0 (H - I)``. ``H - I`` vanishes
+  on the complement of span(u), so with ``Q`` an orthonormal basis of span(u) (in x r, from QR)
+  ``delta_W = [W0 (H Q - Q)] Q^T``: ``B = W0 (H Q - Q)`` (out x r), ``A = Q^T``, scale 1, rank <= r.
+  ``H Q`` applies the r reflections to Q (O(in r^2)); all in float64, because ``H Q - Q`` cancels.
+  peft's ``apply_GS`` variant is one reflection across span(u): ``B = -2 W0 Q``, ``A = Q^T``.
+- SliceFine (:mod:`perl.adapters.slicefine`): column slice ``B = T - W0[:, p:p+r]``, ``A`` = rows
+  p..p+r-1 of the identity; row slice ``B`` = columns p..p+r-1 of the identity, ``A = T - W0[p:p+r]``.
 - IA3, LayerNorm tuning: vectors, no factors.
+
+Full fine-tuning has no adapter: :func:`discover_full_weights` returns the weights of the
+modules that ``target_modules`` names (kind ``"full"``, component ``weight``), so that the trackers
+follow the same modules as they would for an adapter; their change since init is measured densely
+by the spectral tracker, which keeps ``W0``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["AdapterModule", "discover_adapters", "active_adapter_name", "peft_config_of", "select_layers",
-           "adalora_rank_budget", "adalora_importance_scores", "DiscoveryError"]
+from . import sharding
+from .sharding import resolve as _r
+
+__all__ = ["AdapterModule", "discover_adapters", "discover_full_weights", "active_adapter_name", "peft_config_of",
+           "select_layers", "adalora_rank_budget", "adalora_importance_scores", "DiscoveryError", "materialized", "walk"]
 
 # kinds, in the order they are tested (AdaLoraLayer subclasses LoraLayer: test it first)
-KINDS = ("adalora", "lora", "vera", "ia3", "ln_tuning", "miss")
+KINDS = ("adalora", "lora", "vera", "ia3", "ln_tuning", "miss", "hra", "slicefine")
+#: kinds whose weight change has a factored low-rank form (``factors()``), MiSS "bat" aside
+FACTORED_KINDS = ("lora", "adalora", "vera", "miss", "hra", "slicefine")
 
 
 class DiscoveryError(ValueError):
@@ -54,7 +74,8 @@ class AdapterModule:
         name (str): module path without peft's wrapper prefix, e.g. ``model.layers.0.self_attn.q_proj``.
         layer (int): transformer block index; -1 for modules outside the numbered blocks.
         module (str): module type within a block, e.g. ``q_proj``.
-        kind (str): ``lora``, ``adalora``, ``vera``, ``ia3``, ``ln_tuning`` or ``miss``.
+        kind (str): ``lora``, ``adalora``, ``vera``, ``ia3``, ``ln_tuning``, ``miss``, ``hra``, ``slicefine``,
+            or ``full`` (a plain weight of full fine-tuning, from :func:`discover_full_weights`).
         adapter (str): the adapter name (``default`` unless configured otherwise).
         peft_module (nn.Module): the peft layer itself.
         rank (int | None): the configured rank r (None for vector methods).
@@ -72,6 +93,17 @@ class AdapterModule:
     components: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     is_dora: bool = False
     _block_sum: torch.Tensor | None = field(default=None, repr=False)
+    # copies of factors() / vector() / dense_delta() gathered by `materialized` (sharded parameters)
+    _cache: dict | None = field(default=None, repr=False)
+
+    # ---------------------------------------------------------------- sharded parameters
+    def adapter_parameters(self) -> list[torch.Tensor]:
+        """Every parameter of the peft layer except its base layer's (factors, magnitude, AdaLoRA's ranknum)."""
+        return [p for n, p in self.peft_module.named_parameters() if not n.startswith("base_layer.")]
+
+    def base_parameters(self) -> list[torch.Tensor]:
+        """The frozen base layer's parameters (W0; dense: gather one module at a time)."""
+        return list(self.peft_module.get_base_layer().parameters())
 
     # ---------------------------------------------------------------- factored weight change
     @property
@@ -79,34 +111,72 @@ class AdapterModule:
         """True when ``factors()`` gives the weight change in low-rank form."""
         if self.kind == "miss":
             return self.peft_module.miss_fn != "bat"
-        return self.kind in ("lora", "adalora", "vera")
+        return self.kind in ("lora", "adalora", "vera", "hra", "slicefine")
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(B, A, scale)`` with ``delta_W = scale * B @ A`` for the current weights (detached views)."""
+        if self._cache is not None and "factors" in self._cache:
+            return self._cache["factors"]
         m, ad = self.peft_module, self.adapter
         if self.kind == "lora":
             if ad in m.lora_A:
-                a, b = m.lora_A[ad].weight, m.lora_B[ad].weight
+                a, b = _r(m.lora_A[ad].weight), _r(m.lora_B[ad].weight)
                 return b.detach().reshape(b.shape[0], -1), a.detach().reshape(a.shape[0], -1), float(m.scaling[ad])
             # embedding LoRA: delta = (lora_embedding_A^T lora_embedding_B^T) in (vocab x dim)
-            a, b = m.lora_embedding_A[ad], m.lora_embedding_B[ad]
+            a, b = _r(m.lora_embedding_A[ad]), _r(m.lora_embedding_B[ad])
             return a.detach().T, b.detach().T, float(m.scaling[ad])
         if self.kind == "adalora":
-            scale = float(m.scaling[ad]) / (float(m.ranknum[ad]) + 1e-5)
-            return m.lora_B[ad].detach(), (m.lora_A[ad] * m.lora_E[ad]).detach(), scale
+            scale = float(m.scaling[ad]) / (float(_r(m.ranknum[ad])) + 1e-5)
+            return _r(m.lora_B[ad]).detach(), (_r(m.lora_A[ad]) * _r(m.lora_E[ad])).detach(), scale
         if self.kind == "vera":
-            b = m.vera_lambda_b[ad].detach().unsqueeze(-1) * m.vera_B[ad][: m.out_features, :].to(m.vera_lambda_b[ad].device)
-            a = m.vera_lambda_d[ad].detach().unsqueeze(-1) * m.vera_A[ad][:, : m.in_features].to(m.vera_lambda_d[ad].device)
+            lb, ld = _r(m.vera_lambda_b[ad]).detach(), _r(m.vera_lambda_d[ad]).detach()
+            b = lb.unsqueeze(-1) * m.vera_B[ad][: m.out_features, :].to(lb.device)
+            a = ld.unsqueeze(-1) * m.vera_A[ad][:, : m.in_features].to(ld.device)
             return b, a, 1.0
         if self.kind == "miss" and self.has_factors:
-            block = m.miss_block[ad].detach()
+            block = _r(m.miss_block[ad]).detach()
             if m.miss_fn == "mini":
                 block = block.repeat(1, m.out_features // m.miss_mini_r[ad])
             return block.T, self._miss_block_sum(block), 1.0
+        if self.kind == "hra":
+            return self._hra_factors()
+        if self.kind == "slicefine":
+            change = m.slice_change(ad).detach()
+            start, width = m.slicefine_start[ad], m.slicefine_r[ad]
+            n = m.in_features if m.slicefine_mode[ad] == "column" else m.out_features
+            select = torch.eye(n, dtype=change.dtype, device=change.device)[start:start + width]
+            if m.slicefine_mode[ad] == "column":
+                return change, select, 1.0
+            return select.T, change, 1.0
         raise DiscoveryError(f"{self.name} ({self.kind}) has no low-rank factors; use dense_delta() or vector().")
+
+    def _hra_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        m, ad = self.peft_module, self.adapter
+        raw = m.hra_u[ad].detach()
+        u = raw.double()
+        u = u / u.norm(dim=0)
+        q = torch.linalg.qr(u).Q
+        if m.hra_apply_GS[ad]:
+            # peft's Gram-Schmidt variant: H = I - 2 Q Q^T (Q spans u; QR's Q equals Gram-Schmidt's up to signs)
+            return -2.0 * (self.base_weight().double() @ q), q.T, 1.0
+        hq = q
+        # note: H = H_1 H_2 ... H_r (peft multiplies on the right), so H_r acts on Q first
+        i = u.shape[1] - 1
+        while i >= 0:
+            if i >= 1 and torch.equal(raw[:, i], raw[:, i - 1]):
+                # two equal reflections are exactly I (peft's init pairs them): skip, so that the
+                # change at init is exactly 0 instead of rounding noise with noise "ranks"
+                i -= 2
+                continue
+            ui = u[:, i:i + 1]
+            hq = hq - 2.0 * ui @ (ui.T @ hq)
+            i -= 1
+        return self.base_weight().double() @ (hq - q), q.T, 1.0
 
     def dense_delta(self) -> torch.Tensor:
         """The weight change as a dense out x in matrix, through peft's own code (costs O(out*in))."""
+        if self._cache is not None and "dense_delta" in self._cache:
+            return self._cache["dense_delta"]
         m, ad = self.peft_module, self.adapter
         if self.kind == "miss":
             w0 = self.base_weight()
@@ -128,23 +198,71 @@ class AdapterModule:
     # ---------------------------------------------------------------- vectors, DoRA
     def vector(self) -> torch.Tensor:
         """IA3 scaling vector or the LayerNorm-tuning parameters, flattened (detached)."""
+        if self._cache is not None and "vector" in self._cache:
+            return self._cache["vector"]
         if self.kind == "ia3":
-            return self.peft_module.ia3_l[self.adapter].detach().reshape(-1)
+            return _r(self.peft_module.ia3_l[self.adapter]).detach().reshape(-1)
         if self.kind == "ln_tuning":
-            return torch.cat([p.detach().reshape(-1) for p in self.components["ln"]])
+            return torch.cat([_r(p).detach().reshape(-1) for p in self.components["ln"]])
         raise DiscoveryError(f"{self.name} ({self.kind}) is not a vector adapter.")
 
     def magnitude(self) -> torch.Tensor:
         """DoRA's magnitude vector m (one entry per output feature)."""
-        return self.peft_module.lora_magnitude_vector[self.adapter].weight.detach()
+        return _r(self.peft_module.lora_magnitude_vector[self.adapter].weight).detach()
 
     def base_weight(self) -> torch.Tensor:
         """The frozen base weight W0 as out x in (fan_in_fan_out undone), detached."""
         base = self.peft_module.get_base_layer()
-        w = base.weight.detach()
+        w = _r(base.weight).detach()
         if getattr(self.peft_module, "fan_in_fan_out", False):
             w = w.T
         return w.reshape(w.shape[0], -1)
+
+
+# -------------------------------------------------------------------- sharded parameters
+def walk(adapters: list[AdapterModule], with_base: bool = False, compute: bool = True) -> Iterator[AdapterModule]:
+    """Each adapter in turn with its parameters gathered (and its base weight with ``with_base``).
+
+    Under ZeRO-3 / FSDP2 every rank must run the same walks in the same order (each module is a
+    collective gather); ranks that only take part pass ``compute=False`` and get nothing yielded.
+    Without sharding this is plain iteration (nothing yielded when ``compute`` is False).
+    """
+    for a in adapters:
+        params = a.adapter_parameters() + (a.base_parameters() if with_base else [])
+        if not sharding.any_sharded(params):
+            if compute:
+                yield a
+            continue
+        with sharding.gathered(params):
+            if compute:
+                yield a
+
+
+@contextlib.contextmanager
+def materialized(adapters: list[AdapterModule], keep: bool = True) -> Iterator[None]:
+    """Detached copies of each adapter's factors / vector, gathered one module at a time, read by
+    ``factors()`` / ``vector()`` inside the block. A no-op for unsharded adapters.
+
+    Every rank enters it (the gathers are collective); ranks with ``keep=False`` keep nothing.
+    The copies are the adapter's size (r x (m + n) per module), never the base weights.
+    """
+    if not any(sharding.any_sharded(a.adapter_parameters()) for a in adapters):
+        yield
+        return
+    try:
+        # note: MiSS "bat" (dense_delta, no low-rank form) is not gathered: it needs the whole base weight
+        for a in walk(adapters, compute=keep):
+            cache = {}
+            if a.has_factors:
+                b, a_, s = a.factors()
+                cache["factors"] = (b.clone(), a_.clone(), s)
+            elif a.kind in ("ia3", "ln_tuning"):
+                cache["vector"] = a.vector().clone()
+            a._cache = cache
+        yield
+    finally:
+        for a in adapters:
+            a._cache = None
 
 
 # -------------------------------------------------------------------- discovery
@@ -154,10 +272,13 @@ def _layer_types():
     from peft.tuners.ln_tuning.layer import LNTuningLayer
     from peft.tuners.lora import LoraLayer
     from peft.tuners.miss import MissLayer
+    from peft.tuners.hra import HRALayer
     from peft.tuners.vera import VeraLayer
 
+    from perl.adapters.slicefine import SliceFineLayer
+
     return {"adalora": AdaLoraLayer, "lora": LoraLayer, "vera": VeraLayer, "ia3": IA3Layer,
-            "ln_tuning": LNTuningLayer, "miss": MissLayer}
+            "ln_tuning": LNTuningLayer, "miss": MissLayer, "hra": HRALayer, "slicefine": SliceFineLayer}
 
 
 def peft_config_of(model: nn.Module) -> dict:
@@ -223,6 +344,10 @@ def _components(kind: str, m: nn.Module, ad: str) -> dict[str, list[torch.Tensor
         return {"ln": list(m.ln_tuning_layers[ad].parameters())}
     if kind == "miss":
         return {"miss": [m.miss_block[ad]]}
+    if kind == "hra":
+        return {"u": [m.hra_u[ad]]}
+    if kind == "slicefine":
+        return {"slice": [m.slicefine_slice[ad]]}
     raise AssertionError(kind)
 
 
@@ -230,7 +355,7 @@ def _holds_adapter(kind: str, m: nn.Module, ad: str) -> bool:
     if kind == "lora":
         return ad in m.lora_A or ad in m.lora_embedding_A
     attr = {"adalora": "lora_A", "vera": "vera_lambda_b", "ia3": "ia3_l", "ln_tuning": "ln_tuning_layers",
-            "miss": "miss_block"}[kind]
+            "miss": "miss_block", "hra": "hra_u", "slicefine": "slicefine_slice"}[kind]
     return ad in getattr(m, attr)
 
 
@@ -239,6 +364,10 @@ def _rank(kind: str, m: nn.Module, ad: str) -> int | None:
         return int(m.r[ad])
     if kind == "miss":
         return int(m.miss_r[ad])
+    if kind == "hra":
+        return int(m.hra_r[ad])
+    if kind == "slicefine":
+        return int(m.slicefine_r[ad])
     return None
 
 
@@ -277,13 +406,62 @@ def discover_adapters(model: nn.Module, adapter_name: str | None = None,
     if not found:
         raise DiscoveryError(
             f"No adapter layers for adapter {adapter!r} in {type(model).__name__}: expected a peft model with "
-            "LoRA/DoRA/AdaLoRA/VeRA/IA3/LN-tuning/MiSS layers; wrap the model with peft.get_peft_model first."
+            "LoRA/DoRA/AdaLoRA/VeRA/IA3/LN-tuning/MiSS/HRA/SliceFine layers; wrap the model with "
+            "peft.get_peft_model first (for full fine-tuning use discover_full_weights)."
         )
+    return _finish(found, max_layers_to_track)
+
+
+def _finish(found: list[AdapterModule], max_layers_to_track: int | None) -> list[AdapterModule]:
     _name_module_types(found)
     if max_layers_to_track is not None:
         keep = set(select_layers(sorted({a.layer for a in found if a.layer >= 0}), max_layers_to_track))
         found = [a for a in found if a.layer < 0 or a.layer in keep]
     return sorted(found, key=lambda a: (a.layer, a.name))
+
+
+def discover_full_weights(model: nn.Module, target_modules=None,
+                          max_layers_to_track: int | None = None) -> list[AdapterModule]:
+    """The weights full fine-tuning is tracked on: every ``nn.Linear`` that ``target_modules`` names.
+
+    The modules an adapter with the same ``target_modules`` would adapt (peft's rule: the module path
+    equals a name or ends with ``.<name>``), as :class:`AdapterModule` of kind ``"full"`` with one
+    component ``weight``, so that adapter runs and full runs share (layer, module) coordinates.
+
+    Usage:
+        for wm in discover_full_weights(model, ["q_proj", "v_proj"]):
+            print(wm.layer, wm.module, wm.components["weight"][0].shape)
+
+    Args:
+        model (nn.Module): the model being fully fine-tuned (plain transformers model, maybe DDP-wrapped).
+        target_modules (list[str] | str, optional): module names; None or ``"all-linear"`` = every
+            ``nn.Linear`` except the output head.
+        max_layers_to_track (int, optional): as in :func:`discover_adapters`.
+
+    Raises:
+        DiscoveryError: no ``nn.Linear`` matches.
+    """
+    model = getattr(model, "module", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    if target_modules is not None and list(target_modules) == ["all-linear"]:
+        target_modules = None
+    targets = None if target_modules is None else [str(t) for t in target_modules]
+    found: list[AdapterModule] = []
+    for raw_name, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or m is head:
+            continue
+        name = _clean_name(raw_name)
+        if targets is not None and not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        layer, rest = _layer_and_rest(name)
+        found.append(AdapterModule(name=name, layer=layer, module=rest, kind="full", adapter="", peft_module=m,
+                                   components={"weight": [m.weight]}))
+    if not found:
+        raise DiscoveryError(f"No nn.Linear of {type(model).__name__} matches target_modules {target_modules}; "
+                             "list the module names to track, e.g. [q_proj, v_proj].")
+    return _finish(found, max_layers_to_track)
 
 
 def _name_module_types(found: list[AdapterModule]) -> None:

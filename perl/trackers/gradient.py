@@ -31,10 +31,28 @@ Layer convention: ``layer`` is the transformer block index; ``-1`` holds tensors
 numbered blocks (embeddings, final norm, lm_head). Missing is NaN: a cell a method does not
 have (a module it does not adapt, ``E`` for LoRA) is NaN, never 0.
 
+Engines: under DDP the gradients rank 0 sees are the all-reduced ones and only rank 0 computes.
+DeepSpeed clips and steps inside backward, so :meth:`GradientFlowTracker.capture_gradients` reads
+the full gradients (``deepspeed.utils.safe_get_full_grad``) from an engine-step hook, before the
+clip; ``total_grad_norm`` is then the engine's own pre-clip norm. With sharded parameters (ZeRO-3
+partitions, FSDP2 DTensors) every norm is the square root of a sum of squares of each rank's
+shard, all-reduced once per quantity: no whole tensor is materialised, every rank takes part and
+only the process with ``writes`` (global rank 0) appends to the store.
+
+Trainer logs: each written step also leaves scalars in ``last_scalars`` (``gradient/step``,
+``gradient/total_pre_clip``, ``gradient/clip_coef``, ``gradient/total_post_clip`` and, per component
+and module type, ``gradient/<component>/<module>`` = the L2 norm over layers of the pre-clip
+``grad_norm``, i.e. the norm of that component's gradient in every tracked layer together), which
+:class:`~perl.trackers.callbacks.GradientFlowCallback` adds to the Trainer's next log record.
+Non-finite values are left out of the logs (they stay NaN in the store).
+
+Full fine-tuning (no peft adapter) with ``track_adapter_only=True`` tracks the weights of the
+modules ``target_modules`` names, component ``weight``: the modules an adapter would adapt.
+
 Cost: norms are computed on the parameters' device in batched ``torch._foreach_norm`` calls and
 reach the host in one transfer per logged step. To measure ``update_ratio`` the tracked tensors
-are copied once on each logged step (adapter-sized for PEFT; a full copy of the model in full
-fine-tuning with ``track_adapter_only=False``).
+are copied once on each logged step (adapter-sized for PEFT; the target modules' weights in full
+fine-tuning, a full copy of the model with ``track_adapter_only=False``).
 """
 
 from __future__ import annotations
@@ -52,7 +70,9 @@ import torch
 import xarray as xr
 from torch import nn
 
-from .discovery import DiscoveryError, _clean_name, _layer_and_rest, discover_adapters, peft_config_of
+from . import sharding
+from .discovery import (DiscoveryError, _clean_name, _layer_and_rest, discover_adapters, discover_full_weights,
+                        peft_config_of)
 from .store import RunStore
 
 __all__ = ["GradientFlowTracker", "TrackedTensor", "tracked_tensors", "STEP_CONVENTION"]
@@ -66,7 +86,8 @@ FINAL_NAME = "gradient_flow_final.nc"
 
 # display order; components outside this list (extra trainable tensors) follow in order of appearance
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-COMPONENT_ORDER = ("A", "B", "magnitude", "E", "lambda_b", "lambda_d", "ia3", "ln", "miss", "weight", "bias")
+COMPONENT_ORDER = ("A", "B", "magnitude", "E", "lambda_b", "lambda_d", "ia3", "ln", "miss", "u", "slice", "weight",
+                   "bias")
 
 STEP_CONVENTION = (
     "step s >= 1 is the s-th optimizer step, labelled as the Trainer logs it (global_step after the "
@@ -149,30 +170,38 @@ def _extra_coordinates(name: str) -> tuple[int, str, str, str]:
     return layer, rest, component, path
 
 
-def tracked_tensors(model: nn.Module, track_adapter_only: bool = True) -> list[TrackedTensor]:
+def tracked_tensors(model: nn.Module, track_adapter_only: bool = True, target_modules=None) -> list[TrackedTensor]:
     """The tensors a :class:`GradientFlowTracker` records, with their (layer, module, component).
 
     Adapter tensors come from :func:`perl.trackers.discovery.discover_adapters` (active adapter
     only). With ``track_adapter_only=False`` every other trainable parameter is added: component
     ``weight`` / ``bias`` (or the parameter's own name), module the last name component inside
     its block (the path inside the block when that is ambiguous), layer -1 outside the blocks.
+    A model without peft adapter (full fine-tuning) with ``track_adapter_only=True`` gives the
+    weights of the ``target_modules`` (component ``weight``).
 
     Args:
-        model (nn.Module): a peft model, or any model when ``track_adapter_only=False``.
-        track_adapter_only (bool, defaults to True): only the adapter's tensors.
+        model (nn.Module): a peft model, or any model for full fine-tuning.
+        track_adapter_only (bool, defaults to True): only the adapter's tensors (full fine-tuning:
+            only the target modules' weights).
+        target_modules (list[str], optional): full fine-tuning: the modules to track; default every
+            ``nn.Linear`` except the output head.
 
     Raises:
-        DiscoveryError: no adapter found and ``track_adapter_only=True``.
+        DiscoveryError: a model without trainable target weights.
     """
     try:
-        if not peft_config_of(model):  # a plain transformers model: no adapter to discover
-            raise DiscoveryError("The model has no peft adapter.")
-        adapters = discover_adapters(model)
+        if not peft_config_of(model):
+            # note: full fine-tuning: the weights of the modules an adapter would adapt
+            adapters = [w for w in discover_full_weights(model, target_modules)
+                        if w.components["weight"][0].requires_grad]
+            if not adapters:
+                raise DiscoveryError(f"No trainable weight among the target modules {target_modules}.")
+        else:
+            adapters = discover_adapters(model)
     except DiscoveryError as err:
         if track_adapter_only:
-            raise DiscoveryError(
-                f"{err} For full fine-tuning pass track_adapter_only=False to track all trainable weights."
-            ) from err
+            raise DiscoveryError(f"{err} Pass track_adapter_only=False to track all trainable weights.") from err
         adapters = []
     out: list[TrackedTensor] = []
     seen: set[int] = set()
@@ -241,10 +270,13 @@ class GradientFlowTracker:
         peft_type (str, optional): method label stored in the attrs (``lora``, ``dora``, ...);
             default: peft's type of the active adapter.
         run_attrs (dict, optional): more global attributes (config YAML, seed, model, ...).
+        target_modules (list[str], optional): full fine-tuning: the modules whose weights are
+            tracked with ``track_adapter_only=True``; default every ``nn.Linear`` but the output head.
     """
 
     def __init__(self, model: nn.Module | None, log_frequency: int = 100, save_dir: str | os.PathLike = ".",
-                 track_adapter_only: bool = True, peft_type: str | None = None, run_attrs: dict | None = None):
+                 track_adapter_only: bool = True, peft_type: str | None = None, run_attrs: dict | None = None,
+                 target_modules=None):
         if not isinstance(log_frequency, int) or isinstance(log_frequency, bool) or log_frequency < 1:
             raise ValueError(f"log_frequency must be a positive integer (log every N optimizer steps), got {log_frequency!r}.")
         self.model = model
@@ -253,12 +285,16 @@ class GradientFlowTracker:
         self.track_adapter_only = bool(track_adapter_only)
         self.peft_type = peft_type
         self._pending: dict | None = None
+        self._captured: dict | None = None
+        self.last_scalars: dict[str, float] = {}
         self._loaded: xr.Dataset | None = None
         self.store: RunStore | None = None
+        # whether this process appends to the store (global rank 0; set by the callback)
+        self.writes = True
         if model is None:
             return
 
-        tracked = tracked_tensors(model, self.track_adapter_only)
+        tracked = tracked_tensors(model, self.track_adapter_only, target_modules)
         if not tracked:
             raise ValueError("The model has no trainable parameters to track; expected requires_grad tensors.")
         self.peft_type = peft_type or _peft_type_of(model, tracked)
@@ -273,7 +309,6 @@ class GradientFlowTracker:
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in tracked_ids]
         self._params = tracked_params + others
         self._n_tracked = len(tracked_params)
-        self._tracked_detached = [p.detach() for p in tracked_params]
         self.device = tracked_params[0].device
         self._single_device = all(p.device == self.device for p in self._params)
         # squares of large norms overflow float32; MPS has no float64
@@ -283,7 +318,7 @@ class GradientFlowTracker:
                                       self.components.index(t.component)), shape) for t in tracked]
         self._cell_index = torch.tensor(cell, dtype=torch.long, device=self.device)
         numel = np.zeros(int(np.prod(shape)), dtype=np.int64)
-        np.add.at(numel, cell, [t.param.numel() for t in tracked])
+        np.add.at(numel, cell, [_full_numel(t.param) for t in tracked])
         self._numel = numel.reshape(shape)
         self._shape = shape
         self._empty = self._numel == 0
@@ -310,6 +345,81 @@ class GradientFlowTracker:
         """True when optimizer step ``step`` (>= 1) is one to record."""
         return step >= 1 and step % self.log_frequency == 0
 
+    @property
+    def _tracked_detached(self) -> list[torch.Tensor]:
+        # note: read at each use, never cached: DeepSpeed swaps p.data for views of its flat buffers
+        return [p.detach() for p in self._params[: self._n_tracked]]
+
+    def rebind(self, model: nn.Module | None = None) -> None:
+        """Follow parameters an engine replaced after the tracker was made (FSDP2's ``fully_shard``
+        registers new DTensor parameters); the tracked tensors and their cells must be the same."""
+        model = self.model if model is None else model
+        tracked = tracked_tensors(model, self.track_adapter_only)
+        if [t.name for t in tracked] != [t.name for t in self.tracked]:
+            raise RuntimeError("The model's trainable tensors changed after the gradient tracker was made; "
+                               "build the tracker from the model the Trainer trains.")
+        ids = {id(t.param) for t in tracked}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        self._params = [t.param for t in tracked] + others
+        self.tracked = tracked
+
+    def _norms_sq(self, tensors: list[torch.Tensor | None], whole: bool = False) -> torch.Tensor:
+        """Squared L2 norms of the full tensors (NaN where None), one entry per tensor.
+
+        Sharded tensors (FSDP2 DTensors, ZeRO-3 partitions) contribute their local pieces, summed
+        over ranks in one all-reduce; a tensor every rank holds whole counts once. ``whole``: the
+        tensors are full on every rank (DeepSpeed's gathered gradients); nothing is communicated.
+        """
+        acc, n = self._acc_dtype, len(tensors)
+        idx, pieces, split = [], [], []
+        for i, t in enumerate(tensors):
+            if t is None:
+                continue
+            piece, sharded = (t, False) if whole else sharding.local_piece(t)
+            idx.append(i)
+            pieces.append(piece)
+            split.append(sharded)
+        out = torch.full((n,), float("nan"), dtype=acc, device=self.device)
+        if not any(split) or not sharding.distributed():
+            if pieces:
+                out[torch.tensor(idx, device=self.device)] = self._stack(
+                    torch._foreach_norm(pieces, dtype=torch.float32)).to(acc).square()
+            return out
+        both = torch.zeros((2, n), dtype=acc, device=self.device)
+        if pieces:
+            sq = self._stack(torch._foreach_norm(pieces, dtype=torch.float32)).to(acc).square()
+            counted = torch.tensor([float(sh or sharding.rank() == 0) for sh in split], dtype=acc, device=self.device)
+            where = torch.tensor(idx, device=self.device)
+            both[0, where] = sq * counted
+            both[1, where] = 1.0
+        sharding.all_reduce_sum(both)
+        return torch.where(both[1] > 0, both[0], out)
+
+    def _local_copies(self) -> list[torch.Tensor]:
+        # this rank's values of every tracked tensor (whole, or its shard), copied: steps update in place
+        return [sharding.local_piece(p)[0].detach().clone() for p in self._params[: self._n_tracked]]
+
+    @torch.no_grad()
+    def capture_gradients(self) -> None:
+        """Read the accumulated, pre-clip gradients now, for the next :meth:`log_step` (all ranks).
+
+        For engines that clip and step inside backward (DeepSpeed): the engine hook of
+        :class:`~perl.trackers.callbacks.GradientFlowCallback` calls this just before the engine's
+        ``step()``. Full gradients come from ``deepspeed.utils.safe_get_full_grad`` (a collective per
+        tensor under ZeRO; the adapter's size), weight norms and the copy for the update ratio from
+        each rank's shard.
+        """
+        params = self._params
+        if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params):
+            from deepspeed.utils import safe_get_full_grad
+
+            grads = [safe_get_full_grad(p) if p.requires_grad else None for p in params]
+            grad_sq = self._norms_sq(grads, whole=True)
+        else:
+            grad_sq = self._norms_sq([p.grad for p in params])
+        self._captured = {"grad_sq": grad_sq, "weight_sq": self._norms_sq(list(params[: self._n_tracked])),
+                          "before": self._local_copies()}
+
     @torch.no_grad()
     def log_step(self, step: int, total_grad_norm: torch.Tensor | float | None = None,
                  max_grad_norm: float | None = None) -> None:
@@ -331,19 +441,34 @@ class GradientFlowTracker:
         step = int(step)
 
         acc = self._acc_dtype
-        present = [i for i, p in enumerate(self._params) if p.grad is not None]
-        norms = torch.full((len(self._params),), float("nan"), dtype=acc, device=self.device)
-        post_total = torch.zeros((), dtype=acc, device=self.device)
-        if present:
-            found = self._stack(torch._foreach_norm([self._params[i].grad for i in present], dtype=torch.float32)).to(acc)
-            norms[torch.tensor(present, device=self.device)] = found
+        captured, self._captured = self._captured, None
+        sharded = sharding.distributed() and sharding.any_sharded(self._params)
+        if captured is not None:  # read before the engine clipped (capture_gradients): already pre-clip
+            grad_sq = captured["grad_sq"]
+        elif sharded:
+            grad_sq = self._norms_sq([p.grad for p in self._params])
+        else:
+            grad_sq = None
+        if grad_sq is not None:
+            norms = grad_sq.sqrt()
             # like the Trainer's total, tensors without a gradient do not count
-            post_total = found.square().sum().sqrt()
+            post_total = torch.nansum(grad_sq).sqrt()
+        else:
+            present = [i for i, p in enumerate(self._params) if p.grad is not None]
+            norms = torch.full((len(self._params),), float("nan"), dtype=acc, device=self.device)
+            post_total = torch.zeros((), dtype=acc, device=self.device)
+            if present:
+                found = self._stack(torch._foreach_norm([self._params[i].grad for i in present],
+                                                        dtype=torch.float32)).to(acc)
+                norms[torch.tensor(present, device=self.device)] = found
+                post_total = found.square().sum().sqrt()
 
         clipped = total_grad_norm is not None and max_grad_norm is not None and 0 < max_grad_norm < math.inf
         if total_grad_norm is None:
             total = post_total
         else:
+            if sharding.is_dtensor(total_grad_norm):  # clip_grad_norm_ over FSDP2 gradients
+                total_grad_norm = total_grad_norm.full_tensor()
             total = torch.as_tensor(total_grad_norm, device=self.device)
         if clipped:
             # torch.nn.utils.clip_grads_with_norm_'s formula, in the total's dtype, so dividing undoes it
@@ -351,29 +476,58 @@ class GradientFlowTracker:
         else:
             coef = torch.ones((), dtype=total.dtype, device=self.device)
         coef = coef.to(acc)
-        usable = torch.isfinite(coef) & (coef > 0)
         tracked_norms = norms[: self._n_tracked]
-        pre = torch.where(usable, tracked_norms / coef, torch.full_like(tracked_norms, float("nan")))
+        if captured is not None:
+            pre = tracked_norms
+            # note: the engine zeroes its gradients inside its step: the post-clip total is the
+            # pre-clip one times the uniform clip factor, not a measurement
+            post_total = post_total * coef
+        else:
+            usable = torch.isfinite(coef) & (coef > 0)
+            pre = torch.where(usable, tracked_norms / coef, torch.full_like(tracked_norms, float("nan")))
 
-        weights = self._stack(torch._foreach_norm(self._tracked_detached, dtype=torch.float32)).to(acc)
+        if captured is not None:
+            weight_sq, before = captured["weight_sq"], captured["before"]
+        elif sharded:
+            weight_sq, before = self._norms_sq(list(self._params[: self._n_tracked])), self._local_copies()
+        else:
+            weight_sq = self._stack(torch._foreach_norm(self._tracked_detached, dtype=torch.float32)).to(acc).square()
+            # a copy, not an alias: optimizer.step() updates in place
+            before = torch._foreach_mul(self._tracked_detached, 1.0)
         self._pending = {
             "step": step,
             "grad_sq": self._cells(pre.square()),
-            "weight_sq": self._cells(weights.square()),
+            "weight_sq": self._cells(weight_sq),
             "totals": torch.stack([total.to(acc), coef, post_total]),
-            # a copy, not an alias: optimizer.step() updates in place
-            "before": torch._foreach_mul(self._tracked_detached, 1.0),
+            "before": before,
         }
 
     @torch.no_grad()
-    def log_update(self) -> None:
-        """After ``optimizer.step()``: measure the update ratios of the pending step and write its row."""
+    def log_update(self) -> bool:
+        """After ``optimizer.step()``: measure the update ratios of the pending step and write its row.
+
+        Returns True when a row was written (its scalars are then in ``last_scalars``).
+        """
         if self._pending is None:
-            return
-        deltas = torch._foreach_sub(self._tracked_detached, self._pending.pop("before"))
-        update = self._stack(torch._foreach_norm(deltas, dtype=torch.float32)).to(self._acc_dtype)
-        self._pending["update_sq"] = self._cells(update.square())
+            return False
+        before = self._pending.pop("before")
+        tracked = self._params[: self._n_tracked]
+        if sharding.distributed() and sharding.any_sharded(tracked):
+            # each rank's shard of p_after - p_before; squares summed over ranks
+            deltas = [sharding.local_piece(p)[0].detach() - b for p, b in zip(tracked, before)]
+            update_sq = self._norms_sq_of_pieces(deltas, [sharding.is_sharded(p) for p in tracked])
+        else:
+            deltas = torch._foreach_sub(self._tracked_detached, before)
+            update_sq = self._stack(torch._foreach_norm(deltas, dtype=torch.float32)).to(self._acc_dtype).square()
+        self._pending["update_sq"] = self._cells(update_sq)
         self._write_pending()
+        return True
+
+    def _norms_sq_of_pieces(self, pieces: list[torch.Tensor], split: list[bool]) -> torch.Tensor:
+        acc = self._acc_dtype
+        sq = self._stack(torch._foreach_norm(pieces, dtype=torch.float32)).to(acc).square()
+        counted = torch.tensor([float(sh or sharding.rank() == 0) for sh in split], dtype=acc, device=self.device)
+        return sharding.all_reduce_sum(sq * counted)
 
     def _stack(self, tensors) -> torch.Tensor:
         if self._single_device:
@@ -386,6 +540,8 @@ class GradientFlowTracker:
 
     def _write_pending(self) -> None:
         pending, self._pending = self._pending, None
+        if not self.writes:
+            return
         n = pending["grad_sq"].numel()
         update_sq = pending.get("update_sq")
         if update_sq is None:
@@ -397,9 +553,24 @@ class GradientFlowTracker:
         for arr in (grad, weight, upd):
             arr[self._empty] = np.nan
         self.store.append(self._snapshot(pending["step"], grad, weight, upd, total, coef, post))
+        self.last_scalars = self._log_scalars(pending["step"], grad, total, coef, post)
         if not math.isfinite(total):
             lost = "; the clip destroyed the per-tensor values, stored as NaN" if not (math.isfinite(coef) and coef > 0) else ""
             logger.warning("Gradient tracker: total gradient norm at step %d is %s%s.", pending["step"], total, lost)
+
+    def _log_scalars(self, step, grad, total, coef, post) -> dict[str, float]:
+        """The step's scalars for the Trainer's logs (see module docs); non-finite values left out."""
+        out = {"gradient/step": float(step)}
+        for key, value in (("total_pre_clip", total), ("clip_coef", coef), ("total_post_clip", post)):
+            if math.isfinite(value):
+                out[f"gradient/{key}"] = float(value)
+        for c, component in enumerate(self.components):
+            for m, module in enumerate(self.modules):
+                tracked = ~self._empty[:, m, c]
+                values = grad[:, m, c][tracked]
+                if values.size and np.isfinite(values).all():
+                    out[f"gradient/{component}/{module}"] = float(np.sqrt(np.square(values).sum()))
+        return out
 
     def _snapshot(self, step, grad, weight, upd, total, coef, post) -> xr.Dataset:
         dims = ("step", "layer", "module", "component")
@@ -424,7 +595,8 @@ class GradientFlowTracker:
         ds["step"].attrs.update({"long_name": "optimizer step", "description": STEP_CONVENTION})
         ds["layer"].attrs.update({"long_name": "transformer block", "description": LAYER_CONVENTION})
         ds["module"].attrs["long_name"] = "module type within the block"
-        ds["component"].attrs["long_name"] = "adapter component (A, B, magnitude, E, lambda_b, lambda_d, ia3, ln, miss, weight, bias)"
+        ds["component"].attrs["long_name"] = ("adapter component (A, B, magnitude, E, lambda_b, lambda_d, ia3, ln, miss, "
+                                              "u, slice, weight, bias)")
         return ds
 
     # ------------------------------------------------------------------------ saving
@@ -621,6 +793,11 @@ def _peft_type_of(model: nn.Module, tracked: list[TrackedTensor]) -> str:
     if name == "lora" and any(t.component == "magnitude" for t in tracked):
         return "dora"
     return name
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    # note: a ZeRO-3 parameter's own numel is its empty placeholder's
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def _perl_version() -> str:

@@ -16,9 +16,15 @@ and appends them as one step to ``<save_dir>/spectral_logs/spectral_history.nc``
 initial factors B_0, A_0 (on the model's device), needed for the update since init.
 
 Which quantities a Dataset holds depends on the methods present: variables are declared for what
-the model has (spectra for LoRA-family / AdaLoRA / VeRA / MiSS, vector norms for IA3 / LayerNorm
-tuning, DoRA and AdaLoRA extras when present) and are NaN where a module is not adapted or a
-quantity is undefined. The global attribute ``tracked_variables`` lists them.
+the model has (spectra for LoRA-family / AdaLoRA / VeRA / MiSS / HRA / SliceFine, vector norms for
+IA3 / LayerNorm tuning, DoRA and AdaLoRA extras when present) and are NaN where a module is not
+adapted or a quantity is undefined. The global attribute ``tracked_variables`` lists them.
+
+Full fine-tuning (a model without peft adapter) is tracked on the modules ``target_modules``
+names: the tracker keeps one copy of their initial weights W_0 (on their device) and stores the top
+``full_top_k`` singular values of the update since init ``W_t - W_0`` (full rank: randomized SVD,
+:func:`~perl.trackers.spectral_math.lowrank_singular_values`) as both ``singular_values`` and
+``update_singular_values``; the metrics are those of these top values (attrs say so).
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ import numpy as np
 import torch
 import xarray as xr
 
+from . import sharding
 from . import spectral_math as sm
-from .discovery import (AdapterModule, adalora_importance_scores, adalora_rank_budget, discover_adapters,
-                        peft_config_of)
+from .discovery import (FACTORED_KINDS, AdapterModule, adalora_importance_scores, adalora_rank_budget,
+                        discover_adapters, discover_full_weights, materialized, peft_config_of, walk)
 from .store import RunStore
 
 logger = logging.getLogger("perl")
@@ -53,6 +60,10 @@ INIT_STATE_NAME = "spectral_tracker_init.safetensors"
 
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "input_layernorm", "post_attention_layernorm", "norm")
+FULL_SVD_NITER = 6
+FULL_SVD_SEED = 0
+FULL_SVD_FORMULA = (f"torch.svd_lowrank(W_t - W_0, q=k+max(k,8), niter={FULL_SVD_NITER}) in float32 on the "
+                    f"weights' device, start block seeded ({FULL_SVD_SEED}); exact dense SVD when q >= min(m, n)")
 STEP_CONVENTION = ("step = optimizer steps done (the Trainer's global_step); the snapshot at step s "
                    "describes the weights after s optimizer steps; step 0 is before the first update")
 
@@ -96,7 +107,8 @@ EXTRA_ATTRS = {
         "long_name": "adapter vector distance from init", "units": "1", "formula": "||v_t - v_0||_2",
     },
     "scale": {"long_name": "adapter scale s", "units": "1",
-              "formula": "delta W = s*B*A; alpha/r (LoRA), alpha/sqrt(r) (rsLoRA), scaling/ranknum (AdaLoRA), 1 (VeRA, MiSS)"},
+              "formula": "delta W = s*B*A; alpha/r (LoRA), alpha/sqrt(r) (rsLoRA), scaling/ranknum (AdaLoRA), "
+                         "1 (VeRA, MiSS, HRA, SliceFine, full)"},
     "rank": {"long_name": "configured adapter rank r", "units": "1"},
 }
 
@@ -139,12 +151,17 @@ class SpectralTracker:
             of ``torch.distributed`` (True when not distributed).
         adapter_name (str, optional): adapter to track; default the active one.
         rtol (float, defaults to 1e-6): numerical-rank tolerance relative to sigma_1.
+        target_modules (list[str], optional): full fine-tuning only: the modules to track (default
+            every ``nn.Linear`` but the output head).
+        full_top_k (int, defaults to 16): full fine-tuning only: singular values of ``W_t - W_0``
+            kept per module (``perl.train`` passes 2r).
     """
 
     def __init__(self, model, log_frequency: int = 100, save_dir: str | os.PathLike = ".", peft_type: str | None = None,
                  compute_full_svd: bool = True, max_layers_to_track: int | None = None, top_k: int = 8,
                  run_attrs: dict | None = None, is_world_process_zero: bool | None = None,
-                 adapter_name: str | None = None, rtol: float = sm.DEFAULT_RTOL):
+                 adapter_name: str | None = None, rtol: float = sm.DEFAULT_RTOL, target_modules=None,
+                 full_top_k: int = 16):
         if int(log_frequency) < 1:
             raise ValueError(f"log_frequency must be a positive integer, got {log_frequency}.")
         if int(top_k) < 1:
@@ -159,36 +176,51 @@ class SpectralTracker:
         self.last_scalars: dict[str, float] = {}
         self._data: xr.Dataset | None = None
 
-        self.adapters = discover_adapters(self.model, adapter_name, max_layers_to_track)
-        self.enabled = not _sharded(self.adapters)
-        if not self.enabled:
-            logger.warning("Spectral tracking is unsupported with sharded parameters (DeepSpeed ZeRO-3, FSDP): "
-                           "the adapter factors are partitioned across processes. Nothing will be recorded.")
-        self.adapter_name = self.adapters[0].adapter
+        if int(full_top_k) < 1:
+            raise ValueError(f"full_top_k must be a positive integer, got {full_top_k}.")
+        self.full_top_k = int(full_top_k)
+        if peft_config_of(self.model):
+            self.adapters = discover_adapters(self.model, adapter_name, max_layers_to_track)
+        else:
+            # note: no adapter: full fine-tuning, tracked on the modules an adapter would adapt
+            self.adapters = discover_full_weights(self.model, target_modules, max_layers_to_track)
+        # note: sharded parameters (ZeRO-3, FSDP2) are gathered one module at a time at snapshots
+        self.enabled = True
+        self.adapter_name = self.adapters[0].adapter or None
         self.layers = sorted({a.layer for a in self.adapters})
         present = {a.module for a in self.adapters}
         self.modules = [m for m in MODULE_ORDER if m in present] + sorted(present - set(MODULE_ORDER))
         self._cell = {a.name: (self.layers.index(a.layer), self.modules.index(a.module)) for a in self.adapters}
 
         tracked = self.adapters if self.enabled else []
-        self._spectral = [a for a in tracked if a.kind in ("lora", "adalora", "vera", "miss")]
+        self._spectral = [a for a in tracked if a.kind in FACTORED_KINDS + ("full",)]
+        self._full = [a for a in tracked if a.kind == "full"]
         self._vectors = [a for a in tracked if a.kind in ("ia3", "ln_tuning")]
         self._dora = [a for a in tracked if a.is_dora]
         self._adalora = [a for a in tracked if a.kind == "adalora"]
-        self._capture_init()
-        self._n_sv, self._n_update = self._spectrum_sizes()
-        self.peft_type = peft_type or _derive_peft_type(self.model, self.adapter_name)
-        self.attrs = self._global_attrs(run_attrs or {}, max_layers_to_track)
+        # note: a model sharded before the tracker exists (zero.Init, fully_shard) is read through gathered copies
+        with materialized(self._spectral + self._vectors):
+            self._capture_init()
+            self._n_sv, self._n_update = self._spectrum_sizes()
+            self.peft_type = peft_type or ("full" if self._full else _derive_peft_type(self.model, self.adapter_name))
+            self.attrs = self._global_attrs(run_attrs or {}, max_layers_to_track)
         self.store = RunStore(self.save_dir / SPECTRAL_DIR / STORE_NAME, attrs=self.attrs)
 
     # ---------------------------------------------------------------- initial state
     def _capture_init(self) -> None:
         """Copies of what the update since init needs: B_0, A_0 (factored), delta_0 (dense), v_0."""
         self._init: dict[str, dict[str, torch.Tensor]] = {}
+        self._factor_meta: dict[str, tuple] = {}
         with torch.no_grad():
             for a in self._spectral:
-                if a.has_factors:
+                if a.kind == "full":
+                    # note: the one copy of the targeted weights that full fine-tuning tracking costs,
+                    # on the process that computes the spectra only
+                    weight = a.components["weight"][0]
+                    self._init[a.name] = {"W0": weight.detach().clone()} if self.is_world_process_zero else {}
+                elif a.has_factors:
                     b, a_, _ = a.factors()
+                    self._factor_meta[a.name] = (tuple(b.shape), tuple(a_.shape), b.dtype, str(b.device))
                     zero = not (b.any() and a_.any())
                     # B_0 A_0 = 0 (plain LoRA): nothing to keep, the update is the product
                     self._init[a.name] = {} if zero else {"B0": b.detach().clone(), "A0": a_.detach().clone()}
@@ -203,8 +235,8 @@ class SpectralTracker:
         by_shape: dict[tuple, list[AdapterModule]] = {}
         for a in self._spectral:
             if a.has_factors:
-                b, a_, _ = a.factors()
-                key = (tuple(b.shape), tuple(a_.shape), b.dtype, str(b.device), not self._init[a.name])
+                # note: shapes recorded at creation; the live parameters may be partitioned by now (ZeRO-3)
+                key = (*self._factor_meta[a.name], not self._init[a.name])
                 by_shape.setdefault(key, []).append(a)
         return [_Group(members, [self._cell[m.name] for m in members], key[-1]) for key, members in by_shape.items()]
 
@@ -268,6 +300,11 @@ class SpectralTracker:
 
     # ---------------------------------------------------------------- logging
     @property
+    def _params(self) -> list:
+        # note: read from the modules each time: an engine may have replaced them (FSDP2's DTensors)
+        return [p for a in self._spectral + self._vectors + self._dora for p in a.adapter_parameters()]
+
+    @property
     def steps(self) -> list[int]:
         """Steps stored so far."""
         return self.store.steps if hasattr(self, "store") else [int(s) for s in self.data.step.values]
@@ -280,11 +317,23 @@ class SpectralTracker:
         """Compute one snapshot of the current weights, labelled ``step``, and append it to the store.
 
         Returns the snapshot (None on processes that do not write, or if ``step`` is already stored).
+        With sharded parameters (ZeRO-3, FSDP2) every rank must call it: each module's factors are
+        gathered in turn, global rank 0 computes and writes.
         """
-        if not self.is_world_process_zero or not self.enabled:
+        if not self.enabled:
             return None
         step = int(step)
-        if step in self.store.steps:
+        if sharding.distributed() and sharding.any_sharded(self._params):
+            # every rank takes the same branch: the gathers below are collectives
+            if sharding.broadcast_flag(self.is_world_process_zero and step in self.store.steps):
+                return None
+            if not self.is_world_process_zero:
+                with materialized(self._spectral + self._vectors, keep=False):
+                    pass
+                for _ in walk(self._dora, with_base=True, compute=False):
+                    pass
+                return None
+        elif not self.is_world_process_zero or step in self.store.steps:
             return None
         snapshot = self.snapshot(step)
         self.store.append(snapshot)
@@ -293,7 +342,7 @@ class SpectralTracker:
 
     def snapshot(self, step: int) -> xr.Dataset:
         """The Dataset of one step (dims step=1, layer, module, sv, sv_update), without storing it."""
-        with torch.no_grad(), _one_cpu_thread():
+        with torch.no_grad(), _one_cpu_thread(), materialized(self._spectral + self._vectors):
             return self._snapshot(step)
 
     def _snapshot(self, step: int) -> xr.Dataset:
@@ -316,7 +365,7 @@ class SpectralTracker:
             for a in self._spectral:
                 if not a.has_factors:
                     self._dense_spectra(a, sv, up, metrics, up_metrics, scale, rank)
-        for a in self._dora:
+        for a in walk(self._dora, with_base=True):  # W0 one module at a time when sharded
             self._dora_values(a, var)
         for a in self._adalora:
             cell = self._cell[a.name]
@@ -360,6 +409,8 @@ class SpectralTracker:
 
     def _dense_spectra(self, a: AdapterModule, sv, up, metrics, up_metrics, scale, rank) -> None:
         # MiSS "bat": no low-rank form; the top values of the dense delta
+        if a.kind == "full":
+            return self._full_spectra(a, sv, up, metrics, up_metrics, scale)
         cell = self._cell[a.name]
         delta = a.dense_delta()
         d0 = self._init[a.name].get("delta0")
@@ -370,6 +421,22 @@ class SpectralTracker:
             for name, value in sm.spectrum_metrics(values, self.rtol).items():
                 mtarget[name][cell] = float(value)
         scale[cell], rank[cell] = 1.0, a.rank
+
+    def _full_spectra(self, a: AdapterModule, sv, up, metrics, up_metrics, scale) -> None:
+        # full fine-tuning: the update since init is the weight change; top-k by randomized SVD on the device
+        cell = self._cell[a.name]
+        if "W0" not in self._init[a.name]:
+            raise RuntimeError(f"No initial weight of {a.name} on this process: build the SpectralTracker with "
+                               "is_world_process_zero=True on the process that logs.")
+        delta = a.components["weight"][0].detach() - self._init[a.name]["W0"]
+        values = sm.lowrank_singular_values(delta.reshape(delta.shape[0], -1), sv.shape[-1],
+                                            niter=FULL_SVD_NITER, seed=FULL_SVD_SEED)
+        numbers = values.cpu().numpy()
+        for name, value in sm.spectrum_metrics(values, self.rtol).items():
+            metrics[name][cell] = up_metrics[name][cell] = float(value)
+        sv[cell][: numbers.size] = numbers
+        up[cell][: numbers.size] = numbers
+        scale[cell] = 1.0
 
     def _dora_values(self, a: AdapterModule, var) -> None:
         b, a_, s = a.factors()
@@ -384,7 +451,11 @@ class SpectralTracker:
     def _spectrum_sizes(self) -> tuple[int, int]:
         n_sv = n_up = 0
         for a in self._spectral:
-            if a.has_factors:
+            if a.kind == "full":
+                w = a.components["weight"][0]
+                k = min(self.full_top_k, w.shape[0], w[0].numel())
+                n_sv, n_up = max(n_sv, k), max(n_up, k)
+            elif a.has_factors:
                 b, a_, _ = a.factors()
                 m, k, n = b.shape[0], b.shape[1], a_.shape[1]
                 n_sv, n_up = max(n_sv, min(m, n, k)), max(n_up, min(m, n, 2 * k))
@@ -423,6 +494,8 @@ class SpectralTracker:
         return ds
 
     def _var_attrs(self, name: str) -> dict:
+        if self._full and (name in SPECTRUM_ATTRS or name.startswith("update_") or name in sm.METRIC_ATTRS):
+            return self._full_var_attrs(name)
         if name in SPECTRUM_ATTRS:
             attrs = dict(SPECTRUM_ATTRS[name])
         elif name in EXTRA_ATTRS:
@@ -435,6 +508,19 @@ class SpectralTracker:
             attrs["rtol"] = self.rtol
             if not self.compute_full_svd:
                 attrs["note"] = f"computed from the top {self.top_k} singular values only"
+        return attrs
+
+    def _full_var_attrs(self, name: str) -> dict:
+        what = f"top {self.full_top_k} singular values of the full fine-tuning update since init W_t - W_0"
+        if name in SPECTRUM_ATTRS:
+            return {"long_name": what, "units": "weight units", "formula": FULL_SVD_FORMULA,
+                    "description": "W_t - W_0 is full rank: only the top values are kept; singular_values and "
+                                   "update_singular_values are the same (the weight change is the update)"}
+        base = name[len("update_"):] if name.startswith("update_") else name
+        attrs = dict(sm.METRIC_ATTRS[base])
+        attrs["long_name"] = f"{attrs['long_name']} of the update since init W_t - W_0"
+        attrs["rtol"] = self.rtol
+        attrs["note"] = f"computed from the {what} only"
         return attrs
 
     # ---------------------------------------------------------------- attrs, summaries
@@ -472,6 +558,9 @@ class SpectralTracker:
             "numerical_rank_rtol": self.rtol,
             "missing_values": "NaN: module not adapted by this method, index past the module's rank, or quantity undefined",
         }
+        if self._full:
+            attrs.update(full_finetuning_top_k=self.full_top_k, full_finetuning_svd=FULL_SVD_FORMULA,
+                         full_finetuning_target_modules=sorted({a.module for a in self._full}))
         attrs.update(run_attrs)
         return {k: v for k, v in attrs.items() if v is not None}
 
@@ -644,16 +733,6 @@ def _one_cpu_thread():
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _sharded(adapters: list[AdapterModule]) -> bool:
-    """Parameters partitioned by DeepSpeed ZeRO-3 (``ds_id``) or FSDP (empty local shards, DTensors)."""
-    for a in adapters:
-        for tensors in a.components.values():
-            for p in tensors:
-                if hasattr(p, "ds_id") or p.numel() == 0 or type(p).__name__ == "DTensor":
-                    return True
-    return False
 
 
 def _is_rank_zero() -> bool:

@@ -96,6 +96,7 @@ class RunStore:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No run store at {path}: expected a .nc file written by a tracker; check the run folder.")
+        _check_header(path)
         try:
             with xr.open_dataset(path, engine="netcdf4", cache=False) as ds:
                 loaded = ds.load()
@@ -381,6 +382,15 @@ def _fsync_and_replace(tmp: Path, path: Path) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _check_header(path: Path) -> None:
+    from perl.schema import StoredFileError, check_store_file  # note: readers validate before loading
+
+    try:
+        check_store_file(path)
+    except StoredFileError as err:
+        raise StoreError(str(err)) from None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -18,6 +18,7 @@ import argparse
 import base64
 import datetime as _dt
 import html
+import os
 import re
 import sys
 import warnings
@@ -29,7 +30,7 @@ from perl.run import MissingDataWarning, Run, RunError, metric_name
 from perl.viz.explorers import PRODUCT, SPECTRAL_HEATMAP_METRICS, UPDATE, GRADIENT_VARIABLES
 from perl.viz.views import HeatmapView, LinesView, axis_label, category_colors, depth_colors
 
-__all__ = ["write_report", "main", "subsample", "DEFAULT_MAX_FRAMES"]
+__all__ = ["write_report", "check_output_path", "main", "subsample", "DEFAULT_MAX_FRAMES"]
 
 DEFAULT_MAX_FRAMES = 50
 _MAX_STATES = 5000  # per section; a larger cross product would make a page of many megabytes
@@ -54,6 +55,13 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
         max_frames (int, default 50): most steps a step slider offers (evenly subsampled, first
             and last kept). Heatmaps over steps use the same steps.
     """
+    # note: the run and the output are checked before the (slow) plotting imports
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    out = check_output_path(run, out_html)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingDataWarning)
+        spectral, gradients, metrics = run.spectral, run.gradients, run.metrics
+
     import panel as pn
     from bokeh.document import Document
     from bokeh.resources import INLINE
@@ -63,12 +71,6 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
     from panel.io.resources import Resources, set_resource_mode
     from panel.io.save import file_html
     from pyviz_comms import Comm
-
-    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    out = Path(out_html) if out_html is not None else run.path / "report.html"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MissingDataWarning)
-        spectral, gradients, metrics = run.spectral, run.gradients, run.metrics
 
     sections, notes = [], []
     if spectral is not None:
@@ -118,9 +120,34 @@ def write_report(run_dir, out_html=None, max_frames: int = DEFAULT_MAX_FRAMES) -
         page = file_html(doc, resources, doc.title)
     page = _EXTERNAL_TAG.sub("", page)  # the template's favicon links point at a CDN
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # note: a failed write leaves nothing behind
+    return out
+
+
+def check_output_path(run: Run, out_html=None) -> Path:
+    """Where the report goes: an ``.html`` file that is not a folder and not one of the run's own files.
+
+    Raises:
+        RunError: ``out_html`` names a folder, a file that is not HTML (``config.yaml`` ...), or
+            sits below a file.
+    """
+    out = Path(out_html).expanduser() if out_html is not None else run.path / "report.html"
+    if out.is_dir():
+        raise RunError(f"--output {out} is a folder; name the HTML file to write, e.g. {out / 'report.html'}.")
+    if out.suffix.lower() not in (".html", ".htm"):
+        # note: so a report can never replace a run's config.yaml, metrics or stores
+        raise RunError(f"--output {out} does not end in .html; name an HTML file (the report never replaces "
+                       "other files).")
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunError(f"--output {out} cannot be written: {probe} is a file, not a folder; name another file.")
     return out
 
 
@@ -410,6 +437,10 @@ def main(argv=None) -> int:
         path = write_report(args.run_dir, args.output, max_frames=args.max_steps)
     except RunError as err:
         print(f"perl report: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"perl report: cannot write {args.output or 'the report'} ({err.strerror or err}); name another --output.",
+              file=sys.stderr)
         return 2
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
