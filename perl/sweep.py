@@ -33,8 +33,9 @@ a restart; any other folder (a crash, a kill, a failure) is trained again from s
 never silently overwritten or mistaken for the new one.
 
 Failed runs do not stop the others; they are listed at the end with their log and the command
-exits 1. Afterwards ``notebooks/04_compare_runs.ipynb`` and ``05_spectral_alignment.ipynb`` are
-executed with papermill on the finished runs into the sweep folder.
+exits 1. Afterwards the per-configuration summary over seeds (`perl.sweep_summary`: ``summary.csv``,
+``summary.nc``) is written and notebooks 04, 05 and 06 are executed with papermill on the finished
+runs into the sweep folder. ``--summary SWEEP_DIR`` only rewrites the summary.
 
 Usage:
     perlwb sweep configs/sweeps/methods_nano.yaml --parallel 2
@@ -103,7 +104,7 @@ LOCK_FILE = ".sweep.lock"
 # note: each point is a whole training (minutes to hours); a grid beyond this is a typo or a hostile file
 MAX_GRID_POINTS = 1000
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-DEFAULT_NOTEBOOKS = ("04_compare_runs", "05_spectral_alignment")
+DEFAULT_NOTEBOOKS = ("04_compare_runs", "05_spectral_alignment", "06_perl_questions")
 # the trained weights Trainer.save_model leaves in output_dir: an adapter, or a whole model (full)
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 # fields that say where and how a run was launched, not what it is: ignored when a finished run's
@@ -759,8 +760,15 @@ def run_sweep(sweep: Sweep, notebooks: bool = True, echo: Callable[[str], None] 
             return result
 
         finished = [r for r in sweep.runs if r.name in result.skipped or r.name in result.trained]
+        if finished:
+            from perl.sweep_summary import summary_after_sweep
+
+            reason = summary_after_sweep(sweep.sweep_dir, echo=echo)
+            if reason:
+                result.notebook_failures["summary"] = reason
         if notebooks and sweep.notebooks and finished:
-            result.notebooks, result.notebook_failures = execute_notebooks(sweep, finished, echo=echo)
+            result.notebooks, failures = execute_notebooks(sweep, finished, echo=echo)
+            result.notebook_failures.update(failures)
     return result
 
 
@@ -787,7 +795,10 @@ def execute_notebooks(sweep: Sweep, runs: Sequence[SweepRun], echo: Callable[[st
     for name in sweep.notebooks:
         source = sweep.notebook_paths.get(name, NOTEBOOKS_DIR / f"{name}.ipynb")
         out = sweep.sweep_dir / f"{name}.ipynb"
-        params = {"run_dirs": run_dirs} if "run_dirs" in _parameter_names(source) else {}
+        names = _parameter_names(source)
+        params = {"run_dirs": run_dirs} if "run_dirs" in names else {}
+        if "sweep_dir" in names:
+            params["sweep_dir"] = "."  # note: executed in the sweep folder; reads its summary.nc
         started = time.monotonic()
         try:
             papermill.execute_notebook(str(source), str(out), parameters=params, kernel_name="python3",
@@ -814,7 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the comparison notebooks on them. See perl/sweep.py for the sweep file format.",
         allow_abbrev=False,
     )
-    parser.add_argument("sweep_file", metavar="SWEEP.yaml", help="The sweep file.")
+    parser.add_argument("sweep_file", metavar="SWEEP.yaml", nargs="?", help="The sweep file.")
+    parser.add_argument("--summary", metavar="SWEEP_DIR", help="Only (re)write SWEEP_DIR/summary.csv and summary.nc "
+                        "from its finished runs; trains nothing.")
     parser.add_argument("--parallel", metavar="N", help="Runs at a time (default: the file's parallel, else 1).")
     parser.add_argument("--dry-run", action="store_true", help="Print the runs and their commands; write nothing.")
     parser.add_argument("--no-notebooks", action="store_true", help="Do not execute the notebooks after the runs.")
@@ -847,6 +860,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        if args.summary is not None or args.sweep_file is None:
+            from perl.sweep_summary import summary_main
+
+            return summary_main(args.summary, args.sweep_file)
         parallel = None
         if args.parallel is not None:
             try:

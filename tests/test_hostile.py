@@ -175,7 +175,7 @@ def _corrupt_copy(previous_run: Path, dest: Path, damage: str) -> Path:
         store = run / "spectral_history_final.nc"
         store.unlink()
         for p in (run / "spectral_logs").glob("*.nc"):
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() else p.unlink()  # the live store is a folder of .nc files
         with netCDF4.Dataset(store, "w") as nc:
             if damage == "store-declares-149GiB":
                 for dim, size in (("step", None), ("layer", 4), ("module", 7), ("sv", 2**20 * 178)):

@@ -127,11 +127,12 @@ def test_cli_run_spectra_equal_dense_svd_of_the_saved_weight_change(cli_run):
         else:
             # exactly low rank: at most r nonzero values, and the stored ones are all of them
             assert want[R] <= 1e-9 * max(want[0], 1e-300), (layer, module, want[: R + 2])
-            np.testing.assert_allclose(stored[:R], want[:R], rtol=0, atol=1e-9 * max(want[0], 1e-300))
-            assert np.all(stored[R:] <= 1e-9 * max(want[0], 1e-300))
+            # stored in float32 (the weights' precision, attr stored_float_precision): 1e-6 of sigma_1
+            np.testing.assert_allclose(stored[:R], want[:R], rtol=0, atol=1e-6 * max(want[0], 1e-300))
+            assert np.all(stored[R:] <= 1e-6 * max(want[0], 1e-300))
             assert ds.numerical_rank.sel(step=STEPS, layer=layer, module=module) <= R
             product = ds.singular_values.sel(step=STEPS, layer=layer, module=module).values
-            np.testing.assert_allclose(product[:R], want[:R], rtol=0, atol=1e-9 * max(want[0], 1e-300))
+            np.testing.assert_allclose(product[:R], want[:R], rtol=0, atol=1e-6 * max(want[0], 1e-300))
         moved += want[0] > 0
         # step 0 is before the first update: nothing changed yet
         assert np.nansum(ds.update_singular_values.sel(step=0, layer=layer, module=module).values) == 0.0

@@ -30,6 +30,7 @@ PARAMETERS = {
     "02_spectral_explorer": {"run_dir"},
     "03_gradient_explorer": {"run_dir"},
     "04_compare_runs": {"run_dirs"},
+    "06_perl_questions": {"sweep_dir"},  # executed on a two-seed sweep in tests/test_sweep_summary.py
 }
 KERNEL = "python3"
 NOTEBOOK01_STEPS = 3

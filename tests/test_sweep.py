@@ -187,7 +187,7 @@ def test_a_failing_run_is_reported_and_the_others_still_train(tmp_path, capsys, 
     assert code == 1
     assert f"FAILED {bad}" in out and f"finished {good}" in out
     # note: a model that cannot load is refused before training: exit 2, one line, no traceback
-    assert "1 of 2 runs failed" in err and f"{bad}: exit code 2: perl: error: could not load the model" in err
+    assert "1 of 2 runs failed" in err and f"{bad}: exit code 2: perlwb: error: could not load the model" in err
     assert f"log: {tmp_path / 'sw' / bad / 'train.log'}" in err
     assert "Traceback" not in (tmp_path / "sw" / bad / "train.log").read_text()
     assert json.loads((tmp_path / "sw" / bad / sw.MARKER).read_text())["status"] == "failed"

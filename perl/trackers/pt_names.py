@@ -29,7 +29,7 @@ def resolve_pt_name(path: str | Path) -> Path:
     if path.suffix != ".pt":
         return path
     store = path.with_suffix(".nc")
-    if store.is_file():
+    if store.exists():  # a final .nc file or a live store folder
         print(f"note: {path.name} is {store} in this workbench (netCDF, read with xarray; nothing is unpickled).",
               file=sys.stderr)
         return store
