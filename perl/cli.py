@@ -66,8 +66,6 @@ flags, the --config.SECTION.FIELD flags. Lists are comma separated (q_proj,v_pro
 The resolved config is written to <output_dir>/config.yaml; --config of that file reproduces the run."""
 
 
-# note: the names sweep.py and older callers import from here (the public ones live in cli_support)
-_Parser, _fail = OneLineParser, fail
 
 
 def _escape(text: str) -> str:

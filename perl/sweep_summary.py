@@ -529,7 +529,7 @@ def summary_after_sweep(sweep_dir: str | os.PathLike, echo=print) -> str | None:
 
 def summary_main(sweep_dir: str | None, sweep_file: str | None = None) -> int:
     """``perlwb sweep --summary SWEEP_DIR``: write the summary from finished runs; exit code 0, or 2 with one line."""
-    from perl.cli import _fail
+    from perl.cli_support import fail as _fail
 
     if sweep_dir is None:
         return _fail("perlwb sweep needs a sweep file (perlwb sweep SWEEP.yaml) or --summary SWEEP_DIR.")
