@@ -44,8 +44,15 @@ def one_block_lora(r: int = 16, nonzero_init: bool = False, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=1024, hidden_size=1536, intermediate_size=8960, num_hidden_layers=1,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=1024,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = Qwen2ForCausalLM(config)
@@ -76,38 +83,51 @@ def main(argv=None) -> None:
     alignment = AlignmentTracker(block, save_dir=f"{tmp}/a", intruder_log_frequency=1, save_base_svd=False)
     spectral_block = SpectralTracker(block, save_dir=f"{tmp}/s1")
     train_like(block)
-    print(f"1 block with real random weights, 7 LoRA modules, r=16, k=32, torch threads={torch.get_num_threads()}, "
-          f"update path: {'general (B_0 != 0)' if args.nonzero_init else 'B_0 = 0 shortcut'}", flush=True)
+    print(
+        f"1 block with real random weights, 7 LoRA modules, r=16, k=32, torch threads={torch.get_num_threads()}, "
+        f"update path: {'general (B_0 != 0)' if args.nonzero_init else 'B_0 = 0 shortcut'}",
+        flush=True,
+    )
 
     start = time.perf_counter()
     alignment._ensure_base()
     t_base = time.perf_counter() - start
-    print(f"one-off base SVD (7 weights, full float64): {t_base:.1f} s per block -> {t_base * BLOCKS / 60:.1f} min "
-          f"for {BLOCKS} blocks (extrapolated); W0 left bases cached: {alignment._cache_used / 2**20:.0f} MB per block",
-          flush=True)
+    print(
+        f"one-off base SVD (7 weights, full float64): {t_base:.1f} s per block -> {t_base * BLOCKS / 60:.1f} min "
+        f"for {BLOCKS} blocks (extrapolated); W0 left bases cached: {alignment._cache_used / 2**20:.0f} MB per block",
+        flush=True,
+    )
 
     t_align, snap = best_of(lambda: alignment.snapshot(1), args.repeats)
     t_spec_block, _ = best_of(lambda: spectral_block.snapshot(1), args.repeats)
     frac = snap.energy_fraction_top_left.values
-    print(f"alignment snapshot: {t_align:.3f} s per block -> {t_align * BLOCKS:.2f} s for {BLOCKS} blocks "
-          f"(extrapolated); top-k left energy fraction mean {np.nanmean(frac):.4f} "
-          f"(chance k/m ~ {float(snap.chance_energy_fraction_left.mean()):.4f})", flush=True)
+    print(
+        f"alignment snapshot: {t_align:.3f} s per block -> {t_align * BLOCKS:.2f} s for {BLOCKS} blocks "
+        f"(extrapolated); top-k left energy fraction mean {np.nanmean(frac):.4f} "
+        f"(chance k/m ~ {float(snap.chance_energy_fraction_left.mean()):.4f})",
+        flush=True,
+    )
 
     full = qwen15b_lora(nonzero_init=args.nonzero_init)
     spectral = SpectralTracker(full, save_dir=f"{tmp}/s28")
     train_like(full)
     t_spec, _ = best_of(lambda: spectral.snapshot(1), args.repeats)
     print(f"spectral snapshot: {t_spec:.3f} s for {BLOCKS} blocks (measured; {t_spec_block:.3f} s for the one block)")
-    print(f"ratio alignment / spectral snapshot, whole model: {t_align * BLOCKS / t_spec:.1f}x   "
-          f"(per block: {t_align / t_spec_block:.1f}x)", flush=True)
+    print(
+        f"ratio alignment / spectral snapshot, whole model: {t_align * BLOCKS / t_spec:.1f}x   "
+        f"(per block: {t_align / t_spec_block:.1f}x)",
+        flush=True,
+    )
 
     if args.intruders:
         t_intr, snap = best_of(lambda: alignment.snapshot(1, intruders=True), 1)
         t_intr -= t_align
-        print(f"intruder snapshot (7 dense tuned weights, W0 bases cached): {t_intr:.1f} s per block -> "
-              f"{t_intr * BLOCKS / 60:.1f} min for {BLOCKS} blocks (extrapolated); "
-              f"ratio to a spectral snapshot: {t_intr * BLOCKS / t_spec:.0f}x; intruders found: "
-              f"{int(snap.intruder_dimensions.sum())}")
+        print(
+            f"intruder snapshot (7 dense tuned weights, W0 bases cached): {t_intr:.1f} s per block -> "
+            f"{t_intr * BLOCKS / 60:.1f} min for {BLOCKS} blocks (extrapolated); "
+            f"ratio to a spectral snapshot: {t_intr * BLOCKS / t_spec:.0f}x; intruders found: "
+            f"{int(snap.intruder_dimensions.sum())}"
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,15 @@ import torch
 from torch import nn
 
 HIDDEN, INTER, KV = 1536, 8960, 256
-SHAPES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),
-          "gate_proj": (HIDDEN, INTER), "up_proj": (HIDDEN, INTER), "down_proj": (INTER, HIDDEN)}
+SHAPES = {
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (HIDDEN, KV),
+    "v_proj": (HIDDEN, KV),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (HIDDEN, INTER),
+    "up_proj": (HIDDEN, INTER),
+    "down_proj": (INTER, HIDDEN),
+}
 ENGINES = ("ddp", "ds_zero2", "ds_zero3", "fsdp2")
 
 
@@ -72,7 +79,9 @@ def build(blocks: int):
     model = Stack(blocks)
     for p in model.parameters():
         p.requires_grad_(False)
-    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(SHAPES), init_lora_weights="gaussian"))
+    peft = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules=list(SHAPES), init_lora_weights="gaussian")
+    )
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
@@ -115,10 +124,16 @@ def measure(engine: str, blocks: int, repeats: int) -> dict:
         import deepspeed
 
         stage = int(engine[-1])
-        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
-        engine_obj, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config,
-                                                           optimizer=torch.optim.AdamW(trainable, lr=1e-3))
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+        }
+        engine_obj, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=config, optimizer=torch.optim.AdamW(trainable, lr=1e-3)
+        )
         wrapped = engine_obj
     else:
         wrapped = model
@@ -126,8 +141,15 @@ def measure(engine: str, blocks: int, repeats: int) -> dict:
 
     folder = Path(tempfile.mkdtemp(prefix=f"perl-engine-{engine}-{rank}-"))
     spectral = SpectralTracker(model, log_frequency=1, save_dir=folder, is_world_process_zero=rank == 0)
-    alignment = AlignmentTracker(model, log_frequency=1, save_dir=folder, intruder_log_frequency=0,
-                                 full_svd_max_dim=256, save_base_svd=False, is_world_process_zero=rank == 0)
+    alignment = AlignmentTracker(
+        model,
+        log_frequency=1,
+        save_dir=folder,
+        intruder_log_frequency=0,
+        full_svd_max_dim=256,
+        save_base_svd=False,
+        is_world_process_zero=rank == 0,
+    )
     gradient = GradientFlowTracker(model, log_frequency=1, save_dir=folder)
     gradient.writes = rank == 0
     snap, grad, align = [], [], []
@@ -173,8 +195,11 @@ def measure(engine: str, blocks: int, repeats: int) -> dict:
     if dist:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return {"snapshot": statistics.median(snap), "alignment": statistics.median(align),
-            "gradient": statistics.median(grad)}
+    return {
+        "snapshot": statistics.median(snap),
+        "alignment": statistics.median(align),
+        "gradient": statistics.median(grad),
+    }
 
 
 def main() -> None:
@@ -192,8 +217,10 @@ def main() -> None:
         return
 
     base = measure("single", args.blocks, args.repeats)
-    print(f"Qwen2.5-1.5B LoRA r=16 shapes, {args.blocks} blocks x 7 projections; median of {args.repeats}; "
-          f"2 CPU processes (gloo) per engine")
+    print(
+        f"Qwen2.5-1.5B LoRA r=16 shapes, {args.blocks} blocks x 7 projections; median of {args.repeats}; "
+        f"2 CPU processes (gloo) per engine"
+    )
     keys = ("snapshot", "alignment", "gradient")
     print(f"{'engine':10s}" + "".join(f" {k + ' s':>12s} {'/ single':>9s}" for k in keys))
     print(f"{'single':10s}" + "".join(f" {base[k]:12.3f} {1.0:9.2f}" for k in keys))
@@ -201,11 +228,27 @@ def main() -> None:
     for engine in ENGINES:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
-            cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29655", __file__, "--engine", engine,
-                   "--blocks", str(args.blocks), "--repeats", str(args.repeats), "--out", str(out)]
+            cmd = [
+                str(torchrun),
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                "29655",
+                __file__,
+                "--engine",
+                engine,
+                "--blocks",
+                str(args.blocks),
+                "--repeats",
+                str(args.repeats),
+                "--out",
+                str(out),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if proc.returncode != 0:
-                print(f"{engine:10s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+                print(
+                    f"{engine:10s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+                )
                 continue
             r = json.loads(out.read_text())
         print(f"{engine:10s}" + "".join(f" {r[k]:12.3f} {r[k] / base[k]:9.2f}" for k in keys))

@@ -77,7 +77,9 @@ def _report(name, times, comm):
     for kind, (ms, sent) in times.items():
         med, p95 = float(np.median(ms)), float(np.percentile(ms, 95))
         worst = max(worst, p95 / TARGET_MS)
-        print(f"  {kind:<10} {len(ms):>5} {med:>10.1f} {p95:>8.1f} {p95 / TARGET_MS:>11.2f} {np.median(sent) / 1e3:>8.1f}")
+        print(
+            f"  {kind:<10} {len(ms):>5} {med:>10.1f} {p95:>8.1f} {p95 / TARGET_MS:>11.2f} {np.median(sent) / 1e3:>8.1f}"
+        )
     return worst
 
 
@@ -97,8 +99,8 @@ def main(argv=None) -> int:
     _N = args.moves
 
     import perl
-    from perl.viz.explorers import GradientExplorer, SpectralExplorer
     from perl.synthetic import synthetic_run
+    from perl.viz.explorers import GradientExplorer, SpectralExplorer
 
     tmp = None
     if args.run_dir is None:
@@ -110,8 +112,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if not (run_dir / "spectral_history_final.nc").exists():
         synthetic_run(run_dir, steps=args.steps, layers=args.layers, modules=modules, r=args.r, seed=0, pngs=False)
-    print(f"synthetic run {args.steps} steps x {args.layers} layers x {len(modules)} modules x r={args.r}: "
-          f"written in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"synthetic run {args.steps} steps x {args.layers} layers x {len(modules)} modules x r={args.r}: "
+        f"written in {time.perf_counter() - t0:.1f} s"
+    )
 
     t0 = time.perf_counter()
     run = perl.open_run(run_dir)
@@ -119,19 +123,35 @@ def main(argv=None) -> int:
     print(f"SpectralExplorer built (incl. reading the stores) in {time.perf_counter() - t0:.2f} s")
     rng = np.random.default_rng(0)
     comm = _attach(spectral)
-    times = _time_moves(spectral, {
-        "step": spectral.steps, "layer": spectral.layers, "module": spectral.modules,
-        "metric": spectral.metric_names, "kind": spectral.kinds,
-    }, rng, comm)
+    times = _time_moves(
+        spectral,
+        {
+            "step": spectral.steps,
+            "layer": spectral.layers,
+            "module": spectral.modules,
+            "metric": spectral.metric_names,
+            "kind": spectral.kinds,
+        },
+        rng,
+        comm,
+    )
     worst = _report("SpectralExplorer", times, comm)
 
     t0 = time.perf_counter()
     gradient = GradientExplorer(run)
     print(f"\nGradientExplorer built in {time.perf_counter() - t0:.2f} s")
     comm = _attach(gradient)
-    times = _time_moves(gradient, {
-        "step": gradient.steps, "layer": gradient.layers, "module": gradient.modules, "component": gradient.components,
-    }, rng, comm)
+    times = _time_moves(
+        gradient,
+        {
+            "step": gradient.steps,
+            "layer": gradient.layers,
+            "module": gradient.modules,
+            "component": gradient.components,
+        },
+        rng,
+        comm,
+    )
     worst = max(worst, _report("GradientExplorer", times, comm))
     print(f"\nworst p95 / {TARGET_MS:.0f} ms target = {worst:.2f} ({'meets' if worst < 1 else 'misses'} the target)")
     if tmp is not None:

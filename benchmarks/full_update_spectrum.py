@@ -21,8 +21,15 @@ import time
 
 import torch
 
-SHAPES = {"q_proj": (1536, 1536), "k_proj": (256, 1536), "v_proj": (256, 1536), "o_proj": (1536, 1536),
-          "gate_proj": (8960, 1536), "up_proj": (8960, 1536), "down_proj": (1536, 8960)}
+SHAPES = {
+    "q_proj": (1536, 1536),
+    "k_proj": (256, 1536),
+    "v_proj": (256, 1536),
+    "o_proj": (1536, 1536),
+    "gate_proj": (8960, 1536),
+    "up_proj": (8960, 1536),
+    "down_proj": (1536, 8960),
+}
 
 
 def timed(fn):
@@ -45,7 +52,7 @@ def hra_factors(w0: torch.Tensor, u: torch.Tensor):
     q = torch.linalg.qr(u).Q
     hq = q
     for i in range(u.shape[1] - 1, -1, -1):
-        hq = hq - 2.0 * u[:, i:i + 1] @ (u[:, i:i + 1].T @ hq)
+        hq = hq - 2.0 * u[:, i : i + 1] @ (u[:, i : i + 1].T @ hq)
     return w0.double() @ (hq - q), q.T
 
 
@@ -53,7 +60,7 @@ def hra_dense(w0: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     u = u.double() / u.double().norm(dim=0)
     h = torch.eye(u.shape[0], dtype=torch.float64)
     for i in range(u.shape[1]):
-        h = h - 2.0 * (h @ u[:, i:i + 1]) @ u[:, i:i + 1].T
+        h = h - 2.0 * (h @ u[:, i : i + 1]) @ u[:, i : i + 1].T
     return torch.linalg.svdvals(w0.double() @ h - w0.double())
 
 
@@ -70,7 +77,7 @@ def main() -> None:
     worst = {"full": 0.0, "hra": 0.0}
     for name in args.modules.split(","):
         m, n = SHAPES[name]
-        w0 = torch.randn(m, n, generator=gen) / n ** 0.5
+        w0 = torch.randn(m, n, generator=gen) / n**0.5
         wt = full_update(w0, gen)
         ours, t1 = timed(lambda: lowrank_singular_values(wt - w0, 16, niter=6))
         dense, t2 = timed(lambda: torch.linalg.svdvals((wt - w0).double())[:16])
@@ -84,12 +91,18 @@ def main() -> None:
         worst["hra"] = max(worst["hra"], float((sv - ref).abs().max() / ref[0]))
         totals["hra ours"] += t3 + t4
         totals["hra dense"] += t5
-        print(f"{name:10s} {m}x{n}: full top-16 {t1:.3f} s vs dense {t2:.2f} s; "
-              f"HRA r=8 {t3 + t4:.3f} s vs dense {t5:.2f} s")
-    print(f"full fine-tuning top-16: ours {totals['full ours']:.2f} s, dense {totals['full dense']:.2f} s, "
-          f"ratio {totals['full dense'] / totals['full ours']:.0f}x, max |diff| / sigma_1 = {worst['full']:.1e}")
-    print(f"HRA r=8 spectrum:        ours {totals['hra ours']:.2f} s, dense {totals['hra dense']:.2f} s, "
-          f"ratio {totals['hra dense'] / totals['hra ours']:.0f}x, max |diff| / sigma_1 = {worst['hra']:.1e}")
+        print(
+            f"{name:10s} {m}x{n}: full top-16 {t1:.3f} s vs dense {t2:.2f} s; "
+            f"HRA r=8 {t3 + t4:.3f} s vs dense {t5:.2f} s"
+        )
+    print(
+        f"full fine-tuning top-16: ours {totals['full ours']:.2f} s, dense {totals['full dense']:.2f} s, "
+        f"ratio {totals['full dense'] / totals['full ours']:.0f}x, max |diff| / sigma_1 = {worst['full']:.1e}"
+    )
+    print(
+        f"HRA r=8 spectrum:        ours {totals['hra ours']:.2f} s, dense {totals['hra dense']:.2f} s, "
+        f"ratio {totals['hra dense'] / totals['hra ours']:.0f}x, max |diff| / sigma_1 = {worst['hra']:.1e}"
+    )
 
 
 if __name__ == "__main__":

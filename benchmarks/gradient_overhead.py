@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -45,8 +45,15 @@ def qwen15b_lora_adapter():
     import peft
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=BLOCKS,
-                      num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=BLOCKS,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         base = Qwen2ForCausalLM(cfg)
     model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=32, target_modules=MODULES))
@@ -94,10 +101,20 @@ def qwen15b_logged_step_cost(tokens: int = 128, repeats: int = 3) -> dict:
         append = _timed(append_only, repeats)
 
     # adapter-sized compute: forward + backward of x -> (x A^T) B^T for every adapted module
-    shapes = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),
-              "gate_proj": (HIDDEN, INTERMEDIATE), "up_proj": (HIDDEN, INTERMEDIATE), "down_proj": (INTERMEDIATE, HIDDEN)}
-    adapters = [(torch.randn(RANK, i, requires_grad=True), torch.randn(o, RANK, requires_grad=True))
-                for _ in range(BLOCKS) for i, o in shapes.values()]
+    shapes = {
+        "q_proj": (HIDDEN, HIDDEN),
+        "k_proj": (HIDDEN, KV),
+        "v_proj": (HIDDEN, KV),
+        "o_proj": (HIDDEN, HIDDEN),
+        "gate_proj": (HIDDEN, INTERMEDIATE),
+        "up_proj": (HIDDEN, INTERMEDIATE),
+        "down_proj": (INTERMEDIATE, HIDDEN),
+    }
+    adapters = [
+        (torch.randn(RANK, i, requires_grad=True), torch.randn(o, RANK, requires_grad=True))
+        for _ in range(BLOCKS)
+        for i, o in shapes.values()
+    ]
     inputs = {i: torch.randn(tokens, i) for i, _ in shapes.values()}
 
     def adapter_backward():
@@ -108,11 +125,18 @@ def qwen15b_logged_step_cost(tokens: int = 128, repeats: int = 3) -> dict:
 
     n = 2048
     x, y = torch.randn(n, n), torch.randn(n, n)
-    flops_per_s = 2 * n ** 3 / _timed(lambda: x @ y, repeats)
+    flops_per_s = 2 * n**3 / _timed(lambda: x @ y, repeats)
     full_backward_estimate = 4 * 1.54e9 * tokens / flops_per_s
-    return {"adapter_params": n_params, "tensors": len(params), "tokens": tokens, "logged_step_s": logged,
-            "store_append_s": append, "adapter_backward_s": adapter_bw, "matmul_gflops": flops_per_s / 1e9,
-            "full_backward_estimate_s": full_backward_estimate}
+    return {
+        "adapter_params": n_params,
+        "tensors": len(params),
+        "tokens": tokens,
+        "logged_step_s": logged,
+        "store_append_s": append,
+        "adapter_backward_s": adapter_bw,
+        "matmul_gflops": flops_per_s / 1e9,
+        "full_backward_estimate_s": full_backward_estimate,
+    }
 
 
 # ------------------------------------------------------------------------------------ whole training step
@@ -169,8 +193,14 @@ def tiny_lora_trainer(callbacks: list, save_dir: str, steps: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = Qwen2Config(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = peft.get_peft_model(Qwen2ForCausalLM(cfg), peft.LoraConfig(r=8, target_modules=MODULES))
     rows = torch.randint(0, 512, (64, 64))
 
@@ -187,8 +217,17 @@ def tiny_lora_trainer(callbacks: list, save_dir: str, steps: int):
             logits = model(input_ids=ids).logits
             return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
-    args = TrainingArguments(output_dir=save_dir, max_steps=steps, per_device_train_batch_size=8, report_to=[],
-                             save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    args = TrainingArguments(
+        output_dir=save_dir,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     return LMTrainer(model=model, args=args, train_dataset=Rows(), callbacks=callbacks), model
 
 
@@ -196,9 +235,13 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared machine OpenMP barriers, not the work, dominate "
-                             "multi-threaded timings; use the core count on a dedicated machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine OpenMP barriers, not the work, dominate "
+        "multi-threaded timings; use the core count on a dedicated machine)",
+    )
     parser.add_argument("--tokens", type=int, default=128, help="tokens of the adapter backward reference")
     parser.add_argument("--skip-trainer", action="store_true", help="skip the whole-step Trainer measurement")
     options = parser.parse_args()
@@ -209,19 +252,28 @@ def main() -> None:
     print(f"Qwen2.5-1.5B LoRA r={RANK}: {r['tensors']} adapter tensors, {r['adapter_params'] / 1e6:.1f}M parameters")
     print(f"  one logged step (norms, copy, update norms, store append): {r['logged_step_s'] * 1e3:8.1f} ms")
     print(f"    of which the netCDF store append:                        {r['store_append_s'] * 1e3:8.1f} ms")
-    print(f"  adapter-only forward+backward, {r['tokens']} tokens:               {r['adapter_backward_s'] * 1e3:8.1f} ms")
-    print(f"  full-model backward estimate, {r['tokens']} tokens "
-          f"({r['matmul_gflops']:.0f} GFLOP/s):   {r['full_backward_estimate_s'] * 1e3:8.1f} ms")
+    print(
+        f"  adapter-only forward+backward, {r['tokens']} tokens:               {r['adapter_backward_s'] * 1e3:8.1f} ms"
+    )
+    print(
+        f"  full-model backward estimate, {r['tokens']} tokens "
+        f"({r['matmul_gflops']:.0f} GFLOP/s):   {r['full_backward_estimate_s'] * 1e3:8.1f} ms"
+    )
     print(f"  ratio logged step / adapter backward:      {r['logged_step_s'] / r['adapter_backward_s']:.3f}")
     print(f"  ratio logged step / full backward (est.):  {r['logged_step_s'] / r['full_backward_estimate_s']:.4f}")
     if options.skip_trainer:
         return
     e = embedded_model_overhead(tiny_lora_trainer)
-    print("Whole Trainer step, tracking at frequency 1 (tiny 4-block Qwen2 LoRA stand-in; "
-          "pass the embedded-model GRPO factory to embedded_model_overhead for the real number):")
+    print(
+        "Whole Trainer step, tracking at frequency 1 (tiny 4-block Qwen2 LoRA stand-in; "
+        "pass the embedded-model GRPO factory to embedded_model_overhead for the real number):"
+    )
     for stat, v in e.items():
-        print(f"  {stat:6s}: untracked {v['untracked_step_s'] * 1e3:7.1f} ms/step, tracked {v['tracked_step_s'] * 1e3:7.1f} "
-              f"ms/step, overhead ratio {v['overhead']:+.3f}")
+        print(
+            f"  {stat:6s}: untracked {v['untracked_step_s'] * 1e3:7.1f} ms/step, tracked {v['tracked_step_s'] * 1e3:7.1f} "
+            f"ms/step, overhead ratio {v['overhead']:+.3f}"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -77,10 +77,12 @@ def time_open_run(run: Path, label: str, source_size: int) -> None:
     cell = ds.sel(layer=3, module="q_proj").load()
     t_cell = time.perf_counter() - start
     read = rchar() - before
-    print(f"{label}: open_run + .spectral {t_open:.2f} s ({'lazy' if hasattr(ds.singular_values.data, 'dask') else 'loaded'}, "
-          f"{ds.sizes['step']} steps, {len(ds.data_vars)} variables) [{'ok' if t_open < 2 else 'MISSED'} < 2 s]; "
-          f"one (layer, module) history, every variable: {t_cell:.2f} s, {read / 1e6:.1f} MB read of "
-          f"{source_size / 1e6:.0f} MB ({100 * read / max(source_size, 1):.1f}%)")
+    print(
+        f"{label}: open_run + .spectral {t_open:.2f} s ({'lazy' if hasattr(ds.singular_values.data, 'dask') else 'loaded'}, "
+        f"{ds.sizes['step']} steps, {len(ds.data_vars)} variables) [{'ok' if t_open < 2 else 'MISSED'} < 2 s]; "
+        f"one (layer, module) history, every variable: {t_cell:.2f} s, {read / 1e6:.1f} MB read of "
+        f"{source_size / 1e6:.0f} MB ({100 * read / max(source_size, 1):.1f}%)"
+    )
     assert np.isfinite(cell.singular_values.values).all()
     ds.close()
 
@@ -89,7 +91,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--snapshots", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument("--from", dest="source", type=Path, help="an existing run folder (e.g. store_append.py --keep)")
+    parser.add_argument(
+        "--from", dest="source", type=Path, help="an existing run folder (e.g. store_append.py --keep)"
+    )
     args = parser.parse_args(argv)
     import perl
 
@@ -105,8 +109,10 @@ def main(argv=None) -> None:
             write_run(first, args.snapshots)
             print(f"wrote a run of {args.snapshots} snapshots with RunStore in {time.perf_counter() - start:.0f} s")
         live, final = first / "spectral_logs" / "spectral_history.nc", first / "spectral_history_final.nc"
-        print(f"live store: {len(list(live.glob('steps_*.nc')))} files, {size(live) / 1e6:.0f} MB; "
-              f"final file {size(final) / 1e6:.0f} MB")
+        print(
+            f"live store: {len(list(live.glob('steps_*.nc')))} files, {size(live) / 1e6:.0f} MB; "
+            f"final file {size(final) / 1e6:.0f} MB"
+        )
         os.utime(final)  # the finished run: the final file is the newer one
         time_open_run(first, "finished run (final file)", size(final))
         only_live = root / "live_only"
@@ -127,9 +133,11 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         cell = sp.effective_rank.sel(layer=3, module="q_proj").load()
         t_cell = time.perf_counter() - start
-        print(f"open_runs over {len(runs)} finished runs + .spectral: {t_open:.2f} s, lazy "
-              f"({'dask' if hasattr(sp.singular_values.data, 'dask') else 'in memory'}; dims {dict(sp.sizes)}) "
-              f"[{'ok' if t_open < 5 else 'MISSED'} < 5 s]; effective_rank of one cell across runs: {t_cell:.2f} s")
+        print(
+            f"open_runs over {len(runs)} finished runs + .spectral: {t_open:.2f} s, lazy "
+            f"({'dask' if hasattr(sp.singular_values.data, 'dask') else 'in memory'}; dims {dict(sp.sizes)}) "
+            f"[{'ok' if t_open < 5 else 'MISSED'} < 5 s]; effective_rank of one cell across runs: {t_cell:.2f} s"
+        )
         assert cell.shape == (len(runs), sp.sizes["step"])
     finally:
         shutil.rmtree(root, ignore_errors=True)

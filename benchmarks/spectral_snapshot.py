@@ -44,8 +44,15 @@ def qwen15b_lora(r: int = 16, nonzero_init: bool = False, seed: int = 0):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=1024, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=1024,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = Qwen2ForCausalLM(config)
@@ -56,7 +63,7 @@ def qwen15b_lora(r: int = 16, nonzero_init: bool = False, seed: int = 0):
             module.to_empty(device="cpu")
             with torch.no_grad():
                 if name.endswith("lora_A.default"):
-                    module.weight.normal_(generator=gen).mul_(r ** -0.5)
+                    module.weight.normal_(generator=gen).mul_(r**-0.5)
                 else:
                     module.weight.normal_(generator=gen).mul_(0.01) if nonzero_init else module.weight.zero_()
     return model
@@ -87,8 +94,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dense-blocks", type=int, default=1, help="blocks measured on the dense path (1..28)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats; the best is reported")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of the process")
-    parser.add_argument("--dense-threads", type=int, default=1,
-                        help="threads for the dense path (1: on a shared CPU, 2 threads made it ~6x slower)")
+    parser.add_argument(
+        "--dense-threads",
+        type=int,
+        default=1,
+        help="threads for the dense path (1: on a shared CPU, 2 threads made it ~6x slower)",
+    )
     parser.add_argument("--nonzero-init", action="store_true", help="B_0 != 0: the general update path")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -101,8 +112,10 @@ def main(argv=None) -> None:
     tracker = SpectralTracker(model, save_dir=tempfile.mkdtemp(prefix="spectral_bench_"))
     train_like(model)
     adapters = discover_adapters(model)
-    print(f"{len(adapters)} LoRA modules, r=16, torch threads={torch.get_num_threads()}, "
-          f"update path: {'general (B_0 != 0)' if args.nonzero_init else 'B_0 = 0 shortcut'}")
+    print(
+        f"{len(adapters)} LoRA modules, r=16, torch threads={torch.get_num_threads()}, "
+        f"update path: {'general (B_0 != 0)' if args.nonzero_init else 'B_0 = 0 shortcut'}"
+    )
 
     t_snapshot, snapshot = best_of(lambda: tracker.snapshot(1), args.repeats)
 
@@ -110,8 +123,12 @@ def main(argv=None) -> None:
         out = {}
         for group in tracker._groups:
             facs = [m.factors() for m in group.members]
-            sv = sm.factored_singular_values(_column_major([f[0] for f in facs]), torch.stack([f[1] for f in facs]),
-                                             torch.tensor([f[2] for f in facs], dtype=torch.float64), dtype=group.dtype)
+            sv = sm.factored_singular_values(
+                _column_major([f[0] for f in facs]),
+                torch.stack([f[1] for f in facs]),
+                torch.tensor([f[2] for f in facs], dtype=torch.float64),
+                dtype=group.dtype,
+            )
             out.update({m.name: sv[i] for i, m in enumerate(group.members)})
         return out
 
@@ -142,17 +159,25 @@ def main(argv=None) -> None:
 
     print(f"ours, full tracker snapshot (product + update + metrics): {t_snapshot:.3f} s")
     print(f"ours, factored product spectra only:                       {t_factored:.3f} s")
-    print(f"dense B@A + svdvals (float32, {args.dense_threads} thread(s)): {t_dense_sample:.1f} s for {len(blocks)} block(s) -> {t_dense:.1f} s "
-          f"for 28 blocks{' (extrapolated)' if len(blocks) < 28 else ''}")
-    print(f"ratio dense / ours (full snapshot): {t_dense / t_snapshot:.0f}x   "
-          f"(dense / factored spectra: {t_dense / t_factored:.0f}x)")
-    print(f"max difference relative to sigma_1: {worst:.2e}"
-          + (f" (update since init vs dense float64: {worst_update:.2e})" if args.nonzero_init else ""))
+    print(
+        f"dense B@A + svdvals (float32, {args.dense_threads} thread(s)): {t_dense_sample:.1f} s for {len(blocks)} block(s) -> {t_dense:.1f} s "
+        f"for 28 blocks{' (extrapolated)' if len(blocks) < 28 else ''}"
+    )
+    print(
+        f"ratio dense / ours (full snapshot): {t_dense / t_snapshot:.0f}x   "
+        f"(dense / factored spectra: {t_dense / t_factored:.0f}x)"
+    )
+    print(
+        f"max difference relative to sigma_1: {worst:.2e}"
+        + (f" (update since init vs dense float64: {worst_update:.2e})" if args.nonzero_init else "")
+    )
     worst = max(worst, worst_update)
     limit = 0.25 if args.nonzero_init else 0.1
-    print(f"targets: snapshot < 0.5 s [{'ok' if t_snapshot < 0.5 else 'MISSED'}], >= 300x "
-          f"[{'ok' if t_dense / t_snapshot >= 300 else 'MISSED'}], <= 1e-5 [{'ok' if worst <= 1e-5 else 'MISSED'}]; "
-          f"issue 11: snapshot <= {limit} s [{'ok' if t_snapshot <= limit else 'MISSED'}]")
+    print(
+        f"targets: snapshot < 0.5 s [{'ok' if t_snapshot < 0.5 else 'MISSED'}], >= 300x "
+        f"[{'ok' if t_dense / t_snapshot >= 300 else 'MISSED'}], <= 1e-5 [{'ok' if worst <= 1e-5 else 'MISSED'}]; "
+        f"issue 11: snapshot <= {limit} s [{'ok' if t_snapshot <= limit else 'MISSED'}]"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +204,10 @@ def embedded_model_overhead(steps: int = 6, output_root: str | None = None) -> d
         runtime = [h for h in result.log_history if "train_runtime" in h]
         times[label] = runtime[-1]["train_runtime"] / steps if runtime else float("nan")
     overhead = times["spectral@1"] / times["off"] - 1.0
-    print(f"embedded model, {steps} steps: {times['off']:.3f} s/step untracked, {times['spectral@1']:.3f} s/step "
-          f"tracked at frequency 1 -> overhead {100 * overhead:.1f}% (target < 3%)")
+    print(
+        f"embedded model, {steps} steps: {times['off']:.3f} s/step untracked, {times['spectral@1']:.3f} s/step "
+        f"tracked at frequency 1 -> overhead {100 * overhead:.1f}% (target < 3%)"
+    )
     return {"seconds_per_step": times, "overhead": overhead}
 
 

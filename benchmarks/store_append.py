@@ -44,10 +44,16 @@ def snapshots(seed: int = 0):
     cells = LAYERS * len(MODULES)
     base = np.sort(rng.gamma(2.0, 0.05, (cells, R)), axis=1)[:, ::-1]
     base_up = np.sort(rng.gamma(2.0, 0.05, (cells, 2 * R)), axis=1)[:, ::-1]
-    coords = {"layer": np.arange(LAYERS), "module": np.array(MODULES, dtype=object),
-              "sv": np.arange(R), "sv_update": np.arange(2 * R)}
-    static = {"scale": (("layer", "module"), np.full((LAYERS, len(MODULES)), 2.0)),
-              "rank": (("layer", "module"), np.full((LAYERS, len(MODULES)), float(R)))}
+    coords = {
+        "layer": np.arange(LAYERS),
+        "module": np.array(MODULES, dtype=object),
+        "sv": np.arange(R),
+        "sv_update": np.arange(2 * R),
+    }
+    static = {
+        "scale": (("layer", "module"), np.full((LAYERS, len(MODULES)), 2.0)),
+        "rank": (("layer", "module"), np.full((LAYERS, len(MODULES)), float(R))),
+    }
     step = 0
     while True:
         grow = 1.0 + 1e-4 * step
@@ -55,7 +61,10 @@ def snapshots(seed: int = 0):
         up = np.sort(base_up * grow * (1 + 1e-3 * rng.standard_normal(base_up.shape)), axis=1)[:, ::-1]
         data = dict(static)
         data["singular_values"] = (("step", "layer", "module", "sv"), sv.reshape(1, LAYERS, len(MODULES), R))
-        data["update_singular_values"] = (("step", "layer", "module", "sv_update"), up.reshape(1, LAYERS, len(MODULES), 2 * R))
+        data["update_singular_values"] = (
+            ("step", "layer", "module", "sv_update"),
+            up.reshape(1, LAYERS, len(MODULES), 2 * R),
+        )
         for prefix, values in (("", sv), ("update_", up)):
             for name, metric in sm.spectrum_metrics(torch.from_numpy(values.copy())).items():
                 data[prefix + name] = (("step", "layer", "module"), metric.numpy().reshape(1, LAYERS, len(MODULES)))
@@ -83,8 +92,12 @@ def baseline_store_class(root: Path):
     """The previous RunStore (one file, copied at every append), imported from git."""
     repo = Path(__file__).resolve().parents[1]
     try:
-        source = subprocess.run(["git", "-C", str(repo), "show", f"{BASELINE_COMMIT}:perl/trackers/store.py"],
-                                check=True, capture_output=True, text=True).stdout
+        source = subprocess.run(
+            ["git", "-C", str(repo), "show", f"{BASELINE_COMMIT}:perl/trackers/store.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     file = root / "baseline_store.py"
@@ -99,7 +112,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--snapshots", type=int, default=10_000)
     parser.add_argument("--baseline", type=int, default=300, help="appends measured with the previous store (0: skip)")
-    parser.add_argument("--window", type=int, default=64, help="appends in each window whose median is compared (a multiple of BLOCK: whole cycles)")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=64,
+        help="appends in each window whose median is compared (a multiple of BLOCK: whole cycles)",
+    )
     parser.add_argument("--keep", type=Path, help="keep the store here (for benchmarks/open_runs.py --from)")
     args = parser.parse_args(argv)
     from perl.trackers.store import BLOCK, MERGE, RunStore
@@ -120,13 +138,19 @@ def main(argv=None) -> None:
         early = float(np.median(times[:w]))
         late = float(np.median(times[-w:]))
         slow = np.sort(times)[-3:][::-1]
-        print(f"{n} snapshots at 1.5B shapes (28 x 7 modules, r=16, 24 per-cell variables), BLOCK={BLOCK}, MERGE={MERGE}")
-        print(f"append, median of snapshots 1-{w}: {1e3 * early:.1f} ms   of the last {w}: {1e3 * late:.1f} ms   "
-              f"ratio last/early: {late / early:.2f} (target <= 2) "
-              f"[{'ok' if late <= 2 * early else 'MISSED'}]")
-        print(f"append of snapshot 10: {1e3 * times[min(9, n - 1)]:.1f} ms, of snapshot {n}: {1e3 * times[-1]:.1f} ms; "
-              f"p95 {1e3 * np.percentile(times, 95):.1f} ms; slowest {', '.join(f'{1e3 * t:.0f}' for t in slow)} ms "
-              f"(merges of {BLOCK * MERGE} snapshots, every {BLOCK * MERGE} appends)")
+        print(
+            f"{n} snapshots at 1.5B shapes (28 x 7 modules, r=16, 24 per-cell variables), BLOCK={BLOCK}, MERGE={MERGE}"
+        )
+        print(
+            f"append, median of snapshots 1-{w}: {1e3 * early:.1f} ms   of the last {w}: {1e3 * late:.1f} ms   "
+            f"ratio last/early: {late / early:.2f} (target <= 2) "
+            f"[{'ok' if late <= 2 * early else 'MISSED'}]"
+        )
+        print(
+            f"append of snapshot 10: {1e3 * times[min(9, n - 1)]:.1f} ms, of snapshot {n}: {1e3 * times[-1]:.1f} ms; "
+            f"p95 {1e3 * np.percentile(times, 95):.1f} ms; slowest {', '.join(f'{1e3 * t:.0f}' for t in slow)} ms "
+            f"(merges of {BLOCK * MERGE} snapshots, every {BLOCK * MERGE} appends)"
+        )
         print(f"total append time: {total:.1f} s ({1e3 * total / n:.1f} ms per snapshot); finalize: {t_final:.1f} s")
         print(f"files in the live store: {len(list(path.glob('steps_*.nc')))}")
         per_live, per_final = live / n, folder_bytes(final) / n
@@ -139,12 +163,16 @@ def main(argv=None) -> None:
                 nb = args.baseline
                 old_times, _ = run_store(old_cls, root / "baseline" / "history.nc", nb)
                 per_old = folder_bytes(root / "baseline" / "history.nc") / nb
-                print(f"previous store ({BASELINE_COMMIT}), {nb} appends: {per_old / 1e3:.1f} kB per snapshot; append "
-                      f"median of snapshots 1-{w}: {1e3 * np.median(old_times[:w]):.1f} ms, of the last {w}: "
-                      f"{1e3 * np.median(old_times[-w:]):.1f} ms")
-                print(f"bytes per snapshot vs previous: live {100 * per_live / per_old:.0f}%, final "
-                      f"{100 * per_final / per_old:.0f}% (target <= 40%) "
-                      f"[{'ok' if per_live <= 0.4 * per_old else 'MISSED'}]")
+                print(
+                    f"previous store ({BASELINE_COMMIT}), {nb} appends: {per_old / 1e3:.1f} kB per snapshot; append "
+                    f"median of snapshots 1-{w}: {1e3 * np.median(old_times[:w]):.1f} ms, of the last {w}: "
+                    f"{1e3 * np.median(old_times[-w:]):.1f} ms"
+                )
+                print(
+                    f"bytes per snapshot vs previous: live {100 * per_live / per_old:.0f}%, final "
+                    f"{100 * per_final / per_old:.0f}% (target <= 40%) "
+                    f"[{'ok' if per_live <= 0.4 * per_old else 'MISSED'}]"
+                )
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

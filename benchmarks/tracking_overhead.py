@@ -71,8 +71,10 @@ def main() -> None:
     gradient = SPENT["gradient"] / options.steps
     print(f"embedded model, demo settings, {options.steps} steps, frequency 1")
     print(f"  step time: {untracked:.3f} s untracked, {tracked:.3f} s tracked")
-    print(f"  in-run share: spectral {spectral * 1e3:.1f} ms/step = {100 * spectral / tracked:.2f}% (target < 3%), "
-          f"gradient {gradient * 1e3:.1f} ms/step = {100 * gradient / tracked:.2f}% (target < 2%)")
+    print(
+        f"  in-run share: spectral {spectral * 1e3:.1f} ms/step = {100 * spectral / tracked:.2f}% (target < 3%), "
+        f"gradient {gradient * 1e3:.1f} ms/step = {100 * gradient / tracked:.2f}% (target < 2%)"
+    )
     print(f"  end to end: tracked / untracked = {tracked / untracked:.3f}")
 
 

@@ -10,9 +10,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 from perl.cli_support import OneLineParser, UsageError, fail, positive_int
 from perl.models.nano import (
@@ -41,8 +41,14 @@ def _check_output_dir(out_dir: Path) -> None:
             )
 
 
-def build(out_dir: str | Path, seed: int = 0, quick: bool = False, recipe: NanoRecipe | None = None,
-          progress: bool = True, log=print) -> dict:
+def build(
+    out_dir: str | Path,
+    seed: int = 0,
+    quick: bool = False,
+    recipe: NanoRecipe | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Rebuild countdown-nano from a seed: data, training, saving, evaluation (one after another).
 
     Args:
@@ -74,9 +80,15 @@ def build(out_dir: str | Path, seed: int = 0, quick: bool = False, recipe: NanoR
         log(f"[nano] phase 1/4 data: {recipe.n_train_problems} training problems (seed {recipe.seed})")
         tokenizer = build_tokenizer()
         problems = training_problems(recipe)
-        eval_problems = generate_problems(recipe.eval_n, seed=recipe.seed, min_numbers=3, max_numbers=3,
-                                          max_number=recipe.max_number, max_target=recipe.max_target,
-                                          split="test")
+        eval_problems = generate_problems(
+            recipe.eval_n,
+            seed=recipe.seed,
+            min_numbers=3,
+            max_numbers=3,
+            max_number=recipe.max_number,
+            max_target=recipe.max_target,
+            split="test",
+        )
         seconds["data"] = time.time() - t0
 
         t0 = time.time()
@@ -90,17 +102,37 @@ def build(out_dir: str | Path, seed: int = 0, quick: bool = False, recipe: NanoR
         seconds["save"] = time.time() - t0
 
         t0 = time.time()
-        log(f"[nano] phase 4/4 evaluation: {recipe.eval_n} held-out 3-number problems"
-            + (f", {recipe.eval_n_four} 4-number problems" if recipe.eval_n_four else ""))
-        results = run_eval(model, tokenizer, eval_problems, max_new_tokens=recipe.eval_max_new_tokens,
-                           seed=recipe.seed, progress=progress)
+        log(
+            f"[nano] phase 4/4 evaluation: {recipe.eval_n} held-out 3-number problems"
+            + (f", {recipe.eval_n_four} 4-number problems" if recipe.eval_n_four else "")
+        )
+        results = run_eval(
+            model,
+            tokenizer,
+            eval_problems,
+            max_new_tokens=recipe.eval_max_new_tokens,
+            seed=recipe.seed,
+            progress=progress,
+        )
         if recipe.eval_n_four:
-            four = generate_problems(recipe.eval_n_four, seed=recipe.seed, min_numbers=4, max_numbers=4,
-                                     max_number=recipe.max_number, max_target=recipe.max_target,
-                                     split="test")
+            four = generate_problems(
+                recipe.eval_n_four,
+                seed=recipe.seed,
+                min_numbers=4,
+                max_numbers=4,
+                max_number=recipe.max_number,
+                max_target=recipe.max_target,
+                split="test",
+            )
             results["sample T=1 (4 numbers)"] = evaluate(
-                model, tokenizer, four, greedy=False, max_new_tokens=recipe.eval_max_new_tokens,
-                seed=recipe.seed, progress=progress)
+                model,
+                tokenizer,
+                four,
+                greedy=False,
+                max_new_tokens=recipe.eval_max_new_tokens,
+                seed=recipe.seed,
+                progress=progress,
+            )
         seconds["eval"] = time.time() - t0
     finally:
         torch.set_num_threads(threads_before)
@@ -113,8 +145,10 @@ def build(out_dir: str | Path, seed: int = 0, quick: bool = False, recipe: NanoR
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     (out_dir / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    log(f"[nano] done in {seconds['total']:.0f}s (data {seconds['data']:.0f}s, train "
-        f"{seconds['train']:.0f}s, eval {seconds['eval']:.0f}s); checkpoint in {out_dir}")
+    log(
+        f"[nano] done in {seconds['total']:.0f}s (data {seconds['data']:.0f}s, train "
+        f"{seconds['train']:.0f}s, eval {seconds['eval']:.0f}s); checkpoint in {out_dir}"
+    )
     log(format_table(results))
     return record
 
@@ -125,16 +159,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rebuild the embedded countdown-nano model from a seed: generate Countdown "
         "problems, train a tiny Qwen2 on solver search traces, save and evaluate it.",
     )
-    p.add_argument("name", nargs="?", default="countdown-nano", choices=["countdown-nano"],
-                   help="the model to build (only countdown-nano)")
+    p.add_argument(
+        "name",
+        nargs="?",
+        default="countdown-nano",
+        choices=["countdown-nano"],
+        help="the model to build (only countdown-nano)",
+    )
     p.add_argument("--seed", type=int, default=0, help="recipe seed (default 0, the shipped checkpoint)")
-    p.add_argument("--output-dir", default="countdown-nano",
-                   help="where to write the checkpoint (default ./countdown-nano; the shipped copy is "
-                   f"{SHIPPED_DIR})")
-    p.add_argument("--quick", action="store_true",
-                   help="a small, fast variant (about a minute) that learns the format only")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default 2; on a machine shared with other jobs 1 is often faster)")
+    p.add_argument(
+        "--output-dir",
+        default="countdown-nano",
+        help=f"where to write the checkpoint (default ./countdown-nano; the shipped copy is {SHIPPED_DIR})",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a small, fast variant (about a minute) that learns the format only"
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default 2; on a machine shared with other jobs 1 is often faster)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the evaluation progress bars")
     return p
 
@@ -153,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = NanoRecipe.quick(seed=args.seed) if args.quick else NanoRecipe(seed=args.seed)
     if args.threads is not None:
         recipe.threads = args.threads
-    build(args.output_dir, recipe=recipe, progress=not args.no_progress,
-          log=lambda line: print(line, flush=True))
+    build(args.output_dir, recipe=recipe, progress=not args.no_progress, log=lambda line: print(line, flush=True))
     return 0
 
 

@@ -19,11 +19,11 @@ import dataclasses
 import difflib
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from perl.cli_support import PROG, OneLineParser, UsageError, fail
-from perl.preflight import check_output_dir, optional_module, preflight
 from perl.config import (
     SECTIONS,
     ConfigError,
@@ -35,6 +35,7 @@ from perl.config import (
     unwrap_optional,
     validate,
 )
+from perl.preflight import check_output_dir, optional_module, preflight
 
 __all__ = ["main", "build_parser", "config_from_args", "preflight", "check_output_dir", "COMMANDS", "UsageError"]
 
@@ -64,8 +65,6 @@ Values are built in this order, later ones winning: defaults, --config FILE, the
 flags, the --config.SECTION.FIELD flags. Lists are comma separated (q_proj,v_proj) or YAML
 ([q_proj, v_proj]); mappings are YAML ({min_lr: 1e-6}); 'none' sets an optional field to None.
 The resolved config is written to <output_dir>/config.yaml; --config of that file reproduces the run."""
-
-
 
 
 def _escape(text: str) -> str:
@@ -105,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--enable_spectral_tracking", action="store_true", help="Enable only spectral tracking.")
     conv.add_argument("--enable_gradient_tracking", action="store_true", help="Enable only gradient tracking.")
     conv.add_argument(
-        "--tracking_frequency", metavar="N",
+        "--tracking_frequency",
+        metavar="N",
         help="Log every N steps: sets spectral_log_frequency and gradient_log_frequency (default: 100).",
     )
     conv.add_argument("--tracking_output_dir", metavar="DIR", help="Custom output directory for tracking data.")
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--enable_alignment_tracking", action="store_true", help="Enable alignment tracking of adapter subspaces."
     )
     conv.add_argument(
-        "--overwrite_output_dir", action="store_true",
+        "--overwrite_output_dir",
+        action="store_true",
         help="Allow writing into an output directory that already holds a run.",
     )
     for section, cls in SECTIONS.items():
@@ -142,7 +143,7 @@ def _unknown_argument(parser: argparse.ArgumentParser, extras: list[str]) -> Usa
     arg = extras[0]
     flag = arg.split("=", 1)[0]
     if flag.startswith("--config."):
-        key = flag[len("--config."):]
+        key = flag[len("--config.") :]
         try:
             apply_overrides(TrainConfig(), {key: None})  # raises the unknown-key error with a hint
         except ConfigError as e:
@@ -196,7 +197,7 @@ def config_from_args(argv: Sequence[str]) -> TrainConfig:
         convenience["tracker.tracking_output_dir"] = values["tracking_output_dir"]
     cfg = apply_overrides(cfg, convenience)
 
-    dotted = {k[len("config."):]: v for k, v in values.items() if k.startswith("config.")}
+    dotted = {k[len("config.") :]: v for k, v in values.items() if k.startswith("config.")}
     cfg = apply_overrides(cfg, dotted)
     return validate(cfg)
 
@@ -206,6 +207,7 @@ def config_from_args(argv: Sequence[str]) -> TrainConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Commands.
+
 
 def _not_available(command: str, module: str) -> int:
     return fail(f"'{PROG} {command}' is not available in this installation (module {module} is missing).")
@@ -256,17 +258,24 @@ def _print_where(result: Any, cfg: TrainConfig) -> None:
     out = Path(getattr(result, "output_dir", cfg.training.output_dir))
     tracking = Path(getattr(result, "tracking_dir", cfg.tracker.tracking_output_dir or out))
     card = f" ({display_path(out / RUN_CARD)} says what each file is)" if (out / RUN_CARD).is_file() else ""
-    lines = [f"{PROG}: done after {getattr(result, 'global_step', '?')} steps; the run is in {display_path(out)}/{card}",
-             f"  config and metrics:  {display_path(out / 'config.yaml')}, {display_path(out / 'metrics.jsonl')}"]
-    for label, name in (("spectra", "spectral_history_final.nc"), ("gradient flow", "gradient_flow_final.nc"),
-                        ("alignment", "alignment_final.nc")):
+    lines = [
+        f"{PROG}: done after {getattr(result, 'global_step', '?')} steps; the run is in {display_path(out)}/{card}",
+        f"  config and metrics:  {display_path(out / 'config.yaml')}, {display_path(out / 'metrics.jsonl')}",
+    ]
+    for label, name in (
+        ("spectra", "spectral_history_final.nc"),
+        ("gradient flow", "gradient_flow_final.nc"),
+        ("alignment", "alignment_final.nc"),
+    ):
         if (tracking / name).is_file():
             lines.append(f"  {label + ':':<20} {display_path(tracking / name)}")
     if (tracking / "gradient_logs").is_dir():
         lines.append(f"  {'heatmaps:':<20} {display_path(tracking / 'gradient_logs')}/gradient_heatmap_*.png")
-    commands = next_commands(out, has_adapter=(out / "adapter_config.json").is_file(),
-                             has_tracking=any((tracking / n).is_file() for n in ("spectral_history_final.nc",
-                                                                                 "gradient_flow_final.nc")))
+    commands = next_commands(
+        out,
+        has_adapter=(out / "adapter_config.json").is_file(),
+        has_tracking=any((tracking / n).is_file() for n in ("spectral_history_final.nc", "gradient_flow_final.nc")),
+    )
     if commands:
         lines.append("next (each command runs as shown from this folder):")
         for command, what in commands:

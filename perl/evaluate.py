@@ -20,8 +20,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from perl.cli_support import OneLineParser, UsageError, fail, positive_int
 
@@ -85,15 +85,18 @@ def evaluate(
     device = next(model.parameters()).device
     fmt, eq, lengths, truncated, examples = [], [], [], [], []
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=len(problems), desc=desc or ("greedy" if greedy else f"sample T={temperature:g}"),
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(problems),
+        desc=desc or ("greedy" if greedy else f"sample T={temperature:g}"),
+        disable=not progress,
+        leave=False,
+    )
     try:
         for start in range(0, len(problems), batch_size):
-            batch = list(problems[start:start + batch_size])
+            batch = list(problems[start : start + batch_size])
             prompts = [build_prompt(p["nums"], p["target"], tokenizer) for p in batch]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                          eos_token_id=tokenizer.eos_token_id)
+            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
             if greedy:
                 kwargs.update(do_sample=False)
             else:
@@ -102,7 +105,7 @@ def evaluate(
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             with torch.no_grad():
                 out = model.generate(**enc, **kwargs)
-            new = out[:, enc["input_ids"].shape[1]:]
+            new = out[:, enc["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for row, text in zip(new.tolist(), texts):
                 n_tok = len(row)
@@ -114,7 +117,9 @@ def evaluate(
             fmt += format_reward(texts)
             eq += equation_reward(texts, nums=[p["nums"] for p in batch], target=[p["target"] for p in batch])
             if len(examples) < n_examples:
-                examples += [{"prompt": pr, "completion": t} for pr, t in zip(prompts, texts)][: n_examples - len(examples)]
+                examples += [{"prompt": pr, "completion": t} for pr, t in zip(prompts, texts)][
+                    : n_examples - len(examples)
+                ]
             bar.update(len(batch))
     finally:
         bar.close()
@@ -158,8 +163,10 @@ def load_for_eval(model_or_run: str):
         if method == "full":
             # note: a full fine-tuning run saves the whole model (config.json + weights) into its folder
             if not (path / "config.json").is_file():
-                raise ValueError(f"full fine-tuning run {str(path)!r} has no saved model (config.json); evaluate "
-                                 "a finished run or one of its checkpoint-N folders.")
+                raise ValueError(
+                    f"full fine-tuning run {str(path)!r} has no saved model (config.json); evaluate "
+                    "a finished run or one of its checkpoint-N folders."
+                )
             model, tokenizer = _load_base(str(path))
             return model, tokenizer, f"full fine-tuning run {path}"
         if not (path / "adapter_config.json").is_file():
@@ -202,19 +209,38 @@ def _load_base(name: str):
         return load_model_and_tokenizer(name, dtype="float32")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(name, local_files_only=True),
-            AutoTokenizer.from_pretrained(name, local_files_only=True))
+    return (
+        AutoModelForCausalLM.from_pretrained(name, local_files_only=True),
+        AutoTokenizer.from_pretrained(name, local_files_only=True),
+    )
 
 
-def run_eval(model, tokenizer, problems, batch_size=64, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-             seed=0, progress=True) -> dict[str, dict]:
+def run_eval(
+    model, tokenizer, problems, batch_size=64, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, seed=0, progress=True
+) -> dict[str, dict]:
     """Greedy and sampled (temperature 1) evaluation of the same problems."""
     return {
-        "greedy": evaluate(model, tokenizer, problems, greedy=True, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, seed=seed, progress=progress),
-        "sample T=1": evaluate(model, tokenizer, problems, greedy=False, temperature=1.0,
-                               batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
-                               progress=progress),
+        "greedy": evaluate(
+            model,
+            tokenizer,
+            problems,
+            greedy=True,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            progress=progress,
+        ),
+        "sample T=1": evaluate(
+            model,
+            tokenizer,
+            problems,
+            greedy=False,
+            temperature=1.0,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            progress=progress,
+        ),
     }
 
 
@@ -230,11 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-numbers", type=positive_int, default=3, help="numbers per problem (default 3)")
     p.add_argument("--max-number", type=positive_int, default=100, help="largest number in a problem (default 100)")
     p.add_argument("--max-target", type=positive_int, default=1000, help="largest target (default 1000)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help=f"completion budget in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"completion budget in tokens (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
     p.add_argument("--batch-size", type=positive_int, default=64, help="prompts per generate call (default 64)")
-    p.add_argument("--threads", type=positive_int, default=2,
-                   help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--output", default=None, help="write the results as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
@@ -251,9 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from perl.data.countdown import generate_problems
 
     try:
-        problems = generate_problems(args.n, seed=args.seed, min_numbers=args.num_numbers,
-                                     max_numbers=args.num_numbers, max_number=args.max_number,
-                                     max_target=args.max_target, split="test")
+        problems = generate_problems(
+            args.n,
+            seed=args.seed,
+            min_numbers=args.num_numbers,
+            max_numbers=args.num_numbers,
+            max_number=args.max_number,
+            max_target=args.max_target,
+            split="test",
+        )
         from perl.progress import quiet_known_warnings
 
         with quiet_known_warnings():
@@ -263,17 +298,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    results = run_eval(model, tokenizer, problems, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, seed=args.seed,
-                       progress=not args.no_progress)
+    results = run_eval(
+        model,
+        tokenizer,
+        problems,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     print(f"model: {description}")
     print(f"problems: {args.n} held-out, {args.num_numbers} numbers, seed {args.seed}")
     print(format_table(results))
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"model": description, "n": args.n, "seed": args.seed,
-                   "num_numbers": args.num_numbers, "results": results}
+        payload = {
+            "model": description,
+            "n": args.n,
+            "seed": args.seed,
+            "num_numbers": args.num_numbers,
+            "results": results,
+        }
         out.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"results written to {out}")
     return 0

@@ -113,7 +113,9 @@ class LiveRewardPlot:
         for key, column in self.history.items():
             if key != "step":
                 value = values.get(key, math.nan)
-                column.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan)
+                column.append(
+                    float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+                )
         self._update_text()
         self._draw()
         if self._box is not None and self._pane is None:
@@ -141,9 +143,13 @@ class LiveRewardPlot:
 
         keys = self._series()
         steps = self.history["step"]
-        self._view.set_lines([steps] * len(keys), [self.history[k] for k in keys],
-                             colors=category_colors(len(keys)), labels=[_short_key(k) for k in keys],
-                             widths=[2.5 if k == "reward" else 1.5 for k in keys])
+        self._view.set_lines(
+            [steps] * len(keys),
+            [self.history[k] for k in keys],
+            colors=category_colors(len(keys)),
+            labels=[_short_key(k) for k in keys],
+            widths=[2.5 if k == "reward" else 1.5 for k in keys],
+        )
         if self.total_steps:
             self._view.figure.x_range.end = self.total_steps
 
@@ -166,8 +172,15 @@ class LiveRewardPlot:
         from perl.viz.views import LinesView, inline_notebook_resources
 
         if self._view is None:
-            self._view = LinesView("reward during training", "optimizer step", "reward", legend=True, width=620, height=260,
-                                   x_range=Range1d(0, max(1, self.total_steps or 1)))
+            self._view = LinesView(
+                "reward during training",
+                "optimizer step",
+                "reward",
+                legend=True,
+                width=620,
+                height=260,
+                x_range=Range1d(0, max(1, self.total_steps or 1)),
+            )
             self._view.figure.legend.location = "center_right"  # note: the lines start at the left
         inline_notebook_resources()
         if not pn.extension._loaded:
@@ -256,8 +269,10 @@ def find_run_dirs(run_dirs) -> list[Path]:
         found += _runs_below(path)
     found = list(dict.fromkeys(found))
     if not found:
-        raise RunError(f"No run folders found in {run_dirs!r}; a run folder holds config.yaml or metrics.jsonl "
-                       "(the output_dir of a training run).")
+        raise RunError(
+            f"No run folders found in {run_dirs!r}; a run folder holds config.yaml or metrics.jsonl "
+            "(the output_dir of a training run)."
+        )
     return found
 
 

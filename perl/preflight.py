@@ -19,30 +19,74 @@ from typing import Any, Optional
 from perl.config import ConfigError, TrainConfig, validate
 
 __all__ = [
-    "preflight", "check_output_dir", "earlier_run", "optional_module", "check_machine", "check_adapter_fits",
-    "resume_differences", "RESUME_FIELDS",
+    "preflight",
+    "check_output_dir",
+    "earlier_run",
+    "optional_module",
+    "check_machine",
+    "check_adapter_fits",
+    "resume_differences",
+    "RESUME_FIELDS",
 ]
 
 # note: what gives stored data its meaning; a resume that changes one of these would append
 # steps of another adapter, model or tracking layout to the same stores (and mislabel them).
 RESUME_FIELDS = (
-    "model.model_name_or_path", "model.dtype",
-    "peft.type", "peft.r", "peft.lora_alpha", "peft.target_modules", "peft.init_r", "peft.target_r",
-    "peft.feedforward_modules", "peft.ln_target_modules", "peft.miss_init", "peft.miss_mini_r",
-    "peft.pissa_niter", "peft.vera_d_initial", "peft.projection_prng_key",
-    "tracker.enable_spectral_tracking", "tracker.enable_gradient_tracking", "tracker.enable_alignment_tracking",
-    "tracker.spectral_log_frequency", "tracker.gradient_log_frequency", "tracker.alignment_log_frequency",
-    "tracker.track_adapter_only", "tracker.compute_full_svd", "tracker.max_layers_to_track",
-    "tracker.top_k_singular_values", "tracker.tracking_output_dir", "tracker.alignment_top_k",
-    "tracker.intruder_log_frequency", "tracker.intruder_epsilon",
+    "model.model_name_or_path",
+    "model.dtype",
+    "peft.type",
+    "peft.r",
+    "peft.lora_alpha",
+    "peft.target_modules",
+    "peft.init_r",
+    "peft.target_r",
+    "peft.feedforward_modules",
+    "peft.ln_target_modules",
+    "peft.miss_init",
+    "peft.miss_mini_r",
+    "peft.pissa_niter",
+    "peft.vera_d_initial",
+    "peft.projection_prng_key",
+    "tracker.enable_spectral_tracking",
+    "tracker.enable_gradient_tracking",
+    "tracker.enable_alignment_tracking",
+    "tracker.spectral_log_frequency",
+    "tracker.gradient_log_frequency",
+    "tracker.alignment_log_frequency",
+    "tracker.track_adapter_only",
+    "tracker.compute_full_svd",
+    "tracker.max_layers_to_track",
+    "tracker.top_k_singular_values",
+    "tracker.tracking_output_dir",
+    "tracker.alignment_top_k",
+    "tracker.intruder_log_frequency",
+    "tracker.intruder_epsilon",
 )
 # note: methods whose r is a rank of a matrix adapting a linear layer (AdaLoRA: init_r)
-_RANKED = {"lora", "dora", "adalora", "pissa", "milora", "milora_plus", "lora_plus", "rslora", "lorafa", "vera", "miss"}
+_RANKED = {
+    "lora",
+    "dora",
+    "adalora",
+    "pissa",
+    "milora",
+    "milora_plus",
+    "lora_plus",
+    "rslora",
+    "lorafa",
+    "vera",
+    "miss",
+}
 
 
 # note: what marks a folder as holding an earlier run (see docs/architecture.md, "Run folder").
 _RUN_MARKERS = (
-    "config.yaml", "metrics.jsonl", "checkpoint-*", "*.nc", "*/*.nc", "spectral_logs", "gradient_logs",
+    "config.yaml",
+    "metrics.jsonl",
+    "checkpoint-*",
+    "*.nc",
+    "*/*.nc",
+    "spectral_logs",
+    "gradient_logs",
     "adapter_config.json",
 )
 
@@ -100,7 +144,9 @@ def check_folder_writable(folder: Path, what: str, flag: str) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(f"{what} {folder} cannot be created: {probe} is a file, not a folder; choose another {flag}.")
+        raise ConfigError(
+            f"{what} {folder} cannot be created: {probe} is a file, not a folder; choose another {flag}."
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {folder} cannot be written: no write permission in {probe}; choose another {flag}.")
 
@@ -147,18 +193,24 @@ def check_machine(cfg: TrainConfig) -> None:
     cuda = _cuda_available()
     if t.bf16:
         if not cuda:
-            raise ConfigError("training.bf16 is true but this machine has no GPU; set --config.training.bf16 none "
-                              "(mixed precision follows the model dtype) or false.")
+            raise ConfigError(
+                "training.bf16 is true but this machine has no GPU; set --config.training.bf16 none "
+                "(mixed precision follows the model dtype) or false."
+            )
         import torch
 
         if not torch.cuda.is_bf16_supported():
             raise ConfigError("training.bf16 is true but this GPU does not support bfloat16; set it to false.")
     if t.use_vllm:
         if importlib.util.find_spec("vllm") is None:
-            raise ConfigError("training.use_vllm is true but vllm is not installed; pip install vllm (GPU only) "
-                              "or set --config.training.use_vllm false.")
+            raise ConfigError(
+                "training.use_vllm is true but vllm is not installed; pip install vllm (GPU only) "
+                "or set --config.training.use_vllm false."
+            )
         if not cuda:
-            raise ConfigError("training.use_vllm is true but this machine has no GPU; set --config.training.use_vllm false.")
+            raise ConfigError(
+                "training.use_vllm is true but this machine has no GPU; set --config.training.use_vllm false."
+            )
     loggers = [name for name in t.report_to if name not in ("none", "all")]
     if loggers:
         with warnings.catch_warnings():
@@ -172,11 +224,15 @@ def check_machine(cfg: TrainConfig) -> None:
         for name in loggers:
             if name not in INTEGRATION_TO_CALLBACK:
                 known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
-                raise ConfigError(f"training.report_to names {name!r}, which is not a logger transformers knows "
-                                  f"({known}); use one of them or none.")
+                raise ConfigError(
+                    f"training.report_to names {name!r}, which is not a logger transformers knows "
+                    f"({known}); use one of them or none."
+                )
             if name not in available:
-                raise ConfigError(f"training.report_to names {name!r}, which is not installed; pip install it "
-                                  f"or set --config.training.report_to none.")
+                raise ConfigError(
+                    f"training.report_to names {name!r}, which is not installed; pip install it "
+                    f"or set --config.training.report_to none."
+                )
 
 
 def _cuda_available() -> bool:
@@ -207,18 +263,22 @@ def check_adapter_fits(model: Any, cfg: TrainConfig) -> None:
             dims[name] = min(shape)
     if not dims:
         have = ", ".join(sorted(linear_names)[:12]) or "none"
-        raise ConfigError(f"peft.target_modules ({','.join(targets)}) match no linear layer of "
-                          f"{cfg.model.model_name_or_path} (its linear layers are named {have}); "
-                          "set --config.peft.target_modules to some of those.")
+        raise ConfigError(
+            f"peft.target_modules ({','.join(targets)}) match no linear layer of "
+            f"{cfg.model.model_name_or_path} (its linear layers are named {have}); "
+            "set --config.peft.target_modules to some of those."
+        )
     if p.type not in _RANKED:
         return
     rank, key = (p.init_r, "peft.init_r") if p.type == "adalora" else (p.r, "peft.r")
     smallest_name = min(dims, key=dims.get)
     smallest = dims[smallest_name]
     if rank > smallest:
-        raise ConfigError(f"{key} ({rank}) exceeds the smallest dimension of the layers it adapts "
-                          f"({smallest}, {smallest_name}); a rank above it adds nothing but memory, so "
-                          f"choose {key} <= {smallest}.")
+        raise ConfigError(
+            f"{key} ({rank}) exceeds the smallest dimension of the layers it adapts "
+            f"({smallest}, {smallest_name}); a rank above it adds nothing but memory, so "
+            f"choose {key} <= {smallest}."
+        )
 
 
 def _linear_shape(module: Any) -> Optional[tuple[int, int]]:
@@ -276,7 +336,8 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
         # note: a training killed mid-overwrite left the previous run aside; put it back before judging
         for folder in recover_interrupted_overwrite([out, tracking], lock_folder=out):
             logging.getLogger("perl").warning(
-                "restored the previous run in %s, which an interrupted overwrite had moved aside.", folder)
+                "restored the previous run in %s, which an interrupted overwrite had moved aside.", folder
+            )
         check_output_dir(cfg)
         check_folder_writable(out, "output directory", "--config.training.output_dir")
         if tracking != out:

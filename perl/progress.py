@@ -27,9 +27,7 @@ FORMAT = "rewards/format_reward/mean"
 
 # (message regex, category, module regex): third-party deprecation notices that repeat at every
 # step and say nothing about this run. Narrow on purpose: other warnings of these modules still show.
-KNOWN_WARNINGS = (
-    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
-)
+KNOWN_WARNINGS = ((r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),)
 
 
 @contextlib.contextmanager
@@ -54,6 +52,7 @@ def _fmt(value: float) -> str:
 def short_line(step: int, total: int | None, window: list[dict], seconds_per_step: float | None) -> str:
     """``step 30/300 | reward 1.234 | correct eq 0.250 | loss 0.01 | grad_norm 0.31 | 1.1 s/step``:
     rewards as the mean over ``window`` (the logs since the last line), the rest from the newest log."""
+
     def mean(key):
         values = [_value(logs, key) for logs in window]
         values = [v for v in values if math.isfinite(v)]
@@ -61,8 +60,12 @@ def short_line(step: int, total: int | None, window: list[dict], seconds_per_ste
 
     last = window[-1] if window else {}
     of = f"/{total}" if total else ""
-    parts = [f"step {step}{of}", f"reward {_fmt(mean(REWARD))}", f"correct eq {_fmt(mean(CORRECT))}",
-             f"format {_fmt(mean(FORMAT))}"]
+    parts = [
+        f"step {step}{of}",
+        f"reward {_fmt(mean(REWARD))}",
+        f"correct eq {_fmt(mean(CORRECT))}",
+        f"format {_fmt(mean(FORMAT))}",
+    ]
     for key in ("loss", "grad_norm"):
         if key in last:
             parts.append(f"{key} {_value(last, key):.4g}")
@@ -114,8 +117,9 @@ class TrainingProgress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is None or not logs or REWARD not in logs:
             return
-        self.bar.set_postfix_str(f"reward {_fmt(_value(logs, REWARD))} | correct eq {_fmt(_value(logs, CORRECT))}",
-                                 refresh=True)
+        self.bar.set_postfix_str(
+            f"reward {_fmt(_value(logs, REWARD))} | correct eq {_fmt(_value(logs, CORRECT))}", refresh=True
+        )
         self._window.append(dict(logs))
         step = int(state.global_step)
         if step % self.every == 0 or step == state.max_steps:
@@ -126,8 +130,9 @@ class TrainingProgress(TrainerCallback):
             return
         (t0, s0), (t1, s1) = self._times[0], self._times[-1]
         speed = (t1 - t0) / (s1 - s0) if s1 > s0 else None
-        line = short_line(step, int(state.max_steps) if state.max_steps and state.max_steps > 0 else None,
-                          self._window, speed)
+        line = short_line(
+            step, int(state.max_steps) if state.max_steps and state.max_steps > 0 else None, self._window, speed
+        )
         self._window = []
         self.printed.append(line)
         if self.lines:

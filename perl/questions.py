@@ -21,7 +21,6 @@ Usage:
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ import xarray as xr
 from perl import stats
 from perl.run import MissingDataWarning, Run
 from perl.sweep_summary import (
-    QUANTITIES,
     SUMMARY_NC,
     compare_configs,
     configuration_of,
@@ -41,8 +39,16 @@ from perl.sweep_summary import (
     summarize_sweep,
 )
 
-__all__ = ["Answer", "ab_answer", "depth_answer", "depth_profile", "interval_table", "open_summary", "rank_answer",
-           "svd_init_answer"]
+__all__ = [
+    "Answer",
+    "ab_answer",
+    "depth_answer",
+    "depth_profile",
+    "interval_table",
+    "open_summary",
+    "rank_answer",
+    "svd_init_answer",
+]
 
 SVD_INIT = ("pissa", "milora", "milora_plus")  # milora_plus: A from the bottom-r right singular vectors, B = 0
 
@@ -152,16 +158,24 @@ def svd_init_answer(ds: xr.Dataset, alpha: float = 0.05) -> Answer:
         tests.append(t)
     tests = pd.concat(tests)
     tests["pvalue_holm"] = stats.holm(tests["pvalue"].to_numpy(dtype=float))
-    tests["verdict"] = ["undefined" if not np.isfinite(p) else "differs" if p < alpha else "no evidence"
-                        for p in tests["pvalue_holm"]]
+    tests["verdict"] = [
+        "undefined" if not np.isfinite(p) else "differs" if p < alpha else "no evidence" for p in tests["pvalue_holm"]
+    ]
     parts = []
     for c in svd:
         row = tests[(tests.index == c) & (tests["quantity"] == "equation_reward_gain")].iloc[0]
         sel = ds.sel(config=c)
-        side = ("principal" if float(sel["energy_principal_mean"]) > float(sel["energy_minor_mean"]) else "minor")
+        side = "principal" if float(sel["energy_principal_mean"]) > float(sel["energy_minor_mean"]) else "minor"
         low, high = float(sel["equation_reward_gain_ci_low"]), float(sel["equation_reward_gain_ci_high"])
-        alone = ("no interval" if not np.isfinite(low) else "it loses reward" if high < 0 else
-                 "it gains reward" if low > 0 else "no evidence of a loss or a gain")
+        alone = (
+            "no interval"
+            if not np.isfinite(low)
+            else "it loses reward"
+            if high < 0
+            else "it gains reward"
+            if low > 0
+            else "no evidence of a loss or a gain"
+        )
         parts.append(
             f"{sel['method'].values!s} changes its correct-equation reward by {_ci(ds, 'equation_reward_gain', c)} "
             f"over training ({alone}) vs LoRA's "
@@ -169,7 +183,8 @@ def svd_init_answer(ds: xr.Dataset, alpha: float = 0.05) -> Answer:
             f"Holm {_fmt(row['pvalue_holm'])}: {row['verdict']}), and its update puts "
             f"{_ci(ds, 'energy_principal', c, 2)} of its energy in W0's principal and {_ci(ds, 'energy_minor', c, 2)} "
             f"in its minor subspace (mostly {side}; chance {_fmt(float(sel['energy_chance_mean']), 2)}; "
-            f"LoRA {_ci(ds, 'energy_principal', ref, 2)} principal)")
+            f"LoRA {_ci(ds, 'energy_principal', ref, 2)} principal)"
+        )
     sentence = "(a) " + "; ".join(parts) + f" ({_level(ds)} t intervals over seeds)."
     return Answer(table, sentence, {"tests": tests})
 
@@ -185,15 +200,20 @@ def rank_answer(ds: xr.Dataset, alpha: float = 0.05) -> Answer:
     if len(table) == 0:
         return Answer(table, "(b) no run of the sweep has a spectral store with update_effective_rank.")
     top, bottom = table.index[0], table.index[-1]
-    sentence = (f"(b) The update's effective rank uses between {_ci(ds, 'update_rank_fraction', bottom, 2)} of r "
-                f"({bottom}) and {_ci(ds, 'update_rank_fraction', top, 2)} ({top})")
+    sentence = (
+        f"(b) The update's effective rank uses between {_ci(ds, 'update_rank_fraction', bottom, 2)} of r "
+        f"({bottom}) and {_ci(ds, 'update_rank_fraction', top, 2)} ({top})"
+    )
     extra = {}
     if top != bottom:
-        result = stats.welch_test(ds["update_rank_fraction"].sel(config=top).values,
-                                  ds["update_rank_fraction"].sel(config=bottom).values)
+        result = stats.welch_test(
+            ds["update_rank_fraction"].sel(config=top).values, ds["update_rank_fraction"].sel(config=bottom).values
+        )
         verdict = "a real spread" if result.significant(alpha) else "not distinguishable from seed noise"
-        sentence += (f"; the gap between them, {_fmt(result.diff, 2)} [{_fmt(result.low, 2)}, {_fmt(result.high, 2)}], "
-                     f"is {verdict} (Welch p = {_fmt(result.pvalue)})")
+        sentence += (
+            f"; the gap between them, {_fmt(result.diff, 2)} [{_fmt(result.low, 2)}, {_fmt(result.high, 2)}], "
+            f"is {verdict} (Welch p = {_fmt(result.pvalue)})"
+        )
         extra["extremes"] = result
     sentence += f" ({_level(ds)} t intervals over seeds; PiSSA/MiLoRA updates have rank up to 2r)."
     return Answer(table, sentence, extra)
@@ -205,23 +225,29 @@ def ab_answer(ds: xr.Dataset) -> Answer:
     table = interval_table(ds, ["grad_ab_ratio"], sort_by="grad_ab_ratio")
     table = table[np.isfinite(table["grad_ab_ratio"])]
     if len(table) == 0:
-        return Answer(table, "(c) no run of the sweep has A and B gradient norms (gradient tracking off, or no A/B factors).")
+        return Answer(
+            table, "(c) no run of the sweep has A and B gradient norms (gradient tracking off, or no A/B factors)."
+        )
     low, high = table["grad_ab_ratio_low"], table["grad_ab_ratio_high"]
     below = list(table.index[high < 1])
     above = list(table.index[low > 1])
     unclear = [c for c in table.index if c not in below and c not in above]
     table["A_vs_B"] = ["A < B" if c in below else "A > B" if c in above else "unclear" for c in table.index]
-    sentence = (f"(c) The A/B gradient-norm ratio ranges from {_ci(ds, 'grad_ab_ratio', table.index[-1], 2)} "
-                f"({table.index[-1]}) to {_ci(ds, 'grad_ab_ratio', table.index[0], 2)} ({table.index[0]}); "
-                f"its {_level(ds)} interval lies below 1 (B gets the larger gradient) for {len(below)} of {len(table)} "
-                f"configurations, above 1 for {len(above)}, and includes 1 for {len(unclear)}"
-                + (f" ({', '.join(unclear)})" if unclear and len(unclear) <= 4 else "") + ".")
+    sentence = (
+        f"(c) The A/B gradient-norm ratio ranges from {_ci(ds, 'grad_ab_ratio', table.index[-1], 2)} "
+        f"({table.index[-1]}) to {_ci(ds, 'grad_ab_ratio', table.index[0], 2)} ({table.index[0]}); "
+        f"its {_level(ds)} interval lies below 1 (B gets the larger gradient) for {len(below)} of {len(table)} "
+        f"configurations, above 1 for {len(above)}, and includes 1 for {len(unclear)}"
+        + (f" ({', '.join(unclear)})" if unclear and len(unclear) <= 4 else "")
+        + "."
+    )
     return Answer(table, sentence)
 
 
 # ====================================================================================== (d)
-def depth_profile(sweep_dir: str | os.PathLike, variable: str = "update_frobenius_norm", level: float = 0.95
-                  ) -> xr.Dataset:
+def depth_profile(
+    sweep_dir: str | os.PathLike, variable: str = "update_frobenius_norm", level: float = 0.95
+) -> xr.Dataset:
     """Each configuration's ``variable`` at the last spectral snapshot per (layer, module), over seeds.
 
     Returns:
@@ -246,7 +272,9 @@ def depth_profile(sweep_dir: str | os.PathLike, variable: str = "update_frobeniu
         labels.append(configuration_of(run))
         seeds.append(run.seed if run.seed is not None else -1)
     if not finals:
-        raise ValueError(f"No run in {sweep_dir} has {variable!r} in its spectral store; train with spectral tracking.")
+        raise ValueError(
+            f"No run in {sweep_dir} has {variable!r} in its spectral store; train with spectral tracking."
+        )
     layers = sorted({int(v) for f in finals for v in f["layer"].values})
     modules = list(dict.fromkeys(str(v) for f in finals for v in f["module"].values))
     configs, seed_values = list(dict.fromkeys(labels)), sorted(set(seeds))
@@ -260,14 +288,25 @@ def depth_profile(sweep_dir: str | os.PathLike, variable: str = "update_frobeniu
         for j in range(len(layers)):
             for k in range(len(modules)):
                 iv = stats.t_interval(cube[i, :, j, k], level)
-                out["mean"][i, j, k], out["low"][i, j, k], out["high"][i, j, k], count[i, j, k] = iv.mean, iv.low, iv.high, iv.n
+                out["mean"][i, j, k], out["low"][i, j, k], out["high"][i, j, k], count[i, j, k] = (
+                    iv.mean,
+                    iv.low,
+                    iv.high,
+                    iv.n,
+                )
     dims = ("config", "layer", "module")
-    ds = xr.Dataset({k: (dims, v) for k, v in out.items()},
-                    coords={"config": configs, "layer": layers, "module": modules, "seed": seed_values})
+    ds = xr.Dataset(
+        {k: (dims, v) for k, v in out.items()},
+        coords={"config": configs, "layer": layers, "module": modules, "seed": seed_values},
+    )
     ds["n"] = (dims, count)
     ds["per_seed"] = (("config", "seed", "layer", "module"), cube)
-    ds.attrs.update(variable=variable, ci_method=f"{stats.CI_METHODS['t']}; level {level}",
-                    long_name=finals[0].attrs.get("long_name", variable), units=finals[0].attrs.get("units", ""))
+    ds.attrs.update(
+        variable=variable,
+        ci_method=f"{stats.CI_METHODS['t']}; level {level}",
+        long_name=finals[0].attrs.get("long_name", variable),
+        units=finals[0].attrs.get("units", ""),
+    )
     return ds
 
 
@@ -288,7 +327,9 @@ def depth_answer(profile: xr.Dataset) -> Answer:
         for c in profile["config"].values:
             for v in per_seed[dim_kept].values:
                 iv = stats.t_interval(per_seed.sel(config=c, **{dim_kept: v}).values)
-                rows.append({"config": str(c), dim_kept: v, "mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n})
+                rows.append(
+                    {"config": str(c), dim_kept: v, "mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n}
+                )
         return pd.DataFrame(rows)
 
     by_layer, by_module = over_seeds("layer"), over_seeds("module")
@@ -303,11 +344,17 @@ def depth_answer(profile: xr.Dataset) -> Answer:
     lead_layers = by_layer[by_layer["config"] == str(lead)].sort_values("mean", ascending=False)
     first, second = lead_layers.iloc[0], lead_layers.iloc[1] if len(lead_layers) > 1 else None
     separated = second is not None and np.isfinite(first["low"]) and first["low"] > second["high"]
-    sentence = (f"(d) {profile.attrs.get('long_name', profile.attrs['variable'])} is largest in layer "
-                f"{int(layer_votes.index[0])} for {int(layer_votes.iloc[0])} of {n} configurations and in "
-                f"{module_votes.index[0]} for {int(module_votes.iloc[0])} of {n}; for {lead}, layer {int(first['layer'])} "
-                f"({_fmt(first['mean'])} [{_fmt(first['low'])}, {_fmt(first['high'])}]) "
-                + (f"{'is' if separated else 'is not'} separated from the next, layer {int(second['layer'])} "
-                   f"({_fmt(second['mean'])} [{_fmt(second['low'])}, {_fmt(second['high'])}])" if second is not None else "")
-                + " (t intervals over seeds of the per-seed means).")
+    sentence = (
+        f"(d) {profile.attrs.get('long_name', profile.attrs['variable'])} is largest in layer "
+        f"{int(layer_votes.index[0])} for {int(layer_votes.iloc[0])} of {n} configurations and in "
+        f"{module_votes.index[0]} for {int(module_votes.iloc[0])} of {n}; for {lead}, layer {int(first['layer'])} "
+        f"({_fmt(first['mean'])} [{_fmt(first['low'])}, {_fmt(first['high'])}]) "
+        + (
+            f"{'is' if separated else 'is not'} separated from the next, layer {int(second['layer'])} "
+            f"({_fmt(second['mean'])} [{_fmt(second['low'])}, {_fmt(second['high'])}])"
+            if second is not None
+            else ""
+        )
+        + " (t intervals over seeds of the per-seed means)."
+    )
     return Answer(table, sentence, {"by_layer": by_layer, "by_module": by_module})

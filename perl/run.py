@@ -14,14 +14,25 @@ from __future__ import annotations
 import glob as _glob
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import xarray as xr
 
-from perl.run_files import (RunError, _cfg, _int_or_none, _newer, _read_config, _recover_overwrite,
-                            _signature, _tracking_dir, metric_name, read_metrics, read_store)
+from perl.run_files import (
+    RunError,
+    _cfg,
+    _int_or_none,
+    _newer,
+    _read_config,
+    _recover_overwrite,
+    _signature,
+    _tracking_dir,
+    metric_name,
+    read_metrics,
+    read_store,
+)
 
 __all__ = ["Run", "Runs", "RunError", "MissingDataWarning", "open_run", "open_runs", "metric_name"]
 
@@ -124,7 +135,7 @@ class Run:
         """Trainer logs by step (reward, losses, lengths, ...); names via `metric_name`."""
         return self._get("metrics")
 
-    def refresh(self) -> "Run":
+    def refresh(self) -> Run:
         """Re-read every file that changed on disk since it was read (a run still training)."""
         self.config = _read_config(self.path / CONFIG_FILE) or self.config
         for kind in list(self._cache):
@@ -140,7 +151,9 @@ class Run:
         parts = []
         for kind in ("spectral", "gradients", "metrics"):
             src = self._source(kind)
-            parts.append(f"{kind}={'-' if src is None else src.relative_to(self.path) if src.is_relative_to(self.path) else src}")
+            parts.append(
+                f"{kind}={'-' if src is None else src.relative_to(self.path) if src.is_relative_to(self.path) else src}"
+            )
         return f"<Run {self.label} at {self.path}: {', '.join(parts)}>"
 
     # ------------------------------------------------------------------ internals
@@ -194,7 +207,6 @@ def open_run(output_dir: str | os.PathLike) -> Run:
     return Run(output_dir)
 
 
-
 # ---------------------------------------------------------------------- many runs
 class Runs:
     """Several runs combined along a ``run`` dimension (lazy, dask-backed).
@@ -217,9 +229,7 @@ class Runs:
     def __init__(self, runs: list[Run]):
         self.runs = list(runs)
         labels = [r.label for r in self.runs]
-        self.labels = [
-            f"{lab} ({r.name})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, self.runs)
-        ]
+        self.labels = [f"{lab} ({r.name})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, self.runs)]
         self._cache: dict[str, xr.Dataset | None] = {}
 
     def __len__(self) -> int:
@@ -246,7 +256,7 @@ class Runs:
         """All training metrics along ``run`` (in memory: they are small), or None."""
         return self._combined("metrics")
 
-    def refresh(self) -> "Runs":
+    def refresh(self) -> Runs:
         """Re-read every run (runs still training)."""
         for run in self.runs:
             run.refresh()
@@ -314,8 +324,14 @@ def concat_runs(parts: list[xr.Dataset], runs: list[Run], labels: list[str]) -> 
         union[dim] = values
     parts = [ds.reindex({d: v for d, v in union.items() if d in ds.dims}) for ds in parts]
     combined = xr.concat(
-        parts, dim="run", join="outer", data_vars="all", coords="minimal", compat="override",
-        combine_attrs="drop_conflicts", fill_value=np.nan,
+        parts,
+        dim="run",
+        join="outer",
+        data_vars="all",
+        coords="minimal",
+        compat="override",
+        combine_attrs="drop_conflicts",
+        fill_value=np.nan,
     )
     return label_runs(combined, runs, labels)
 
@@ -391,7 +407,11 @@ def _stack_runs(parts: list[xr.Dataset]) -> xr.Dataset:
 
 def _equal(a, b) -> bool:
     try:
-        return bool(np.array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object))) if not isinstance(a, dict) else a == b
+        return (
+            bool(np.array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object)))
+            if not isinstance(a, dict)
+            else a == b
+        )
     except Exception:  # noqa: BLE001 - attrs of any type: unequal when they cannot be compared
         return False
 

@@ -14,13 +14,22 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-LOAD_BYTES = 32 << 20  # stores smaller than this are read into memory at once; larger ones stay lazy (measured: 112 MB took 3.6 s to load)
+LOAD_BYTES = (
+    32 << 20
+)  # stores smaller than this are read into memory at once; larger ones stay lazy (measured: 112 MB took 3.6 s to load)
 
 # units of the Trainer's logged values that are not dimensionless
-_METRIC_UNITS = {"completions/mean_length": "tokens", "completions/min_length": "tokens",
-                 "completions/max_length": "tokens", "completions/mean_terminated_length": "tokens",
-                 "completions/min_terminated_length": "tokens", "completions/max_terminated_length": "tokens",
-                 "num_tokens": "tokens", "train_runtime": "s", "epoch": "epochs"}
+_METRIC_UNITS = {
+    "completions/mean_length": "tokens",
+    "completions/min_length": "tokens",
+    "completions/max_length": "tokens",
+    "completions/mean_terminated_length": "tokens",
+    "completions/min_terminated_length": "tokens",
+    "completions/max_terminated_length": "tokens",
+    "num_tokens": "tokens",
+    "train_runtime": "s",
+    "epoch": "epochs",
+}
 
 
 class RunError(ValueError):
@@ -35,7 +44,6 @@ def metric_name(key: str) -> str:
         'rewards.format_reward.mean'
     """
     return str(key).strip().replace("/", ".")
-
 
 
 # ---------------------------------------------------------------------- reading files
@@ -60,7 +68,9 @@ def read_store(path: Path, lazy: bool | None = None, decode: bool = True) -> xr.
         raise RunError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - netCDF4/HDF5 raise many types for a damaged file
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RunError(f"Cannot read {path} as a netCDF store ({reason}); the file is damaged or not a tracker store.") from None
+        raise RunError(
+            f"Cannot read {path} as a netCDF store ({reason}); the file is damaged or not a tracker store."
+        ) from None
     return ds
 
 
@@ -83,11 +93,15 @@ def read_metrics(path: Path) -> xr.Dataset:
 
     try:
         if path.stat().st_size > MAX_METRICS_BYTES:
-            raise RunError(f"{path} is larger than {MAX_METRICS_BYTES // 2**20} MiB, more than perl.train writes; "
-                           "expected the metrics.jsonl of a training run.")
+            raise RunError(
+                f"{path} is larger than {MAX_METRICS_BYTES // 2**20} MiB, more than perl.train writes; "
+                "expected the metrics.jsonl of a training run."
+            )
         lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as err:
-        raise RunError(f"Cannot read {path} ({type(err).__name__}); expected JSON lines written by perl.train.") from None
+        raise RunError(
+            f"Cannot read {path} ({type(err).__name__}); expected JSON lines written by perl.train."
+        ) from None
     by_step: dict[int, dict[str, float]] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -146,12 +160,17 @@ def _recover_overwrite(path: Path) -> None:
     try:
         restored = recover_interrupted_overwrite([path], lock_folder=path)
     except (OSError, ConfigError) as err:
-        raise RunError(f"{path} holds a previous run that an interrupted overwrite moved aside into "
-                       f"{path}/.perl-previous-run and it could not be put back ({err}); move its contents "
-                       f"back into {path} by hand.") from None
+        raise RunError(
+            f"{path} holds a previous run that an interrupted overwrite moved aside into "
+            f"{path}/.perl-previous-run and it could not be put back ({err}); move its contents "
+            f"back into {path} by hand."
+        ) from None
     for folder in restored:
-        warnings.warn(f"Restored the previous run in {folder}: a training that overwrote it was killed before "
-                      "its first snapshot.", stacklevel=3)
+        warnings.warn(
+            f"Restored the previous run in {folder}: a training that overwrote it was killed before "
+            "its first snapshot.",
+            stacklevel=3,
+        )
 
 
 def _tracking_dir(path: Path, config: dict) -> Path:
@@ -159,7 +178,9 @@ def _tracking_dir(path: Path, config: dict) -> Path:
     if not custom:
         return path
     custom = Path(str(custom)).expanduser()
-    for candidate in ([custom] if custom.is_absolute() else [Path.cwd() / custom, path / custom, path.parent / custom.name]):
+    for candidate in (
+        [custom] if custom.is_absolute() else [Path.cwd() / custom, path / custom, path.parent / custom.name]
+    ):
         if candidate.is_dir():
             return candidate
     return path

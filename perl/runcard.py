@@ -17,13 +17,12 @@ import math
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from perl.fileio import atomic_write_text
 
-__all__ = ["shell_command", "display_path", "write_run_card", "next_commands", "REWARD_KEY", "CORRECT_KEY",
-           "RUN_CARD"]
+__all__ = ["shell_command", "display_path", "write_run_card", "next_commands", "REWARD_KEY", "CORRECT_KEY", "RUN_CARD"]
 
 RUN_CARD = "README.md"
 REWARD_KEY = "reward"
@@ -74,8 +73,9 @@ def notebooks_dir() -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def next_commands(output_dir: str | os.PathLike, has_adapter: bool = True,
-                  has_tracking: bool = True) -> list[tuple[str, str]]:
+def next_commands(
+    output_dir: str | os.PathLike, has_adapter: bool = True, has_tracking: bool = True
+) -> list[tuple[str, str]]:
     """``[(command, what it does)]`` to look at a finished run, each runnable as printed from the
     current folder in a fresh shell."""
     run = display_path(output_dir)
@@ -89,10 +89,18 @@ def next_commands(output_dir: str | os.PathLike, has_adapter: bool = True,
     if nb is not None and has_tracking:
         explorer = nb / "02_spectral_explorer.ipynb"
         out = Path(output_dir) / explorer.name
-        commands.append((f"{shell_command('papermill')} {display_path(explorer)} {display_path(out)} -p run_dir {run}",
-                         "the spectral explorer, executed on this run"))
-        commands.append((f"{shell_command('jupyter')} lab {display_path(nb)}",
-                         f"JupyterLab: notebooks 02 and 03 with run_dir = {str(output_dir)!r}"))
+        commands.append(
+            (
+                f"{shell_command('papermill')} {display_path(explorer)} {display_path(out)} -p run_dir {run}",
+                "the spectral explorer, executed on this run",
+            )
+        )
+        commands.append(
+            (
+                f"{shell_command('jupyter')} lab {display_path(nb)}",
+                f"JupyterLab: notebooks 02 and 03 with run_dir = {str(output_dir)!r}",
+            )
+        )
     return commands
 
 
@@ -119,8 +127,10 @@ def first_last(log_history: Sequence[dict], key: str, window: int = WINDOW) -> s
     n = min(window, max(1, len(values) // 2))
     if len(values) == 1:
         return f"{values[0]:.3f} (one logged step, {steps[0]})"
-    return (f"{_mean(values[:n]):.3f} → {_mean(values[-n:]):.3f} (mean of the first and last {n} logged steps; "
-            f"step {steps[0]}: {values[0]:.3f}, step {steps[-1]}: {values[-1]:.3f})")
+    return (
+        f"{_mean(values[:n]):.3f} → {_mean(values[-n:]):.3f} (mean of the first and last {n} logged steps; "
+        f"step {steps[0]}: {values[0]:.3f}, step {steps[-1]}: {values[-1]:.3f})"
+    )
 
 
 def _files(output_dir: Path, tracking_dir: Path) -> list[tuple[str, str, str]]:
@@ -130,38 +140,87 @@ def _files(output_dir: Path, tracking_dir: Path) -> list[tuple[str, str, str]]:
     t = (rel + "/") if rel and rel != "." else ""
     perlwb = shell_command("perlwb")
     rows = [
-        ("config.yaml", "the resolved config of this run", f"`{perlwb} train --config {run}/config.yaml --overwrite_output_dir` trains it again, here"),
-        ("metrics.jsonl", "every Trainer log (reward, per-reward means, loss, KL, ...), one JSON object per step",
-         f"`perl.open_run({str(output_dir)!r}).metrics` (xarray, by step)"),
+        (
+            "config.yaml",
+            "the resolved config of this run",
+            f"`{perlwb} train --config {run}/config.yaml --overwrite_output_dir` trains it again, here",
+        ),
+        (
+            "metrics.jsonl",
+            "every Trainer log (reward, per-reward means, loss, KL, ...), one JSON object per step",
+            f"`perl.open_run({str(output_dir)!r}).metrics` (xarray, by step)",
+        ),
         ("adapter_config.json", "the adapter's peft config", "`peft.PeftConfig.from_pretrained(run_dir)`"),
-        ("adapter_model.safetensors", "the trained adapter weights",
-         f"`{perlwb} eval {run}`, or `peft.PeftModel.from_pretrained(base_model, run_dir)`"),
-        ("model.safetensors", "the fine-tuned model (full fine-tuning)", "`transformers.AutoModelForCausalLM.from_pretrained(run_dir)`"),
-        (f"{t}spectral_history_final.nc", "spectra of the adapter updates by step × layer × module × sv",
-         "`perl.open_run(run_dir).spectral` or `xarray.open_dataset(...)`; notebook 02"),
-        (f"{t}spectral_logs/spectral_history.nc", "the same store as it grew during training", "`xarray.open_dataset(...)`"),
+        (
+            "adapter_model.safetensors",
+            "the trained adapter weights",
+            f"`{perlwb} eval {run}`, or `peft.PeftModel.from_pretrained(base_model, run_dir)`",
+        ),
+        (
+            "model.safetensors",
+            "the fine-tuned model (full fine-tuning)",
+            "`transformers.AutoModelForCausalLM.from_pretrained(run_dir)`",
+        ),
+        (
+            f"{t}spectral_history_final.nc",
+            "spectra of the adapter updates by step × layer × module × sv",
+            "`perl.open_run(run_dir).spectral` or `xarray.open_dataset(...)`; notebook 02",
+        ),
+        (
+            f"{t}spectral_logs/spectral_history.nc",
+            "the same store as it grew during training",
+            "`xarray.open_dataset(...)`",
+        ),
         (f"{t}spectral_logs/spectral_history_summary.json", "summary statistics of the spectra", "any JSON reader"),
-        (f"{t}gradient_flow_final.nc", "accumulated pre-clip gradient norms by step × layer × module × component",
-         "`perl.open_run(run_dir).gradients` or `xarray.open_dataset(...)`; notebook 03"),
-        (f"{t}gradient_logs/gradient_flow.nc", "the same store as it grew during training", "`xarray.open_dataset(...)`"),
+        (
+            f"{t}gradient_flow_final.nc",
+            "accumulated pre-clip gradient norms by step × layer × module × component",
+            "`perl.open_run(run_dir).gradients` or `xarray.open_dataset(...)`; notebook 03",
+        ),
+        (
+            f"{t}gradient_logs/gradient_flow.nc",
+            "the same store as it grew during training",
+            "`xarray.open_dataset(...)`",
+        ),
         (f"{t}gradient_logs/gradient_flow_summary.json", "summary statistics of the gradient flow", "any JSON reader"),
-        (f"{t}gradient_logs/gradient_heatmap_A.png", "gradient norm heatmap (layer × step) of the A factors", "an image viewer"),
-        (f"{t}gradient_logs/gradient_heatmap_B.png", "gradient norm heatmap (layer × step) of the B factors", "an image viewer"),
+        (
+            f"{t}gradient_logs/gradient_heatmap_A.png",
+            "gradient norm heatmap (layer × step) of the A factors",
+            "an image viewer",
+        ),
+        (
+            f"{t}gradient_logs/gradient_heatmap_B.png",
+            "gradient norm heatmap (layer × step) of the B factors",
+            "an image viewer",
+        ),
         (f"{t}gradient_logs/gradient_layer_comparison.png", "gradient norm by layer", "an image viewer"),
-        (f"{t}alignment_final.nc", "alignment of the updates with the base weights' singular subspaces",
-         "`xarray.open_dataset(...)`; notebook 05"),
+        (
+            f"{t}alignment_final.nc",
+            "alignment of the updates with the base weights' singular subspaces",
+            "`xarray.open_dataset(...)`; notebook 05",
+        ),
         ("report.html", "the HTML report of the run", "a web browser (no server needed)"),
     ]
     found = [row for row in rows if (output_dir / row[0]).is_file()]
     checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
     if checkpoints:
-        found.append((f"{checkpoints[0]}/ … {checkpoints[-1]}/" if len(checkpoints) > 1 else f"{checkpoints[0]}/",
-                      "Trainer checkpoints", "`--config.training.resume_from_checkpoint true` resumes the newest"))
+        found.append(
+            (
+                f"{checkpoints[0]}/ … {checkpoints[-1]}/" if len(checkpoints) > 1 else f"{checkpoints[0]}/",
+                "Trainer checkpoints",
+                "`--config.training.resume_from_checkpoint true` resumes the newest",
+            )
+        )
     return found
 
 
-def render_run_card(output_dir: str | os.PathLike, config, log_history: Sequence[dict], tracking_dir=None,
-                    global_step: int | None = None) -> str:
+def render_run_card(
+    output_dir: str | os.PathLike,
+    config,
+    log_history: Sequence[dict],
+    tracking_dir=None,
+    global_step: int | None = None,
+) -> str:
     """The run card's Markdown text (see `write_run_card`)."""
     from perl import __version__
 
@@ -198,20 +257,34 @@ def render_run_card(output_dir: str | os.PathLike, config, log_history: Sequence
         "|---|---|---|",
     ]
     lines += [f"| `{name}` | {what} | {how} |" for name, what, how in _files(out, tracking)]
-    commands = next_commands(out, has_adapter=(out / "adapter_config.json").is_file(),
-                             has_tracking=any((tracking / n).exists() for n in ("spectral_history_final.nc",
-                                                                                 "gradient_flow_final.nc")))
+    commands = next_commands(
+        out,
+        has_adapter=(out / "adapter_config.json").is_file(),
+        has_tracking=any((tracking / n).exists() for n in ("spectral_history_final.nc", "gradient_flow_final.nc")),
+    )
     if commands:
         lines += ["", "## Look at it", "", "From the folder where training was started:", "", "```bash"]
         for command, what in commands:
             lines += [f"# {what}", command]
-        lines += ["```", "", "```python", "import perl", f"run = perl.open_run({str(out)!r})",
-                  "run.spectral, run.gradients, run.metrics   # xarray Datasets", "```"]
+        lines += [
+            "```",
+            "",
+            "```python",
+            "import perl",
+            f"run = perl.open_run({str(out)!r})",
+            "run.spectral, run.gradients, run.metrics   # xarray Datasets",
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def write_run_card(output_dir: str | os.PathLike, config, log_history: Sequence[dict], tracking_dir=None,
-                   global_step: int | None = None) -> Path:
+def write_run_card(
+    output_dir: str | os.PathLike,
+    config,
+    log_history: Sequence[dict],
+    tracking_dir=None,
+    global_step: int | None = None,
+) -> Path:
     """Write ``<output_dir>/README.md``: method, model, rank, steps, reward first -> last, and each
     file of the run with how to open it (replacing peft's empty model-card template).
 

@@ -33,15 +33,23 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from perl.config import ConfigError
 from perl.fileio import atomic_write_text, is_temp_of
 
 __all__ = [
-    "LOCK_FILE", "ASIDE_DIR", "RunLock", "RunFolderLocked", "lock_holder", "Overwrite",
-    "restore_previous_run", "has_interrupted_overwrite", "recover_interrupted_overwrite",
+    "LOCK_FILE",
+    "ASIDE_DIR",
+    "RunLock",
+    "RunFolderLocked",
+    "lock_holder",
+    "Overwrite",
+    "restore_previous_run",
+    "has_interrupted_overwrite",
+    "recover_interrupted_overwrite",
 ]
 
 LOCK_FILE = ".perl.lock"
@@ -97,7 +105,7 @@ class RunLock:
         self.what = what
         self._fd: Optional[int] = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock, or raise `RunFolderLocked` at once naming the holder's pid."""
         if self._fd is not None:
             return self
@@ -106,8 +114,10 @@ class RunLock:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise ConfigError(f"cannot create the lock file {self.path} ({e.strerror or e}); choose a folder "
-                                  "you can write, or remove what is in the way.") from None
+                raise ConfigError(
+                    f"cannot create the lock file {self.path} ({e.strerror or e}); choose a folder "
+                    "you can write, or remove what is in the way."
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -129,8 +139,12 @@ class RunLock:
                 raise RunFolderLocked(self.refusal(holder))
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": _host(),
-                                     "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+            os.write(
+                fd,
+                json.dumps(
+                    {"pid": os.getpid(), "host": _host(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                ).encode(),
+            )
             os.fsync(fd)
             self._fd = fd
             return self
@@ -138,8 +152,10 @@ class RunLock:
 
     def refusal(self, holder: dict) -> str:
         """The one-line refusal naming ``holder`` (``{"pid": ..., "host": ...}``) and what to do."""
-        return (f"{self.folder} is in use by {self.what} ({_describe(holder)}, lock file {self.path}); wait for it "
-                f"to end or stop it, or choose another folder; if that process is gone, delete {self.path}.")
+        return (
+            f"{self.folder} is in use by {self.what} ({_describe(holder)}, lock file {self.path}); wait for it "
+            f"to end or stop it, or choose another folder; if that process is gone, delete {self.path}."
+        )
 
     def release(self) -> None:
         """Release and remove the lock file (safe to call twice)."""
@@ -157,7 +173,7 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -187,6 +203,7 @@ def lock_holder(folder: str | os.PathLike, name: str = LOCK_FILE) -> Optional[di
 
 # --------------------------------------------------------------------------------------------
 # Overwrite: move aside, commit, roll back.
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -228,17 +245,22 @@ class Overwrite:
     def aside(self) -> Path:
         return self.folder / ASIDE_DIR
 
-    def move_aside(self) -> "Overwrite":
+    def move_aside(self) -> Overwrite:
         """Move the selected entries into ``<folder>/.perl-previous-run/`` (nothing when there are none)."""
         if not self.folder.is_dir():
             self.done = True
             return self
         if self.aside.exists():
             # note: callers restore an interrupted overwrite first; two asides would be ambiguous
-            raise ConfigError(f"{self.aside} exists: an earlier overwrite of {self.folder} was interrupted; "
-                              "open the run once (perl.open_run) or train again to restore it.")
-        names = sorted(e.name for e in self.folder.iterdir()
-                       if e.name not in _NEVER_MOVED and (self.scope is None or e.name in self.scope))
+            raise ConfigError(
+                f"{self.aside} exists: an earlier overwrite of {self.folder} was interrupted; "
+                "open the run once (perl.open_run) or train again to restore it."
+            )
+        names = sorted(
+            e.name
+            for e in self.folder.iterdir()
+            if e.name not in _NEVER_MOVED and (self.scope is None or e.name in self.scope)
+        )
         if not names:
             self.done = True
             return self
@@ -328,4 +350,3 @@ def recover_interrupted_overwrite(folders: Iterable[str | os.PathLike], lock_fol
             if restore_previous_run(folder):
                 restored.append(folder)
     return restored
-

@@ -18,8 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["StoredFileError", "check_store_file", "check_metrics_step", "MAX_STORE_BYTES", "MAX_METRICS_BYTES",
-           "MAX_STEP"]
+__all__ = [
+    "StoredFileError",
+    "check_store_file",
+    "check_metrics_step",
+    "MAX_STORE_BYTES",
+    "MAX_METRICS_BYTES",
+    "MAX_STEP",
+]
 
 # note: a tracker store of a 1.5B model after thousands of snapshots is tens of MB; a store that
 # declares more than this is not one we wrote (or cannot be loaded into memory on a laptop).
@@ -64,15 +70,18 @@ def check_store_file(path: str | os.PathLike) -> None:
         dims = {name: len(d) for name, d in nc.dimensions.items()}
         missing = [d for d in _REQUIRED_DIMS if d not in dims]
         if missing:
-            raise StoredFileError(f"{path} has no {', '.join(missing)} dimension (it has {', '.join(dims) or 'none'}); "
-                                  f"{expected}.")
+            raise StoredFileError(
+                f"{path} has no {', '.join(missing)} dimension (it has {', '.join(dims) or 'none'}); {expected}."
+            )
         labelled = {name for name in dims if name in nc.variables}
         declared = 0
         for name, var in nc.variables.items():
             bad_dims = [d for d in var.dimensions if d not in _KNOWN_DIMS and d not in labelled]
             if bad_dims:
-                raise StoredFileError(f"{path}: variable {name!r} is over dimension {bad_dims[0]!r}, which no tracker "
-                                      f"store has; {expected}.")
+                raise StoredFileError(
+                    f"{path}: variable {name!r} is over dimension {bad_dims[0]!r}, which no tracker "
+                    f"store has; {expected}."
+                )
             kind = np.dtype(var.dtype).kind if var.dtype is not str else "O"
             if kind not in "fiuO" and not (kind == "S" and name in labelled):
                 raise StoredFileError(f"{path}: variable {name!r} has type {var.dtype}, not numbers; {expected}.")
@@ -91,8 +100,10 @@ def check_store_file(path: str | os.PathLike) -> None:
             raise StoredFileError(f"{path} has missing 'step' values; {expected}.")
         steps = np.asarray(steps, dtype=np.int64)
         if steps.size and (steps.min() < 0 or steps.max() > MAX_STEP or np.any(np.diff(steps) <= 0)):
-            raise StoredFileError(f"{path}: its steps are not increasing optimizer steps in [0, 2**53] "
-                                  f"(first {steps[:3].tolist()}); {expected}.")
+            raise StoredFileError(
+                f"{path}: its steps are not increasing optimizer steps in [0, 2**53] "
+                f"(first {steps[:3].tolist()}); {expected}."
+            )
     finally:
         nc.close()
 

@@ -42,8 +42,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -218,8 +218,9 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     return Interval(mean, std, mean - half, mean + half, n, level, "t")
 
 
-def bootstrap_interval(values: Sequence[float], level: float = 0.95, n_resamples: int = 10000,
-                       seed: int | np.random.Generator | None = 0) -> Interval:
+def bootstrap_interval(
+    values: Sequence[float], level: float = 0.95, n_resamples: int = 10000, seed: int | np.random.Generator | None = 0
+) -> Interval:
     """Percentile bootstrap confidence interval of the mean of ``values`` (NaN dropped).
 
     With few seeds it is too narrow (3 seeds: never wider than their range); prefer `t_interval`.
@@ -298,11 +299,19 @@ def paired_t_test(a: Sequence[float], b: Sequence[float], level: float = 0.95) -
     se = sd / math.sqrt(n)
     t = mean / se
     half = t_ppf(0.5 + level / 2.0, n - 1) * se
-    return TestResult("paired_t", mean, mean - half, mean + half, t, float(n - 1), _two_sided_p(t, n - 1), n, n, 0.0, level)
+    return TestResult(
+        "paired_t", mean, mean - half, mean + half, t, float(n - 1), _two_sided_p(t, n - 1), n, n, 0.0, level
+    )
 
 
-def permutation_test(a: Sequence[float], b: Sequence[float], n_resamples: int = 20000, max_exact: int = 20000,
-                     seed: int | np.random.Generator | None = 0, level: float = 0.95) -> TestResult:
+def permutation_test(
+    a: Sequence[float],
+    b: Sequence[float],
+    n_resamples: int = 20000,
+    max_exact: int = 20000,
+    seed: int | np.random.Generator | None = 0,
+    level: float = 0.95,
+) -> TestResult:
     """Two-sided two-sample permutation test of mean(a) - mean(b) (NaN dropped).
 
     Exact (every way of splitting the pooled values into groups of n_a and n_b) when there are at

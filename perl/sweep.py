@@ -78,7 +78,6 @@ from perl.sweep_spec import (
     SweepError,
     SweepResult,
     SweepRun,
-    _format_number,
     _launcher_world_size,
     _world_size,
     load_sweep,
@@ -103,6 +102,7 @@ __all__ = [
     "run_sweep",
 ]
 
+
 # ============================================================================================ state
 def _read_marker(path: Path) -> dict:
     try:
@@ -122,8 +122,11 @@ def run_state(run: SweepRun) -> str:
         return "new"
     from perl.preflight import earlier_run
 
-    if (_read_marker(run.path).get("status") == "finished" and _has_weights(run.path)
-            and (run.path / "config.yaml").is_file()):
+    if (
+        _read_marker(run.path).get("status") == "finished"
+        and _has_weights(run.path)
+        and (run.path / "config.yaml").is_file()
+    ):
         return "finished"
     if not run.path.is_dir():
         return "unfinished"
@@ -279,16 +282,19 @@ def _finish(job: _Running, returncode: int) -> str | None:
         reason = f"exit code {returncode}: {_last_line(run.path / LOG_FILE)}"
     elif not _has_weights(run.path) or not (run.path / "config.yaml").is_file():
         reason = "the training process exited 0 but left no trained weights or config.yaml"
-    _write_json(run.path / MARKER, {
-        "status": "finished" if reason is None else "failed",
-        "run": run.name,
-        "returncode": returncode,
-        "reason": reason,
-        "seconds": round(seconds, 1),
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config_sha256": _fingerprint(run.config),
-        "command": job.command,
-    })
+    _write_json(
+        run.path / MARKER,
+        {
+            "status": "finished" if reason is None else "failed",
+            "run": run.name,
+            "returncode": returncode,
+            "reason": reason,
+            "seconds": round(seconds, 1),
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config_sha256": _fingerprint(run.config),
+            "command": job.command,
+        },
+    )
     return reason
 
 
@@ -348,9 +354,12 @@ def run_sweep(sweep: Sweep, notebooks: bool = True, echo: Callable[[str], None] 
         parallel = max(1, min(sweep.parallel, len(todo) or 1))
         env = _child_env(parallel)
         redo = sum(states[r.name] == "unfinished" for r in todo)
-        echo(f"perlwb sweep: {len(sweep.runs)} runs in {sweep.sweep_dir}: {len(result.skipped)} finished (skipped), "
-             f"{len(todo)} to train" + (f" ({redo} unfinished, trained again)" if redo else "")
-             + (f"; {parallel} at a time, {env['OMP_NUM_THREADS']} thread(s) each" if todo else ""))
+        echo(
+            f"perlwb sweep: {len(sweep.runs)} runs in {sweep.sweep_dir}: {len(result.skipped)} finished (skipped), "
+            f"{len(todo)} to train"
+            + (f" ({redo} unfinished, trained again)" if redo else "")
+            + (f"; {parallel} at a time, {env['OMP_NUM_THREADS']} thread(s) each" if todo else "")
+        )
         total, started = len(todo), 0
         running: list[_Running] = []
         try:
@@ -401,8 +410,9 @@ def _parameter_names(path: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(path)))
 
 
-def execute_notebooks(sweep: Sweep, runs: Sequence[SweepRun], echo: Callable[[str], None] = print
-                      ) -> tuple[list[Path], dict[str, str]]:
+def execute_notebooks(
+    sweep: Sweep, runs: Sequence[SweepRun], echo: Callable[[str], None] = print
+) -> tuple[list[Path], dict[str, str]]:
     """Execute ``sweep.notebooks`` with papermill into the sweep folder on ``runs``.
 
     Each notebook gets ``run_dirs`` = the run folder names (relative to the sweep folder, where it
@@ -424,8 +434,15 @@ def execute_notebooks(sweep: Sweep, runs: Sequence[SweepRun], echo: Callable[[st
             params["sweep_dir"] = "."  # note: executed in the sweep folder; reads its summary.nc
         started = time.monotonic()
         try:
-            papermill.execute_notebook(str(source), str(out), parameters=params, kernel_name="python3",
-                                       cwd=str(sweep.sweep_dir), progress_bar=False, log_output=False)
+            papermill.execute_notebook(
+                str(source),
+                str(out),
+                parameters=params,
+                kernel_name="python3",
+                cwd=str(sweep.sweep_dir),
+                progress_bar=False,
+                log_output=False,
+            )
         except Exception as e:  # noqa: BLE001 - a cell error, a missing kernel: reported, the sweep goes on
             ename = getattr(e, "ename", type(e).__name__)
             evalue = " ".join(str(getattr(e, "evalue", e)).split())[:200]
@@ -442,19 +459,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="perlwb sweep",
         description="Train a grid of runs (methods x ranks x seeds x learning rates x any config field), "
-                    "each in its own folder under the sweep's sweep_dir, skipping finished runs; then execute "
-                    "the comparison notebooks on them. See perl/sweep.py for the sweep file format.",
+        "each in its own folder under the sweep's sweep_dir, skipping finished runs; then execute "
+        "the comparison notebooks on them. See perl/sweep.py for the sweep file format.",
         allow_abbrev=False,
     )
     parser.add_argument("sweep_file", metavar="SWEEP.yaml", nargs="?", help="The sweep file.")
-    parser.add_argument("--summary", metavar="SWEEP_DIR", help="Only (re)write SWEEP_DIR/summary.csv and summary.nc "
-                        "from its finished runs; trains nothing.")
+    parser.add_argument(
+        "--summary",
+        metavar="SWEEP_DIR",
+        help="Only (re)write SWEEP_DIR/summary.csv and summary.nc from its finished runs; trains nothing.",
+    )
     parser.add_argument("--parallel", metavar="N", help="Runs at a time (default: the file's parallel, else 1).")
     parser.add_argument("--dry-run", action="store_true", help="Print the runs and their commands; write nothing.")
     parser.add_argument("--no-notebooks", action="store_true", help="Do not execute the notebooks after the runs.")
-    parser.add_argument("--notebook", metavar="PATH", action="append", default=None,
-                        help="Execute this notebook file after the runs instead of the sweep file's notebooks "
-                             "(repeatable); the sweep file itself may only name notebooks of notebooks/.")
+    parser.add_argument(
+        "--notebook",
+        metavar="PATH",
+        action="append",
+        default=None,
+        help="Execute this notebook file after the runs instead of the sweep file's notebooks "
+        "(repeatable); the sweep file itself may only name notebooks of notebooks/.",
+    )
     return parser
 
 
@@ -498,8 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if path.suffix != ".ipynb" or not path.is_file():
                     raise UsageError(f"--notebook {path} is not a notebook file (.ipynb); pass the path of one.")
             if len({p.stem for p in paths}) < len(paths):
-                raise UsageError("--notebook names two notebooks with the same file name; each is executed into "
-                                 "the sweep folder under its name, so rename one.")
+                raise UsageError(
+                    "--notebook names two notebooks with the same file name; each is executed into "
+                    "the sweep folder under its name, so rename one."
+                )
             sweep.notebooks = [p.stem for p in paths]
             sweep.notebook_paths = {p.stem: p.resolve() for p in paths}
         if args.no_notebooks:
@@ -521,8 +548,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += [f"  notebook {name}: {reason}" for name, reason in result.notebook_failures.items()]
         print("\n".join(lines), file=sys.stderr)
     else:
-        print(f"perlwb sweep: done; {len(sweep.runs)} runs in {sweep.sweep_dir} "
-              f"({len(result.trained)} trained now, {len(result.skipped)} skipped as finished)")
+        print(
+            f"perlwb sweep: done; {len(sweep.runs)} runs in {sweep.sweep_dir} "
+            f"({len(result.trained)} trained now, {len(result.skipped)} skipped as finished)"
+        )
     return result.exit_code
 
 

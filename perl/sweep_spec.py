@@ -47,7 +47,12 @@ WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safeten
 _LOCATION_FIELDS = {("training", "output_dir"), ("training", "overwrite_output_dir")}
 
 # grid axis -> config field, in the order they appear in a run's name
-NAMED_AXES = {"methods": "peft.type", "ranks": "peft.r", "seeds": "common.seed", "learning_rates": "training.learning_rate"}
+NAMED_AXES = {
+    "methods": "peft.type",
+    "ranks": "peft.r",
+    "seeds": "common.seed",
+    "learning_rates": "training.learning_rate",
+}
 SWEEP_KEYS = ("sweep_dir", "base_config", "grid", "launcher", "parallel", "notebooks", *SECTIONS)
 # fields a sweep decides per run; a sweep file that sets them is refused (see _check_reserved)
 _RESERVED = {
@@ -189,7 +194,9 @@ def _launcher(value: Any, where: str) -> list[str]:
         raise SweepError(f"{where}: launcher is empty; remove it to run with this Python, or name a command.")
     program = tokens[0]
     if shutil.which(program) is None and not (os.sep in program and os.access(program, os.X_OK)):
-        raise SweepError(f"{where}: launcher program '{program}' is not found on PATH; install it or fix the launcher.")
+        raise SweepError(
+            f"{where}: launcher program '{program}' is not found on PATH; install it or fix the launcher."
+        )
     return tokens
 
 
@@ -237,8 +244,10 @@ def _notebook_list(value: Any, where: str) -> list[str]:
         stem = str(name).removesuffix(".ipynb")
         if isinstance(name, str) and (stem in ("", ".", "..") or "/" in stem or "\\" in stem or os.sep in stem):
             # note: the project's notebooks only: a path would run any notebook (code) from anywhere
-            raise SweepError(f"{where}: notebooks lists {name!r}, a path; name notebooks of {NOTEBOOKS_DIR} "
-                             "without folders (e.g. 04_compare_runs).")
+            raise SweepError(
+                f"{where}: notebooks lists {name!r}, a path; name notebooks of {NOTEBOOKS_DIR} "
+                "without folders (e.g. 04_compare_runs)."
+            )
         if not isinstance(name, str) or not (NOTEBOOKS_DIR / f"{stem}.ipynb").is_file():
             have = ", ".join(sorted(p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb"))) or "none"
             raise SweepError(f"{where}: notebook {name!r} is not in {NOTEBOOKS_DIR} (have: {have}).")
@@ -279,8 +288,12 @@ def run_name(config: TrainConfig, extra_fields: Sequence[str] = ()) -> str:
         >>> run_name(cfg)                        # 'lora-r8-s0-lr5e-4'
         >>> run_name(cfg, ["training.beta"])     # 'lora-r8-s0-lr5e-4-beta_0.04'
     """
-    parts = [_format_value(config.peft.type), f"r{config.peft.r}", f"s{config.common.seed}",
-             f"lr{_format_number(float(config.training.learning_rate), scientific=True)}"]
+    parts = [
+        _format_value(config.peft.type),
+        f"r{config.peft.r}",
+        f"s{config.common.seed}",
+        f"lr{_format_number(float(config.training.learning_rate), scientific=True)}",
+    ]
     for dotted in extra_fields:
         section, name = dotted.split(".")
         parts.append(f"{name}_{_format_value(getattr(getattr(config, section), name))}")
@@ -355,8 +368,10 @@ def load_sweep(path: str | os.PathLike, parallel: int | None = None) -> Sweep:
     points = math.prod(len(v) for v in axes.values())
     if points > MAX_GRID_POINTS:
         sizes = " x ".join(str(len(v)) for v in axes.values())
-        raise SweepError(f"{where}: the grid has {points} points ({sizes}), more than the {MAX_GRID_POINTS} runs a "
-                         "sweep may hold; split it into several sweep files.")
+        raise SweepError(
+            f"{where}: the grid has {points} points ({sizes}), more than the {MAX_GRID_POINTS} runs a "
+            "sweep may hold; split it into several sweep files."
+        )
     if base.tracker.tracking_output_dir or base.training.resume_from_checkpoint is not None:
         key = "tracker.tracking_output_dir" if base.tracker.tracking_output_dir else "training.resume_from_checkpoint"
         raise SweepError(f"{where}: base_config sets {key}, which a sweep decides: {_RESERVED[key]}.")
@@ -368,8 +383,15 @@ def load_sweep(path: str | os.PathLike, parallel: int | None = None) -> Sweep:
     notebooks = _notebook_list(data.get("notebooks"), where)
 
     runs = _expand(base, axes, sweep_dir_path, where, _launcher_world_size(launcher))
-    return Sweep(source=source, text=source.read_text(encoding="utf-8"), sweep_dir=sweep_dir_path, runs=runs,
-                 launcher=launcher, parallel=parallel, notebooks=notebooks)
+    return Sweep(
+        source=source,
+        text=source.read_text(encoding="utf-8"),
+        sweep_dir=sweep_dir_path,
+        runs=runs,
+        launcher=launcher,
+        parallel=parallel,
+        notebooks=notebooks,
+    )
 
 
 def _expand(base: TrainConfig, axes: dict[str, list], sweep_dir: Path, where: str, world: int) -> list[SweepRun]:
@@ -395,8 +417,10 @@ def _expand(base: TrainConfig, axes: dict[str, list], sweep_dir: Path, where: st
         except ConfigError as e:
             raise SweepError(f"{where}: grid point {label}: {e}") from None
         if name in names:
-            raise SweepError(f"{where}: grid points {names[name]} and {point} both make the run folder {name}; "
-                             "make their values differ in the name (e.g. not 1e-4 and 0.0001).")
+            raise SweepError(
+                f"{where}: grid points {names[name]} and {point} both make the run folder {name}; "
+                "make their values differ in the name (e.g. not 1e-4 and 0.0001)."
+            )
         names[name] = point
         runs.append(SweepRun(name=name, path=sweep_dir / name, config=cfg, point=point))
     return runs

@@ -78,54 +78,70 @@ SWEEP_COPY = "sweep.yaml"
 
 QUANTITIES: dict[str, dict[str, str]] = {
     "final_equation_reward": {
-        "long_name": "final correct-equation reward", "units": "1",
+        "long_name": "final correct-equation reward",
+        "units": "1",
         "formula": f"mean of the last K logged {EQUATION_KEY} (K = last_k)",
     },
     "equation_reward_gain": {
-        "long_name": "gain of the correct-equation reward", "units": "1",
+        "long_name": "gain of the correct-equation reward",
+        "units": "1",
         "formula": f"mean of the last K minus mean of the first K logged {EQUATION_KEY} (K = last_k)",
     },
     "final_reward": {
-        "long_name": "final total reward", "units": "1",
+        "long_name": "final total reward",
+        "units": "1",
         "formula": "mean of the last K logged reward (format + equation; K = last_k)",
     },
     "update_effective_rank": {
-        "long_name": "effective rank of the update since init", "units": "1",
+        "long_name": "effective rank of the update since init",
+        "units": "1",
         "formula": "(sum sigma)^2 / sum sigma^2 of s (B_t A_t - B_0 A_0), mean over adapted (layer, module) cells "
-                   "at the last spectral snapshot (spectral store: update_effective_rank)",
+        "at the last spectral snapshot (spectral store: update_effective_rank)",
     },
     "update_rank_fraction": {
-        "long_name": "effective rank of the update as a fraction of r", "units": "1",
+        "long_name": "effective rank of the update as a fraction of r",
+        "units": "1",
         "formula": "update_effective_rank / r (the update of PiSSA / MiLoRA has rank <= 2r: can exceed 1)",
     },
     "energy_principal": {
-        "long_name": "update energy in W0's top-k left singular subspace", "units": "1",
+        "long_name": "update energy in W0's top-k left singular subspace",
+        "units": "1",
         "formula": "||U_k^T dW||_F^2 / ||dW||_F^2, mean over adapted cells at the last step where finite "
-                   "(alignment store: energy_fraction_top_left; chance level k/m)",
+        "(alignment store: energy_fraction_top_left; chance level k/m)",
     },
     "energy_minor": {
-        "long_name": "update energy in W0's bottom-k left singular subspace", "units": "1",
+        "long_name": "update energy in W0's bottom-k left singular subspace",
+        "units": "1",
         "formula": "as energy_principal for W0's bottom-k left singular vectors (energy_fraction_bottom_left)",
     },
     "energy_chance": {
-        "long_name": "chance level of energy_principal", "units": "1",
+        "long_name": "chance level of energy_principal",
+        "units": "1",
         "formula": "k/m, the expected energy fraction of a random update in a k-dim subspace of R^m, mean over the "
-                   "tracked cells (alignment store: chance_energy_fraction_left)",
+        "tracked cells (alignment store: chance_energy_fraction_left)",
     },
     "intruders": {
-        "long_name": "intruder dimensions per adapted module", "units": "1",
+        "long_name": "intruder dimensions per adapted module",
+        "units": "1",
         "formula": "intruder_dimensions (alignment store), mean over adapted cells at the last intruder snapshot",
     },
     "grad_ab_ratio": {
-        "long_name": "A/B gradient-norm ratio", "units": "1",
+        "long_name": "A/B gradient-norm ratio",
+        "units": "1",
         "formula": "mean ||grad A|| / mean ||grad B|| of the accumulated pre-clip gradients, over the logged "
-                   "gradient steps and the (layer, module) cells with both (gradient store: grad_norm)",
+        "gradient steps and the (layer, module) cells with both (gradient store: grad_norm)",
     },
 }
 STATS = ("mean", "std", "ci_low", "ci_high")
 # config fields that say where a run went, not what it is
-_LOCATION = {("training", "output_dir"), ("training", "run_name"), ("training", "overwrite_output_dir"),
-             ("training", "resume_from_checkpoint"), ("tracker", "tracking_output_dir"), ("common", "seed")}
+_LOCATION = {
+    ("training", "output_dir"),
+    ("training", "run_name"),
+    ("training", "overwrite_output_dir"),
+    ("training", "resume_from_checkpoint"),
+    ("tracker", "tracking_output_dir"),
+    ("common", "seed"),
+}
 
 
 # ====================================================================================== one run
@@ -183,8 +199,11 @@ def run_values(run: Run | str | os.PathLike, last_k: int = LAST_K) -> dict[str, 
         warnings.simplefilter("ignore", MissingDataWarning)
         align = read_alignment(run)
     if align is not None:
-        for key, name in (("energy_principal", "energy_fraction_top_left"), ("energy_minor", "energy_fraction_bottom_left"),
-                          ("intruders", "intruder_dimensions")):
+        for key, name in (
+            ("energy_principal", "energy_fraction_top_left"),
+            ("energy_minor", "energy_fraction_bottom_left"),
+            ("intruders", "intruder_dimensions"),
+        ):
             if name in align:
                 out[key] = _cell_mean_last(align[name])
         if "chance_energy_fraction_left" in align and "energy_fraction_top_left" in align:
@@ -193,7 +212,11 @@ def run_values(run: Run | str | os.PathLike, last_k: int = LAST_K) -> dict[str, 
             out["energy_chance"] = float(chance.mean()) if chance.size else math.nan
 
     gradients = _quiet_get(run, "gradients")
-    if gradients is not None and "grad_norm" in gradients and {"A", "B"} <= set(gradients["component"].values.tolist()):
+    if (
+        gradients is not None
+        and "grad_norm" in gradients
+        and {"A", "B"} <= set(gradients["component"].values.tolist())
+    ):
         a = gradients["grad_norm"].sel(component="A").values
         b = gradients["grad_norm"].sel(component="B").values
         both = np.isfinite(a) & np.isfinite(b)
@@ -205,8 +228,11 @@ def run_values(run: Run | str | os.PathLike, last_k: int = LAST_K) -> dict[str, 
 # ====================================================================================== configurations
 def _identity(config: dict) -> str:
     """The run's config without its seed and location, as canonical JSON: equal for seeds of one configuration."""
-    kept = {s: {k: v for k, v in fields.items() if (s, k) not in _LOCATION}
-            for s, fields in config.items() if isinstance(fields, dict)}
+    kept = {
+        s: {k: v for k, v in fields.items() if (s, k) not in _LOCATION}
+        for s, fields in config.items()
+        if isinstance(fields, dict)
+    }
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -224,8 +250,13 @@ def configuration_of(run: Run) -> str:
 
 
 def _flat(config: dict) -> dict[str, object]:
-    return {f"{s}.{k}": v for s, fields in config.items() if isinstance(fields, dict) for k, v in fields.items()
-            if (s, k) not in _LOCATION}
+    return {
+        f"{s}.{k}": v
+        for s, fields in config.items()
+        if isinstance(fields, dict)
+        for k, v in fields.items()
+        if (s, k) not in _LOCATION
+    }
 
 
 def find_sweep_runs(sweep_dir: str | os.PathLike) -> tuple[list[Path], dict[str, str]]:
@@ -261,13 +292,16 @@ def find_sweep_runs(sweep_dir: str | os.PathLike) -> tuple[list[Path], dict[str,
                 continue
         runs.append(child)
     if not runs:
-        raise RunError(f"No finished runs in {folder}; a run folder holds config.yaml (and sweep_run.json status "
-                       "'finished' when a sweep trained it). Train the sweep first: perlwb sweep SWEEP.yaml.")
+        raise RunError(
+            f"No finished runs in {folder}; a run folder holds config.yaml (and sweep_run.json status "
+            "'finished' when a sweep trained it). Train the sweep first: perlwb sweep SWEEP.yaml."
+        )
     return runs, skipped
 
 
-def summarize_runs(runs: Iterable[Run | str | os.PathLike], last_k: int = LAST_K, level: float = 0.95,
-                   ci: str = "t") -> xr.Dataset:
+def summarize_runs(
+    runs: Iterable[Run | str | os.PathLike], last_k: int = LAST_K, level: float = 0.95, ci: str = "t"
+) -> xr.Dataset:
     """The per-configuration summary of ``runs``: dims ``config`` x ``seed``.
 
     Variables: each quantity of `QUANTITIES` per (config, seed) (NaN where that seed did not run),
@@ -320,56 +354,92 @@ def summarize_runs(runs: Iterable[Run | str | os.PathLike], last_k: int = LAST_K
             for q, v in run_values(run, k).items():
                 values[q][i, j] = v
 
-    ds = xr.Dataset(coords={"config": ("config", labels, {"long_name": "configuration (every setting but the seed)"}),
-                            "seed": ("seed", np.array(seeds, dtype=np.int64), {"long_name": "common.seed of the run"})})
+    ds = xr.Dataset(
+        coords={
+            "config": ("config", labels, {"long_name": "configuration (every setting but the seed)"}),
+            "seed": ("seed", np.array(seeds, dtype=np.int64), {"long_name": "common.seed of the run"}),
+        }
+    )
     flats = [_flat(members[0].config) for members in groups.values()]
-    ds = ds.assign_coords(method=("config", [str(members[0].method) for members in groups.values()]),
-                          r=("config", np.array([members[0].r if members[0].r is not None else -1
-                                                 for members in groups.values()], dtype=np.int64)),
-                          learning_rate=("config", np.array([float(f.get("training.learning_rate", math.nan))
-                                                             for f in flats])))
-    varying = [key for key in dict.fromkeys(k2 for f in flats for k2 in f)
-               if key not in ("peft.type", "peft.r", "training.learning_rate")
-               and len({json.dumps(f.get(key), sort_keys=True, default=str) for f in flats}) > 1]
+    ds = ds.assign_coords(
+        method=("config", [str(members[0].method) for members in groups.values()]),
+        r=(
+            "config",
+            np.array(
+                [members[0].r if members[0].r is not None else -1 for members in groups.values()], dtype=np.int64
+            ),
+        ),
+        learning_rate=("config", np.array([float(f.get("training.learning_rate", math.nan)) for f in flats])),
+    )
+    varying = [
+        key
+        for key in dict.fromkeys(k2 for f in flats for k2 in f)
+        if key not in ("peft.type", "peft.r", "training.learning_rate")
+        and len({json.dumps(f.get(key), sort_keys=True, default=str) for f in flats}) > 1
+    ]
     for key in varying:
         column = [f.get(key) for f in flats]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column):
             ds = ds.assign_coords({key: ("config", np.array(column, dtype=float))})
         else:
-            ds = ds.assign_coords({key: ("config", [json.dumps(v, default=str) if not isinstance(v, str) else v
-                                                    for v in column])})
-    ds["n_seeds"] = ("config", np.array([len(m) for m in groups.values()], dtype=np.int64),
-                     {"long_name": "runs (seeds) of the configuration", "units": "1"})
-    ds["run"] = (("config", "seed"), names.astype(str), {"long_name": "run folder of (configuration, seed); '' = none"})
+            ds = ds.assign_coords(
+                {key: ("config", [json.dumps(v, default=str) if not isinstance(v, str) else v for v in column])}
+            )
+    ds["n_seeds"] = (
+        "config",
+        np.array([len(m) for m in groups.values()], dtype=np.int64),
+        {"long_name": "runs (seeds) of the configuration", "units": "1"},
+    )
+    ds["run"] = (
+        ("config", "seed"),
+        names.astype(str),
+        {"long_name": "run folder of (configuration, seed); '' = none"},
+    )
     ci_text = f"{stats.CI_METHODS[ci]}; level {level}"
     for q, attrs in QUANTITIES.items():
         ds[q] = (("config", "seed"), values[q], {**attrs, "description": "per run (seed)"})
         intervals = [stats.mean_interval(row, level, ci) for row in values[q]]
-        for stat, field, what in (("mean", "mean", "mean over seeds"), ("std", "std", "standard deviation over seeds (ddof=1)"),
-                                  ("ci_low", "low", f"lower end of the {level:.0%} confidence interval of the mean"),
-                                  ("ci_high", "high", f"upper end of the {level:.0%} confidence interval of the mean")):
-            ds[f"{q}_{stat}"] = ("config", np.array([getattr(iv, field) for iv in intervals], dtype=float),
-                                 {"long_name": f"{attrs['long_name']}: {what}", "units": attrs["units"],
-                                  **({"ci_method": ci_text} if stat.startswith("ci") else {})})
-        ds[f"{q}_n"] = ("config", np.array([iv.n for iv in intervals], dtype=np.int64),
-                        {"long_name": f"seeds with a finite {q}", "units": "1"})
-    ds.attrs.update({
-        "title": "per-configuration summary over seeds",
-        "Conventions": "CF-1.8",
-        "last_k": int(k),
-        "last_k_requested": int(last_k),
-        "ci_method": ci,
-        "ci_level": float(level),
-        "ci_formula": ci_text,
-        "std_ddof": 1,
-        "missing": "NaN: the run has no such data (a vector method has no low-rank update; alignment or gradient "
-                   "tracking was off) or the configuration has fewer than 2 seeds with a value (std, interval)",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })
+        for stat, field, what in (
+            ("mean", "mean", "mean over seeds"),
+            ("std", "std", "standard deviation over seeds (ddof=1)"),
+            ("ci_low", "low", f"lower end of the {level:.0%} confidence interval of the mean"),
+            ("ci_high", "high", f"upper end of the {level:.0%} confidence interval of the mean"),
+        ):
+            ds[f"{q}_{stat}"] = (
+                "config",
+                np.array([getattr(iv, field) for iv in intervals], dtype=float),
+                {
+                    "long_name": f"{attrs['long_name']}: {what}",
+                    "units": attrs["units"],
+                    **({"ci_method": ci_text} if stat.startswith("ci") else {}),
+                },
+            )
+        ds[f"{q}_n"] = (
+            "config",
+            np.array([iv.n for iv in intervals], dtype=np.int64),
+            {"long_name": f"seeds with a finite {q}", "units": "1"},
+        )
+    ds.attrs.update(
+        {
+            "title": "per-configuration summary over seeds",
+            "Conventions": "CF-1.8",
+            "last_k": int(k),
+            "last_k_requested": int(last_k),
+            "ci_method": ci,
+            "ci_level": float(level),
+            "ci_formula": ci_text,
+            "std_ddof": 1,
+            "missing": "NaN: the run has no such data (a vector method has no low-rank update; alignment or gradient "
+            "tracking was off) or the configuration has fewer than 2 seeds with a value (std, interval)",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     return ds
 
 
-def summarize_sweep(sweep_dir: str | os.PathLike, last_k: int = LAST_K, level: float = 0.95, ci: str = "t") -> xr.Dataset:
+def summarize_sweep(
+    sweep_dir: str | os.PathLike, last_k: int = LAST_K, level: float = 0.95, ci: str = "t"
+) -> xr.Dataset:
     """`summarize_runs` of the finished runs below a sweep folder (attrs say which were skipped)."""
     run_dirs, skipped = find_sweep_runs(sweep_dir)
     ds = summarize_runs(run_dirs, last_k=last_k, level=level, ci=ci)
@@ -390,7 +460,9 @@ def summary_table(ds: xr.Dataset):
     rows = []
     for i, label in enumerate(ds["config"].values):
         row = {"config": str(label)}
-        row.update({c: ds[c].values[i].item() if hasattr(ds[c].values[i], "item") else ds[c].values[i] for c in coords})
+        row.update(
+            {c: ds[c].values[i].item() if hasattr(ds[c].values[i], "item") else ds[c].values[i] for c in coords}
+        )
         row["n_seeds"] = int(ds["n_seeds"].values[i])
         row["seeds"] = " ".join(str(int(s)) for s, name in zip(ds["seed"].values, ds["run"].values[i]) if name)
         for q in QUANTITIES:
@@ -400,8 +472,9 @@ def summary_table(ds: xr.Dataset):
     return pd.DataFrame(rows).set_index("config")
 
 
-def write_summary(sweep_dir: str | os.PathLike, last_k: int = LAST_K, level: float = 0.95, ci: str = "t"
-                  ) -> tuple[Path, Path]:
+def write_summary(
+    sweep_dir: str | os.PathLike, last_k: int = LAST_K, level: float = 0.95, ci: str = "t"
+) -> tuple[Path, Path]:
     """Write ``summary.csv`` and ``summary.nc`` into ``sweep_dir`` from its finished runs; returns their paths.
 
     Both files are replaced atomically (written beside, then renamed).
@@ -418,8 +491,9 @@ def write_summary(sweep_dir: str | os.PathLike, last_k: int = LAST_K, level: flo
 
 
 # ====================================================================================== comparisons
-def compare_configs(ds: xr.Dataset, quantity: str, reference: str | None = None, test: str = "welch",
-                    alpha: float = 0.05):
+def compare_configs(
+    ds: xr.Dataset, quantity: str, reference: str | None = None, test: str = "welch", alpha: float = 0.05
+):
     """Every configuration against ``reference`` on one quantity: is the difference larger than the seed spread?
 
     For each other configuration: the difference of means over seeds (config - reference), its
@@ -448,23 +522,42 @@ def compare_configs(ds: xr.Dataset, quantity: str, reference: str | None = None,
         methods = [str(m) for m in ds["method"].values]
         reference = labels[methods.index("lora")] if "lora" in methods else labels[0]
     if reference not in labels:
-        raise KeyError(f"reference {reference!r} is not a configuration of the summary; use one of {', '.join(labels)}.")
+        raise KeyError(
+            f"reference {reference!r} is not a configuration of the summary; use one of {', '.join(labels)}."
+        )
     ref = ds[quantity].sel(config=reference).values
     rows = []
     for label in labels:
         if label == reference:
             continue
         result = stats.compare(ds[quantity].sel(config=label).values, ref, test=test)
-        rows.append({"config": label, "method": str(ds["method"].sel(config=label).values), "n": result.n_a,
-                     "n_ref": result.n_b, "diff": result.diff, "diff_ci_low": result.low, "diff_ci_high": result.high,
-                     "pvalue": result.pvalue, "min_pvalue": result.min_pvalue})
-    table = pd.DataFrame(rows, columns=["config", "method", "n", "n_ref", "diff", "diff_ci_low", "diff_ci_high",
-                                        "pvalue", "min_pvalue"]).set_index("config")
+        rows.append(
+            {
+                "config": label,
+                "method": str(ds["method"].sel(config=label).values),
+                "n": result.n_a,
+                "n_ref": result.n_b,
+                "diff": result.diff,
+                "diff_ci_low": result.low,
+                "diff_ci_high": result.high,
+                "pvalue": result.pvalue,
+                "min_pvalue": result.min_pvalue,
+            }
+        )
+    table = pd.DataFrame(
+        rows, columns=["config", "method", "n", "n_ref", "diff", "diff_ci_low", "diff_ci_high", "pvalue", "min_pvalue"]
+    ).set_index("config")
     table["pvalue_holm"] = stats.holm(table["pvalue"].to_numpy(dtype=float)) if len(table) else []
-    table["verdict"] = ["undefined" if not np.isfinite(p) else "differs" if p < alpha else "no evidence"
-                        for p in table["pvalue_holm"]]
-    table.attrs.update(quantity=quantity, reference=reference, test=stats.TESTS[test], alpha=alpha,
-                       adjustment="Holm-Bonferroni over the rows of this table")
+    table["verdict"] = [
+        "undefined" if not np.isfinite(p) else "differs" if p < alpha else "no evidence" for p in table["pvalue_holm"]
+    ]
+    table.attrs.update(
+        quantity=quantity,
+        reference=reference,
+        test=stats.TESTS[test],
+        alpha=alpha,
+        adjustment="Holm-Bonferroni over the rows of this table",
+    )
     return table
 
 
@@ -498,8 +591,7 @@ def band_over_seeds(da: xr.DataArray, configs: Sequence[str], level: float = 0.9
     coords = {"config": labels, "step": da["step"].values}
     ds = xr.Dataset({k: (("config", "step"), v) for k, v in out.items()}, coords=coords)
     ds["n"] = (("config", "step"), count)
-    ds.attrs.update(ci_method=f"{stats.CI_METHODS['t']}; level {level}", smooth=int(smooth),
-                    quantity=str(da.name))
+    ds.attrs.update(ci_method=f"{stats.CI_METHODS['t']}; level {level}", smooth=int(smooth), quantity=str(da.name))
     return ds
 
 
@@ -534,29 +626,42 @@ def summary_main(sweep_dir: str | None, sweep_file: str | None = None) -> int:
     if sweep_dir is None:
         return _fail("perlwb sweep needs a sweep file (perlwb sweep SWEEP.yaml) or --summary SWEEP_DIR.")
     if sweep_file is not None:
-        return _fail(f"give either a sweep file ({sweep_file}) to train, or --summary {sweep_dir} to summarise, not both.")
+        return _fail(
+            f"give either a sweep file ({sweep_file}) to train, or --summary {sweep_dir} to summarise, not both."
+        )
     try:
         csv_path, nc_path = write_summary(sweep_dir)
         with xr.open_dataset(nc_path, engine="netcdf4") as ds:
             ds = ds.load()
     except (RunError, ValueError, OSError) as err:
         return _fail(str(err))
-    print(f"perlwb sweep: wrote {csv_path} and {nc_path}: {ds.sizes['config']} configurations, "
-          f"{int(ds['n_seeds'].sum())} runs; final correct-equation reward (last {ds.attrs['last_k']} logged steps), "
-          f"mean [{ds.attrs['ci_level']:.0%} CI, {ds.attrs['ci_method']}] over seeds:")
+    print(
+        f"perlwb sweep: wrote {csv_path} and {nc_path}: {ds.sizes['config']} configurations, "
+        f"{int(ds['n_seeds'].sum())} runs; final correct-equation reward (last {ds.attrs['last_k']} logged steps), "
+        f"mean [{ds.attrs['ci_level']:.0%} CI, {ds.attrs['ci_method']}] over seeds:"
+    )
     print("\n".join(_headline(ds)))
     return 0
 
 
-def markdown_table(ds: xr.Dataset, quantities: Sequence[str] = ("final_equation_reward", "equation_reward_gain",
-                                                                 "update_rank_fraction", "energy_principal",
-                                                                 "energy_minor", "grad_ab_ratio"),
-                   digits: int = 3) -> str:
+def markdown_table(
+    ds: xr.Dataset,
+    quantities: Sequence[str] = (
+        "final_equation_reward",
+        "equation_reward_gain",
+        "update_rank_fraction",
+        "energy_principal",
+        "energy_minor",
+        "grad_ab_ratio",
+    ),
+    digits: int = 3,
+) -> str:
     """The summary as a Markdown table: one row per configuration, ``mean [low, high]`` per quantity.
 
     Usage:
         print(markdown_table(xr.open_dataset("sweeps/perl_questions_nano/summary.nc")))
     """
+
     def cell(i: int, q: str) -> str:
         mean, low, high = (float(ds[f"{q}_{s}"].values[i]) for s in ("mean", "ci_low", "ci_high"))
         if not np.isfinite(mean):
@@ -568,6 +673,11 @@ def markdown_table(ds: xr.Dataset, quantities: Sequence[str] = ("final_equation_
     head = ["method", "n", *quantities]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i in range(ds.sizes["config"]):
-        lines.append("| " + " | ".join([str(ds["method"].values[i]), str(int(ds["n_seeds"].values[i])),
-                                        *(cell(i, q) for q in quantities)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [str(ds["method"].values[i]), str(int(ds["n_seeds"].values[i])), *(cell(i, q) for q in quantities)]
+            )
+            + " |"
+        )
     return "\n".join(lines)

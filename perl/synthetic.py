@@ -24,16 +24,18 @@ perl.open_run(run_dir).spectral.singular_values.sel(layer=2, module="v_proj")
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
 
 import numpy as np
 
 __all__ = ["synthetic_run"]
 
-SOURCE = ("perl.synthetic: a random tiny Qwen2 trained on random tokens, tracked by the real trackers; "
-          "metrics.jsonl (reward, lengths) is invented")
+SOURCE = (
+    "perl.synthetic: a random tiny Qwen2 trained on random tokens, tracked by the real trackers; "
+    "metrics.jsonl (reward, lengths) is invented"
+)
 
 
 def _tiny_model(layers: int, r: int, seed: int):
@@ -42,9 +44,16 @@ def _tiny_model(layers: int, r: int, seed: int):
 
     # note: k/v projections are hidden/2 wide (2 kv heads of 4): keep every adapted dimension >= r
     hidden = max(32, 8 * math.ceil(4 * r / 8))
-    config = Qwen2Config(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
 
@@ -96,14 +105,24 @@ def synthetic_run(
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).unlink(missing_ok=True)
     targets = [*modules, *(f"model.layers.0.{_block_path(m)}" for m in partial if m not in modules)]
-    cfg = apply_overrides(TrainConfig(), {
-        "model.model_name_or_path": "synthetic",
-        "peft.type": method, "peft.r": r, "peft.lora_alpha": 2 * r, "peft.target_modules": targets,
-        "common.seed": seed, "training.output_dir": str(out), "training.max_steps": steps,
-        "training.learning_rate": learning_rate,
-        "tracker.enable_spectral_tracking": True, "tracker.enable_gradient_tracking": True,
-        "tracker.spectral_log_frequency": every, "tracker.gradient_log_frequency": every,
-    })
+    cfg = apply_overrides(
+        TrainConfig(),
+        {
+            "model.model_name_or_path": "synthetic",
+            "peft.type": method,
+            "peft.r": r,
+            "peft.lora_alpha": 2 * r,
+            "peft.target_modules": targets,
+            "common.seed": seed,
+            "training.output_dir": str(out),
+            "training.max_steps": steps,
+            "training.learning_rate": learning_rate,
+            "tracker.enable_spectral_tracking": True,
+            "tracker.enable_gradient_tracking": True,
+            "tracker.spectral_log_frequency": every,
+            "tracker.gradient_log_frequency": every,
+        },
+    )
     save_config(cfg, out / CONFIG_FILE)
 
     setup = build_adapter(_tiny_model(layers, r, seed), cfg.peft, total_steps=steps)

@@ -18,8 +18,9 @@ def distinct_characters_reward(completions, **kwargs) -> list[float]:
     return [float(len(set(c if isinstance(c, str) else str(c)))) for c in completions]
 
 
-def tiny_train_config(output_dir: str | Path, max_steps: int = 2, method: str = "lora",
-                      tracking_frequency: int | None = 1) -> TrainConfig:
+def tiny_train_config(
+    output_dir: str | Path, max_steps: int = 2, method: str = "lora", tracking_frequency: int | None = 1
+) -> TrainConfig:
     """A `TrainConfig` for ``tiny-random``: 4 completions of 12 tokens per step, 16 problems.
 
     Args:

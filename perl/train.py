@@ -27,9 +27,9 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from transformers import TrainerCallback
 
@@ -81,15 +81,21 @@ def resolve_checkpoint(output_dir: Path, resume: str | None) -> str | None:
 
 # note: what a fresh run (not resuming) moves aside from a folder without an earlier run in it (or
 # from a separate tracking folder), so old stores never mix with the new run's. Only files ours.
-_STALE_OUTPUTS = ("metrics.jsonl", "spectral_logs", "gradient_logs", "alignment_logs", "spectral_history_final.nc",
-                  "gradient_flow_final.nc", "alignment_final.nc")
+_STALE_OUTPUTS = (
+    "metrics.jsonl",
+    "spectral_logs",
+    "gradient_logs",
+    "alignment_logs",
+    "spectral_history_final.nc",
+    "gradient_flow_final.nc",
+    "alignment_final.nc",
+)
 
 
 def build_grpo_args(config: TrainConfig):
     """The ``trl.GRPOConfig`` of this run: our training section, minus what TRL does not know."""
-    from trl import GRPOConfig
-
     import torch
+    from trl import GRPOConfig
 
     kwargs = to_grpo_kwargs(config)
     kwargs["data_seed"] = config.common.seed
@@ -211,8 +217,9 @@ def tracking_callbacks(config: TrainConfig, model, tracking_dir: Path, run_attrs
     if tc.enable_alignment_tracking:
         from perl.trackers import AlignmentTracker, AlignmentTrackingCallback
 
-        tracker = AlignmentTracker.from_config(tc, model, tracking_dir, peft_type=config.peft.type,
-                                               run_attrs=run_attrs)
+        tracker = AlignmentTracker.from_config(
+            tc, model, tracking_dir, peft_type=config.peft.type, run_attrs=run_attrs
+        )
         callbacks.append(AlignmentTrackingCallback(tracker, save_with_checkpoints=tc.save_with_checkpoints))
     return callbacks
 
@@ -227,7 +234,9 @@ def run_attributes(config: TrainConfig, adapter_model) -> dict:
     from perl import __version__
     from perl.config import to_yaml
 
-    peft_cfg = getattr(adapter_model, "peft_config", {}).get("default") if hasattr(adapter_model, "peft_config") else None
+    peft_cfg = (
+        getattr(adapter_model, "peft_config", {}).get("default") if hasattr(adapter_model, "peft_config") else None
+    )
     alpha = config.peft.lora_alpha
     rank = getattr(peft_cfg, "init_r", None) or getattr(peft_cfg, "r", None)
     targets = getattr(peft_cfg, "target_modules", None)
@@ -239,7 +248,7 @@ def run_attributes(config: TrainConfig, adapter_model) -> dict:
     # (AdaLoRA by alpha/ranknum per module, VeRA/IA3/LN/MiSS not at all), so they get NaN here.
     lora_family = {"lora", "dora", "pissa", "milora", "milora_plus", "lora_plus", "lorafa"}
     if config.peft.type == "rslora" and rank:
-        scaling = alpha / (rank ** 0.5)
+        scaling = alpha / (rank**0.5)
     elif config.peft.type in lora_family and rank:
         scaling = alpha / rank
     else:
@@ -261,8 +270,9 @@ def run_attributes(config: TrainConfig, adapter_model) -> dict:
     return attrs
 
 
-def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
-          extra_callbacks: Sequence | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, reward_funcs: Sequence[Callable] | None = None, extra_callbacks: Sequence | None = None
+) -> TrainResult:
     """Run GRPO on Countdown with the adapter ``config.peft.type``; return a :class:`TrainResult`.
 
     Args:
@@ -286,8 +296,9 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
     tracking_dir = Path(config.tracker.tracking_output_dir or output_dir).expanduser()
     main_process = _is_main_process()
 
-    grpo_args = _setup_step("build the training arguments", "change the training settings",
-                            lambda: build_grpo_args(config))
+    grpo_args = _setup_step(
+        "build the training arguments", "change the training settings", lambda: build_grpo_args(config)
+    )
     torch.manual_seed(config.common.seed)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = _quiet_setup_step(
@@ -312,13 +323,20 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
     total_steps = config.training.max_steps if config.training.max_steps and config.training.max_steps > 0 else None
     if total_steps is None:
         per_step = grpo_args.per_device_train_batch_size * grpo_args.gradient_accumulation_steps
-        total_steps = max(1, int(len(train_ds) * config.training.num_train_epochs * config.training.num_generations
-                                 // max(1, per_step)))
+        total_steps = max(
+            1,
+            int(
+                len(train_ds) * config.training.num_train_epochs * config.training.num_generations // max(1, per_step)
+            ),
+        )
 
     check_adapter_fits(model, config)
     with quiet_known_warnings(enabled=not config.common.debug):
-        setup = _setup_step(f"build the {config.peft.type} adapter", "change the peft settings",
-                            lambda: build_adapter(model, config.peft, total_steps=total_steps))
+        setup = _setup_step(
+            f"build the {config.peft.type} adapter",
+            "change the peft settings",
+            lambda: build_adapter(model, config.peft, total_steps=total_steps),
+        )
     logger.info("adapter: %s", setup.description)
     peft_model = setup.model
 
@@ -326,15 +344,19 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
     try:
         # note: built before the lock so that TRL's own checks are refusals too; the callbacks
         # that write (trackers, metrics) join it once the folder is ours (see _run)
-        trainer = _setup_step("set up the GRPO trainer", "change the training settings", lambda: GRPOTrainer(
-            model=peft_model,
-            reward_funcs=list(reward_funcs or default_reward_funcs()),
-            args=grpo_args,
-            train_dataset=train_ds,
-            processing_class=tokenizer,
-            callbacks=list(setup.callbacks),
-            optimizers=(None, None),
-        ))
+        trainer = _setup_step(
+            "set up the GRPO trainer",
+            "change the training settings",
+            lambda: GRPOTrainer(
+                model=peft_model,
+                reward_funcs=list(reward_funcs or default_reward_funcs()),
+                args=grpo_args,
+                train_dataset=train_ds,
+                processing_class=tokenizer,
+                callbacks=list(setup.callbacks),
+                optimizers=(None, None),
+            ),
+        )
     except ConfigError:
         if not existed and output_dir.is_dir() and not any(output_dir.iterdir()):
             output_dir.rmdir()  # note: the Trainer creates output_dir as it is built
@@ -351,14 +373,25 @@ def train(config: TrainConfig, reward_funcs: Sequence[Callable] | None = None,
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, output_dir / CONFIG_FILE)
         with _terminate_as_exit():
-            return _run(config, trainer, extra_callbacks, grpo_args, setup, peft_model, output_dir, tracking_dir,
-                        checkpoint, moves)
+            return _run(
+                config,
+                trainer,
+                extra_callbacks,
+                grpo_args,
+                setup,
+                peft_model,
+                output_dir,
+                tracking_dir,
+                checkpoint,
+                moves,
+            )
     except BaseException:
         for move in moves:
             if not move.done:
                 move.rollback()
-                logger.warning("training failed before its first snapshot; the previous run in %s is back.",
-                               move.folder)
+                logger.warning(
+                    "training failed before its first snapshot; the previous run in %s is back.", move.folder
+                )
         raise
     finally:
         if lock is not None:
@@ -400,7 +433,9 @@ def _move_previous_run_aside(output_dir: Path, tracking_dir: Path) -> list[Overw
         # note: a folder without a run in it only loses stale outputs of ours; other files stay
         whole_run = earlier_run(output_dir) is not None
         moves.append(Overwrite(output_dir, None if whole_run else _STALE_OUTPUTS).move_aside())
-    if tracking_dir.resolve() != output_dir.resolve() and not tracking_dir.resolve().is_relative_to(output_dir.resolve()):
+    if tracking_dir.resolve() != output_dir.resolve() and not tracking_dir.resolve().is_relative_to(
+        output_dir.resolve()
+    ):
         moves.append(Overwrite(tracking_dir, _STALE_OUTPUTS).move_aside())
     return moves
 
@@ -442,8 +477,9 @@ class _CommitOverwrite(TrainerCallback):
         self.commit()
 
 
-def _run(config, trainer, extra_callbacks, grpo_args, setup, peft_model, output_dir, tracking_dir, checkpoint,
-         moves) -> TrainResult:
+def _run(
+    config, trainer, extra_callbacks, grpo_args, setup, peft_model, output_dir, tracking_dir, checkpoint, moves
+) -> TrainResult:
     """The training itself, once the folder is locked and prepared (see `train`)."""
     callbacks = list(setup.callbacks)
     callbacks += tracking_callbacks(config, peft_model, tracking_dir, run_attributes(config, peft_model))
@@ -454,7 +490,7 @@ def _run(config, trainer, extra_callbacks, grpo_args, setup, peft_model, output_
             callbacks.append(_CommitOverwrite(moves, tracking_dir))
     callbacks += list(extra_callbacks or [])
 
-    for cb in callbacks[len(setup.callbacks):]:
+    for cb in callbacks[len(setup.callbacks) :]:
         trainer.add_callback(cb)
     if setup.optimizer_factory is not None:
         trainer.optimizer = setup.optimizer_factory(trainer.model, grpo_args)

@@ -54,12 +54,17 @@ def check_tiny_run() -> str:
         result = train(tiny_train_config(Path(tmp) / "run", max_steps=2), reward_funcs=[distinct_characters_reward])
         spectral = SpectralTracker.load(result.output_dir / "spectral_history_final.nc").data
         gradients = GradientFlowTracker.load(result.output_dir / "gradient_flow_final.nc").data
-        return (f"spectral steps {list(map(int, spectral.step.values))}, "
-                f"gradient steps {list(map(int, gradients.step.values))}")
+        return (
+            f"spectral steps {list(map(int, spectral.step.values))}, "
+            f"gradient steps {list(map(int, gradients.step.values))}"
+        )
 
 
-CHECKS = [("imports", check_imports), ("config defaults", check_config_defaults),
-          ("tiny tracked training", check_tiny_run)]
+CHECKS = [
+    ("imports", check_imports),
+    ("config defaults", check_config_defaults),
+    ("tiny tracked training", check_tiny_run),
+]
 
 
 def main() -> int:

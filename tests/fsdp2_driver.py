@@ -43,8 +43,9 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01) -> None:
     cfg = TrainConfig()
     cfg.model.model_name_or_path = "countdown-nano"
     torch.manual_seed(cfg.common.seed)
-    model, tokenizer = load_model_and_tokenizer("countdown-nano", dtype="float32", device_type="cpu",
-                                                seed=cfg.common.seed)
+    model, tokenizer = load_model_and_tokenizer(
+        "countdown-nano", dtype="float32", device_type="cpu", seed=cfg.common.seed
+    )
     peft_model = build_adapter(model, cfg.peft, total_steps=steps).model
     # note: B = 0 at LoRA init; a deterministic nonzero B makes step 1's spectra and gradients nontrivial
     with torch.no_grad():
@@ -72,8 +73,10 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01) -> None:
             t.start_fresh()
         gradient.start_fresh()
 
-    texts = [f"Using the numbers [{a}, {b}, {c}], create an equation that equals {a + b - c}. <answer> {a} + {b} - {c} </answer>"
-             for a, b, c in [(3, 5, 2), (7, 1, 4), (9, 6, 8), (2, 2, 3)]]
+    texts = [
+        f"Using the numbers [{a}, {b}, {c}], create an equation that equals {a + b - c}. <answer> {a} + {b} - {c} </answer>"
+        for a, b, c in [(3, 5, 2), (7, 1, 4), (9, 6, 8), (2, 2, 3)]
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
@@ -121,5 +124,8 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 3,
-         float(sys.argv[3]) if len(sys.argv) > 3 else 0.01)
+    main(
+        Path(sys.argv[1]),
+        int(sys.argv[2]) if len(sys.argv) > 2 else 3,
+        float(sys.argv[3]) if len(sys.argv) > 3 else 0.01,
+    )

@@ -35,14 +35,25 @@ ADAPTER_FIXED = ("ranknum",)
 def tiny_model() -> Qwen2ForCausalLM:
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return Qwen2ForCausalLM(config).eval()
 
 
 def peft_cfg(method: str, **overrides) -> PeftConfig:
-    fields = {"type": method, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": list(DEFAULT_TARGET_MODULES)}
+    fields = {
+        "type": method,
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": list(DEFAULT_TARGET_MODULES),
+    }
     fields.update(overrides)
     return PeftConfig(**fields)
 
@@ -108,8 +119,21 @@ def lora_layers(peft_model):
 
 def test_registry_names_match_the_config_choices():
     assert PEFT_METHODS == (
-        "lora", "dora", "adalora", "pissa", "milora", "milora_plus", "lora_plus", "rslora",
-        "lorafa", "vera", "ia3", "layernorm", "miss", "hra", "slicefine",
+        "lora",
+        "dora",
+        "adalora",
+        "pissa",
+        "milora",
+        "milora_plus",
+        "lora_plus",
+        "rslora",
+        "lorafa",
+        "vera",
+        "ia3",
+        "layernorm",
+        "miss",
+        "hra",
+        "slicefine",
     )
     # the config's `choices` and the registry must agree, or a valid config could fail to build
     assert set(PEFT_TYPES) == set(ALL_METHODS)
@@ -178,14 +202,23 @@ def test_training_moves_the_adapter_and_not_the_base(method):
     if method == "full":
         return
     # the frozen base is the pretrained model itself, except where PiSSA / MiLoRA put the residual
-    base = {base_name(n): p for n, p in model.named_parameters()
-            if not any(k in n for k in ADAPTER_MARKERS + ADAPTER_FIXED)}
+    base = {
+        base_name(n): p
+        for n, p in model.named_parameters()
+        if not any(k in n for k in ADAPTER_MARKERS + ADAPTER_FIXED)
+    }
     assert set(base) == set(original), set(base) ^ set(original)
     rewritten = [n for n in original if not torch.equal(original[n], base[n].detach())]
     if method in RESIDUAL_METHODS:
-        expected = {f"model.layers.{i}.{blk}.{m}.weight" for i in range(2)
-                    for blk, mods in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                      ("mlp", ("gate_proj", "up_proj", "down_proj"))) for m in mods}
+        expected = {
+            f"model.layers.{i}.{blk}.{m}.weight"
+            for i in range(2)
+            for blk, mods in (
+                ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                ("mlp", ("gate_proj", "up_proj", "down_proj")),
+            )
+            for m in mods
+        }
         assert set(rewritten) == expected
     else:
         assert rewritten == []
@@ -330,12 +363,24 @@ def _trainer_run(setup, tmp_path, steps: int, with_callback: bool):
             return {"input_ids": ids, "labels": ids.clone()}
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
-    trainer = Trainer(model=setup.model, args=args, train_dataset=RandomTokens(),
-                      callbacks=list(setup.callbacks) if with_callback else [])
+    trainer = Trainer(
+        model=setup.model,
+        args=args,
+        train_dataset=RandomTokens(),
+        callbacks=list(setup.callbacks) if with_callback else [],
+    )
     trainer.train()
     return trainer
 
@@ -409,8 +454,9 @@ def test_ia3_scales_the_input_of_down_proj_and_the_output_of_the_rest():
 
 def test_ia3_feedforward_modules_must_be_targets():
     with pytest.raises(ValueError, match="feedforward_modules.*subset"):
-        build_adapter(tiny_model(), peft_cfg("ia3", target_modules=["q_proj"], feedforward_modules=["down_proj"]),
-                      total_steps=2)
+        build_adapter(
+            tiny_model(), peft_cfg("ia3", target_modules=["q_proj"], feedforward_modules=["down_proj"]), total_steps=2
+        )
 
 
 def test_layernorm_tuning_trains_the_norms_only():
@@ -431,9 +477,7 @@ def test_vera_shares_one_projection_pair_sized_for_the_largest_layer():
 # a saved adapter comes back exactly as it was trained
 
 
-@pytest.mark.parametrize(
-    "method, knobs", [(m, {}) for m in PEFT_METHODS] + [("pissa", {"pissa_niter": 2})]
-)
+@pytest.mark.parametrize("method, knobs", [(m, {}) for m in PEFT_METHODS] + [("pissa", {"pissa_niter": 2})])
 def test_saved_adapter_reloads_onto_the_original_base(method, knobs, tmp_path):
     from perl.adapters import load_trained_adapter
 

@@ -45,14 +45,14 @@ def dense_reference(W0, dW, k, rtol=1e-6, epsilon=0.5):
         "update_rank": rho,
         "energy_fraction_top_left": float(torch.linalg.matrix_norm(U[:, :k].T @ dW) ** 2 / total),
         "energy_fraction_top_right": float(torch.linalg.matrix_norm(dW @ V[:, :k]) ** 2 / total),
-        "energy_fraction_bottom_left": float(torch.linalg.matrix_norm(U[:, p - k:].T @ dW) ** 2 / total),
-        "energy_fraction_bottom_right": float(torch.linalg.matrix_norm(dW @ V[:, p - k:]) ** 2 / total),
+        "energy_fraction_bottom_left": float(torch.linalg.matrix_norm(U[:, p - k :].T @ dW) ** 2 / total),
+        "energy_fraction_bottom_right": float(torch.linalg.matrix_norm(dW @ V[:, p - k :]) ** 2 / total),
         "principal_angle_cosines": torch.linalg.svdvals(U[:, :k].T @ Ud).numpy()[: min(k, rho)],
         "amplification_factor": float(torch.sqrt(total) / torch.linalg.matrix_norm(Ud.T @ W0 @ Vd)),
         "intruder_dimensions": int((max_cos < epsilon).sum()),
         "intruder_max_cosine": max_cos.numpy(),
         "base_top": S[:k].numpy(),
-        "base_bottom": S[p - k:].flip(0).numpy(),
+        "base_bottom": S[p - k :].flip(0).numpy(),
     }
 
 
@@ -87,8 +87,8 @@ def test_update_inside_top_k_space_scores_one_there_and_zero_in_bottom_k(shape):
         assert got[f"energy_fraction_bottom_{side}"] == pytest.approx(0.0, abs=1e-12)
     np.testing.assert_allclose(got["principal_angle_cosines"], np.ones(r), atol=1e-12)
     # and the mirror image: built from the bottom-k vectors
-    B = U[:, p - k:p] @ torch.randn(k, r, generator=gen, dtype=torch.float64)
-    A = torch.randn(r, k, generator=gen, dtype=torch.float64) @ V[:, p - k:p].T
+    B = U[:, p - k : p] @ torch.randn(k, r, generator=gen, dtype=torch.float64)
+    A = torch.randn(r, k, generator=gen, dtype=torch.float64) @ V[:, p - k : p].T
     got = factored_metrics(W0, B, A, 2.0, k)
     assert got["energy_fraction_bottom_left"] == pytest.approx(1.0, abs=1e-12)
     assert got["energy_fraction_top_right"] == pytest.approx(0.0, abs=1e-12)
@@ -123,7 +123,10 @@ def test_factored_results_equal_dense_ones_with_nonzero_init():
     gen = torch.Generator().manual_seed(3)
     m, n, r, k, s = 36, 28, 4, 8, 0.75
     W0 = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    B_0, A_0 = torch.randn(m, r, generator=gen, dtype=torch.float64), torch.randn(r, n, generator=gen, dtype=torch.float64)
+    B_0, A_0 = (
+        torch.randn(m, r, generator=gen, dtype=torch.float64),
+        torch.randn(r, n, generator=gen, dtype=torch.float64),
+    )
     B_t = B_0 + 0.1 * torch.randn(m, r, generator=gen, dtype=torch.float64)
     A_t = A_0 + 0.1 * torch.randn(r, n, generator=gen, dtype=torch.float64)
     dW = s * (B_t @ A_t - B_0 @ A_0)
@@ -164,8 +167,15 @@ def tiny_model(seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = Qwen2Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return Qwen2ForCausalLM(config)
 
 
@@ -196,7 +206,9 @@ def train_steps(model, n, seed=0):
 
 
 def dense_deltas(model):
-    return {a.name: a.peft_module.get_delta_weight(a.adapter).detach().double().clone() for a in discover_adapters(model)}
+    return {
+        a.name: a.peft_module.get_delta_weight(a.adapter).detach().double().clone() for a in discover_adapters(model)
+    }
 
 
 def check_against_dense(ds, step, model, originals, init_deltas, k, with_intruders):
@@ -206,12 +218,21 @@ def check_against_dense(ds, step, model, originals, init_deltas, k, with_intrude
         dW = a.peft_module.get_delta_weight(a.adapter).detach().double() - init_deltas[a.name]
         ref = dense_reference(W0, dW, k)
         cell = ds.sel(step=step, layer=a.layer, module=a.module)
-        for name in ("update_frobenius_norm", "update_rank", "energy_fraction_top_left", "energy_fraction_top_right",
-                     "energy_fraction_bottom_left", "energy_fraction_bottom_right", "amplification_factor"):
+        for name in (
+            "update_frobenius_norm",
+            "update_rank",
+            "energy_fraction_top_left",
+            "energy_fraction_top_right",
+            "energy_fraction_bottom_left",
+            "energy_fraction_bottom_right",
+            "amplification_factor",
+        ):
             np.testing.assert_allclose(float(cell[name]), ref[name], rtol=1e-5, atol=TOL, err_msg=f"{a.name} {name}")
         cos = cell.principal_angle_cosines.values
-        np.testing.assert_allclose(cos[: ref["principal_angle_cosines"].size], ref["principal_angle_cosines"], atol=TOL)
-        assert np.isnan(cos[ref["principal_angle_cosines"].size:]).all()
+        np.testing.assert_allclose(
+            cos[: ref["principal_angle_cosines"].size], ref["principal_angle_cosines"], atol=TOL
+        )
+        assert np.isnan(cos[ref["principal_angle_cosines"].size :]).all()
         static = ds.sel(layer=a.layer, module=a.module)
         np.testing.assert_allclose(static.base_singular_values_top.values, ref["base_top"], rtol=1e-5)
         np.testing.assert_allclose(static.base_singular_values_bottom.values, ref["base_bottom"], rtol=1e-5, atol=1e-6)
@@ -229,8 +250,8 @@ def test_tracker_on_tiny_lora_equals_dense_recomputation(tmp_path):
     zero = {n: torch.zeros_like(d) for n, d in dense_deltas(model).items()}
     tracker = AlignmentTracker(model, log_frequency=1, save_dir=tmp_path, intruder_log_frequency=3)
     snap0 = tracker.log_step(0)
-    assert (snap0.update_frobenius_norm.values == 0).all()               # B = 0: zero update
-    assert np.isnan(snap0.energy_fraction_top_left.values).all()          # 0/0, documented
+    assert (snap0.update_frobenius_norm.values == 0).all()  # B = 0: zero update
+    assert np.isnan(snap0.energy_fraction_top_left.values).all()  # 0/0, documented
     assert (snap0.intruder_dimensions.values == 0).all() and (snap0.intruder_max_cosine.values == 1).all()
     train_steps(model, 2)
     tracker.log_step(2)
@@ -285,8 +306,9 @@ def test_pissa_and_milora_use_the_weight_before_the_residual_split(method, tmp_p
 def test_intruder_basis_cache_budget_and_base_svd_reload(tmp_path, monkeypatch):
     model, _ = peft_model("pissa")
     cached = AlignmentTracker(model, log_frequency=1, save_dir=tmp_path / "a", intruder_log_frequency=1)
-    uncached = AlignmentTracker(model, log_frequency=1, save_dir=tmp_path / "b", intruder_log_frequency=1,
-                                intruder_cache_mb=0)
+    uncached = AlignmentTracker(
+        model, log_frequency=1, save_dir=tmp_path / "b", intruder_log_frequency=1, intruder_cache_mb=0
+    )
     cached.log_step(0)
     uncached.log_step(0)
     assert cached._basis_cache and not uncached._basis_cache
@@ -311,7 +333,9 @@ def test_intruder_basis_cache_budget_and_base_svd_reload(tmp_path, monkeypatch):
 def test_vector_methods_record_nothing(tmp_path):
     from peft import IA3Config, get_peft_model
 
-    model = get_peft_model(tiny_model(), IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    model = get_peft_model(
+        tiny_model(), IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
     tracker = AlignmentTracker(model, save_dir=tmp_path)
     assert not tracker.enabled and tracker.log_step(0) is None and tracker.steps == []
 
@@ -332,9 +356,21 @@ def _trainer(model, out, max_steps, callbacks, save_steps=2):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 96, (16, 12), generator=gen).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2,
-                             learning_rate=1e-2, logging_steps=1, save_steps=save_steps, save_strategy="steps",
-                             report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, save_only_model=False)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_steps=save_steps,
+        save_strategy="steps",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
     return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
 
 
@@ -361,13 +397,19 @@ def test_callback_steps_intruders_and_resume_restore_the_pre_split_weight(tmp_pa
     trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     resumed = RunStore.open(tmp_path / "alignment_final.nc")
     assert list(resumed.step.values) == [0, 2, 4, 5]
-    np.testing.assert_allclose(resumed.base_singular_values_top.values, first.base_singular_values_top.values, rtol=1e-6)
+    np.testing.assert_allclose(
+        resumed.base_singular_values_top.values, first.base_singular_values_top.values, rtol=1e-6
+    )
     a = discover_adapters(model2)[0]
-    np.testing.assert_allclose(resumed.base_singular_values_top.sel(layer=a.layer, module=a.module).values,
-                               torch.linalg.svdvals(originals[a.name + ".weight"])[:8].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        resumed.base_singular_values_top.sel(layer=a.layer, module=a.module).values,
+        torch.linalg.svdvals(originals[a.name + ".weight"])[:8].numpy(),
+        rtol=1e-5,
+    )
     for name in ("energy_fraction_top_left", "energy_fraction_bottom_left", "amplification_factor"):
-        np.testing.assert_allclose(resumed[name].sel(step=5).values, first[name].sel(step=5).values,
-                                   rtol=1e-3, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            resumed[name].sel(step=5).values, first[name].sel(step=5).values, rtol=1e-3, atol=1e-5, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("shape", [(50, 20), (20, 50), (30, 30)])
@@ -390,8 +432,16 @@ def test_other_factored_methods_equal_dense_recomputation(method, tmp_path):
     registry = pytest.importorskip("perl.adapters.registry")
     base = tiny_model()
     originals = {n: p.detach().clone().double() for n, p in base.named_parameters()}
-    cfg = SimpleNamespace(type=method, r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                          init_r=6, target_r=3, miss_init="balance")
+    cfg = SimpleNamespace(
+        type=method,
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        init_r=6,
+        target_r=3,
+        miss_init="balance",
+    )
     model = registry.build_adapter(base, cfg, total_steps=3).model
 
     def peft_delta(a):  # peft's own dense delta, independent of discovery's factors

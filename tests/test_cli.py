@@ -72,7 +72,10 @@ BAD_INPUTS = {
     "wrong type float": (["--config.training.learning_rate", "1e-4x"], ["learning_rate", "number"]),
     "wrong type bool": (["--config.tracker.compute_full_svd", "maybe"], ["compute_full_svd", "true or false"]),
     "missing value": (["--config.peft.r"], ["--config.peft.r", "expects a value"]),
-    "negative tracking_frequency": (["--enable_tracking", "--tracking_frequency", "-5"], ["--tracking_frequency", "-5"]),
+    "negative tracking_frequency": (
+        ["--enable_tracking", "--tracking_frequency", "-5"],
+        ["--tracking_frequency", "-5"],
+    ),
     "zero tracking_frequency": (["--tracking_frequency", "0"], ["--tracking_frequency", "positive"]),
     "negative frequency flag": (["--config.tracker.gradient_log_frequency", "-1"], ["gradient_log_frequency", ">= 1"]),
     "negative frequency yaml": (["--config", "negative.yaml"], ["spectral_log_frequency", ">= 1", "-10"]),
@@ -101,7 +104,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("marker", ["config.yaml", "checkpoint-10/", "spectral_history_final.nc", "spectral_logs/spectral_history.nc"])
+@pytest.mark.parametrize(
+    "marker", ["config.yaml", "checkpoint-10/", "spectral_history_final.nc", "spectral_logs/spectral_history.nc"]
+)
 def test_output_dir_with_an_earlier_run_is_refused(tmp_path, marker):
     out = tmp_path / "out"
     target = out / marker.rstrip("/")
@@ -122,8 +127,16 @@ def test_tracking_output_dir_with_an_earlier_run_is_refused(tmp_path):
     (tmp_path / "tracks" / "gradient_logs" / "gradient_flow.nc").write_text("x")
     _model_dir(tmp_path)
     before = _snapshot(tmp_path)
-    proc = run_cli(tmp_path, "--config.model.model_name_or_path", "model", "--enable_tracking",
-                   "--tracking_output_dir", "tracks", "--config.training.output_dir", "out")
+    proc = run_cli(
+        tmp_path,
+        "--config.model.model_name_or_path",
+        "model",
+        "--enable_tracking",
+        "--tracking_output_dir",
+        "tracks",
+        "--config.training.output_dir",
+        "out",
+    )
     assert_user_error(proc, "tracks", "already holds a run")
     assert _snapshot(tmp_path) == before
 
@@ -133,8 +146,15 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
     (tmp_path / "out" / "config.yaml").write_text("{}")
     _model_dir(tmp_path)
     before = _snapshot(tmp_path)
-    proc = run_cli(tmp_path, "--config.model.model_name_or_path", "model", "--config.training.output_dir", "out",
-                   "--config.training.resume_from_checkpoint", "true")
+    proc = run_cli(
+        tmp_path,
+        "--config.model.model_name_or_path",
+        "model",
+        "--config.training.output_dir",
+        "out",
+        "--config.training.resume_from_checkpoint",
+        "true",
+    )
     assert_user_error(proc, "no checkpoint-* folder")
     assert _snapshot(tmp_path) == before
 
@@ -230,13 +250,21 @@ def test_alignment_and_overwrite_flags(captured):
 
 
 def test_tracking_docs_standard_flags(captured):
-    assert _main(
-        "--config.tracker.enable_spectral_tracking", "true",
-        "--config.tracker.enable_gradient_tracking", "true",
-        "--config.tracker.spectral_log_frequency", "100",
-        "--config.tracker.gradient_log_frequency", "50",
-        "--config.peft.type", "dora",
-    ) == 0
+    assert (
+        _main(
+            "--config.tracker.enable_spectral_tracking",
+            "true",
+            "--config.tracker.enable_gradient_tracking",
+            "true",
+            "--config.tracker.spectral_log_frequency",
+            "100",
+            "--config.tracker.gradient_log_frequency",
+            "50",
+            "--config.peft.type",
+            "dora",
+        )
+        == 0
+    )
     t = captured[0].tracker
     assert t.enable_spectral_tracking and t.enable_gradient_tracking
     assert (t.spectral_log_frequency, t.gradient_log_frequency) == (100, 50)
@@ -247,23 +275,42 @@ def test_precedence_defaults_yaml_convenience_dotted(captured, tmp_path):
     (tmp_path / "c.yaml").write_text(
         "peft: {r: 4, lora_alpha: 8}\ntracker: {spectral_log_frequency: 3, gradient_log_frequency: 3}\n"
     )
-    assert _main("--config", "c.yaml", "--config.peft.r", "16", "--tracking_frequency", "9",
-                 "--config.tracker.spectral_log_frequency", "2") == 0
+    assert (
+        _main(
+            "--config",
+            "c.yaml",
+            "--config.peft.r",
+            "16",
+            "--tracking_frequency",
+            "9",
+            "--config.tracker.spectral_log_frequency",
+            "2",
+        )
+        == 0
+    )
     cfg = captured[0]
     assert (cfg.peft.r, cfg.peft.lora_alpha) == (16, 8)  # dotted beats YAML; YAML beats the default
     assert (cfg.tracker.spectral_log_frequency, cfg.tracker.gradient_log_frequency) == (2, 9)
 
 
 def test_typed_flag_values(captured):
-    assert _main(
-        "--config.common.debug",  # a bare boolean flag means true
-        "--config.tracker.compute_full_svd", "false",
-        "--config.peft.target_modules", "q_proj,v_proj",
-        "--config.training.lr_scheduler_kwargs", "{min_lr: 1e-6}",
-        "--config.training.epsilon_high", "none",
-        "--config.training.max_steps", "-1",
-        "--config.training.learning_rate=2e-5",
-    ) == 0
+    assert (
+        _main(
+            "--config.common.debug",  # a bare boolean flag means true
+            "--config.tracker.compute_full_svd",
+            "false",
+            "--config.peft.target_modules",
+            "q_proj,v_proj",
+            "--config.training.lr_scheduler_kwargs",
+            "{min_lr: 1e-6}",
+            "--config.training.epsilon_high",
+            "none",
+            "--config.training.max_steps",
+            "-1",
+            "--config.training.learning_rate=2e-5",
+        )
+        == 0
+    )
     cfg = captured[0]
     assert cfg.common.debug is True and cfg.tracker.compute_full_svd is False
     assert cfg.peft.target_modules == ["q_proj", "v_proj"]
@@ -290,8 +337,10 @@ def test_overwrite_and_resume_allow_an_earlier_run(captured, tmp_path):
     assert _main("--config.training.output_dir", "out") == 2
     assert _main("--config.training.output_dir", "out", "--overwrite_output_dir") == 0
     assert _main("--config.training.output_dir", "out", "--config.training.resume_from_checkpoint", "true") == 0
-    assert _main("--config.training.output_dir", "out",
-                 "--config.training.resume_from_checkpoint", "out/checkpoint-4") == 0
+    assert (
+        _main("--config.training.output_dir", "out", "--config.training.resume_from_checkpoint", "out/checkpoint-4")
+        == 0
+    )
     assert len(captured) == 3
 
 

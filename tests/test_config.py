@@ -385,8 +385,9 @@ def test_training_fields_are_grpo_fields_or_our_own():
 
 
 def test_loss_types_and_schedulers_are_those_of_the_installed_libraries():
-    from perl.config import LOSS_TYPES, LR_SCHEDULERS
     from transformers.trainer_utils import SchedulerType
+
+    from perl.config import LOSS_TYPES, LR_SCHEDULERS
 
     grpo_help = _grpo_fields()["loss_type"].metadata["help"]
     for loss in LOSS_TYPES:
@@ -414,9 +415,22 @@ def test_grpo_config_is_built_from_to_grpo_kwargs():
     assert not set(kwargs) & set(OWN_TRAINING_FIELDS)
     args = GRPOConfig(**kwargs)
     t = cfg.training
-    for name in ("learning_rate", "max_steps", "max_completion_length", "num_generations", "loss_type",
-                 "beta", "epsilon", "epsilon_high", "temperature", "lr_scheduler_type", "max_grad_norm",
-                 "per_device_train_batch_size", "save_strategy", "logging_steps"):
+    for name in (
+        "learning_rate",
+        "max_steps",
+        "max_completion_length",
+        "num_generations",
+        "loss_type",
+        "beta",
+        "epsilon",
+        "epsilon_high",
+        "temperature",
+        "lr_scheduler_type",
+        "max_grad_norm",
+        "per_device_train_batch_size",
+        "save_strategy",
+        "logging_steps",
+    ):
         assert getattr(args, name) == getattr(t, name), name
     assert args.seed == 11
     assert args.bf16 is False  # dtype auto on a CPU is float32
@@ -425,8 +439,10 @@ def test_grpo_config_is_built_from_to_grpo_kwargs():
     assert args.get_warmup_steps(200) == math.ceil(200 * 0.1)
 
 
-@pytest.mark.parametrize("dtype, cuda, bf16", [("auto", False, False), ("auto", True, True),
-                                                ("float32", True, False), ("bfloat16", False, True)])
+@pytest.mark.parametrize(
+    "dtype, cuda, bf16",
+    [("auto", False, False), ("auto", True, True), ("float32", True, False), ("bfloat16", False, True)],
+)
 def test_bf16_follows_the_model_dtype(dtype, cuda, bf16):
     pytest.importorskip("trl")
     cfg = apply_overrides(TrainConfig(), {"model.dtype": dtype})

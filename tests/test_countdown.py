@@ -37,9 +37,11 @@ def rpn_values(nums):
                 program, ni, oi = [], 0, 0
                 for pos in range(2 * n - 1):
                     if pos in slots:
-                        program.append(ops[oi]); oi += 1
+                        program.append(ops[oi])
+                        oi += 1
                     else:
-                        program.append(perm[ni]); ni += 1
+                        program.append(perm[ni])
+                        ni += 1
                 stack, ok = [], True
                 for tok in program:
                     if isinstance(tok, int):
@@ -147,8 +149,10 @@ def test_split_partitions_are_disjoint_across_seeds():
         assert problem_key(list(reversed(p["nums"])), p["target"]) not in train_keys
     # the test partition is about test_fraction (10%) of an unfiltered stream
     stream = generate_problems(2000, seed=5, min_numbers=3, max_numbers=3)
-    test_keys_all = {problem_key(p["nums"], p["target"]) for p in
-                     generate_problems(400, seed=5, min_numbers=3, max_numbers=3, split="test")}
+    test_keys_all = {
+        problem_key(p["nums"], p["target"])
+        for p in generate_problems(400, seed=5, min_numbers=3, max_numbers=3, split="test")
+    }
     in_test = sum(problem_key(p["nums"], p["target"]) in test_keys_all for p in stream)
     assert 0.05 * len(stream) < in_test < 0.15 * len(stream)
 

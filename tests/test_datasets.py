@@ -70,8 +70,16 @@ def test_generated_is_the_default(tokenizer):
 
 
 def test_generator_knobs_reach_the_generator(tokenizer):
-    c = cfg(dataset_name_or_path=GENERATED, example_numbers=20, test_size=0, seed=0,
-            min_numbers=4, max_numbers=4, max_number=9, max_target=30)
+    c = cfg(
+        dataset_name_or_path=GENERATED,
+        example_numbers=20,
+        test_size=0,
+        seed=0,
+        min_numbers=4,
+        max_numbers=4,
+        max_number=9,
+        max_target=30,
+    )
     train, test = load_countdown(c, tokenizer)
     assert len(train) == 20 and len(test) == 0
     for nums, target in rows_of(train):
@@ -127,8 +135,9 @@ def test_duplicates_never_straddle_train_and_test(tmp_path, tokenizer):
     path = tmp_path / "dups.jsonl"
     write_jsonl(path, records)
     for seed in range(5):
-        train, test = load_countdown(cfg(dataset_name_or_path=str(path), example_numbers=30, test_size=5,
-                                         seed=seed), tokenizer)
+        train, test = load_countdown(
+            cfg(dataset_name_or_path=str(path), example_numbers=30, test_size=5, seed=seed), tokenizer
+        )
         assert len(test) >= 5 and len(train) + len(test) == 35
         assert not set(rows_of(train)) & set(rows_of(test))
 
@@ -138,12 +147,18 @@ def test_local_parquet_and_folder(tmp_path, tokenizer):
     (tmp_path / "data").mkdir()
     pq.write_table(pa.Table.from_pylist(a), tmp_path / "data" / "train-0.parquet")
     # a second file with narrower integer types and an extra column, as real exports have
-    extra = pa.table({"target": pa.array([r["target"] for r in b], pa.int32()),
-                      "nums": pa.array([r["nums"] for r in b], pa.list_(pa.int16())),
-                      "source": ["x"] * 10})
+    extra = pa.table(
+        {
+            "target": pa.array([r["target"] for r in b], pa.int32()),
+            "nums": pa.array([r["nums"] for r in b], pa.list_(pa.int16())),
+            "source": ["x"] * 10,
+        }
+    )
     pq.write_table(extra, tmp_path / "data" / "train-1.parquet")
-    one, _ = load_countdown(cfg(dataset_name_or_path=str(tmp_path / "data" / "train-0.parquet"),
-                                example_numbers=10, test_size=0), tokenizer)
+    one, _ = load_countdown(
+        cfg(dataset_name_or_path=str(tmp_path / "data" / "train-0.parquet"), example_numbers=10, test_size=0),
+        tokenizer,
+    )
     assert sorted(rows_of(one)) == sorted((tuple(r["nums"]), r["target"]) for r in a)
     train, test = load_countdown(cfg(dataset_name_or_path=str(tmp_path), example_numbers=15, test_size=5), tokenizer)
     assert (len(train), len(test)) == (15, 5)

@@ -24,12 +24,28 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "accelerate"
 STEPS = 3
 CLIP = 0.01  # note: far below countdown-nano's gradient norms (~0.2), so every step is clipped
-RUN_ARGS = ["--enable_tracking", "--enable_alignment_tracking", "--tracking_frequency", "1",
-            "--config.tracker.alignment_log_frequency", "1",
-            "--config.model.model_name_or_path", "countdown-nano",
-            "--config.training.max_steps", str(STEPS), "--config.training.max_grad_norm", str(CLIP),
-            "--config.training.num_generations", "8", "--config.training.per_device_train_batch_size", "8",
-            "--config.dataset.example_numbers", "32", "--config.dataset.test_size", "4"]
+RUN_ARGS = [
+    "--enable_tracking",
+    "--enable_alignment_tracking",
+    "--tracking_frequency",
+    "1",
+    "--config.tracker.alignment_log_frequency",
+    "1",
+    "--config.model.model_name_or_path",
+    "countdown-nano",
+    "--config.training.max_steps",
+    str(STEPS),
+    "--config.training.max_grad_norm",
+    str(CLIP),
+    "--config.training.num_generations",
+    "8",
+    "--config.training.per_device_train_batch_size",
+    "8",
+    "--config.dataset.example_numbers",
+    "32",
+    "--config.dataset.test_size",
+    "4",
+]
 ENGINES = ["ddp", "ds_zero2", "ds_zero3"]
 
 pytestmark = pytest.mark.distributed
@@ -51,16 +67,35 @@ def _launch(engine: str, out: Path, extra: tuple[str, ...] = ()) -> Path:
         cmd = [sys.executable, str(ROOT / "run.py")]
     elif engine == "fsdp2":
         torchrun = Path(sys.executable).with_name("torchrun")
-        _run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-              str(ROOT / "tests" / "fsdp2_driver.py"), str(out), str(STEPS), str(CLIP)], out.parent)
+        _run(
+            [
+                str(torchrun),
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(_free_port()),
+                str(ROOT / "tests" / "fsdp2_driver.py"),
+                str(out),
+                str(STEPS),
+                str(CLIP),
+            ],
+            out.parent,
+        )
         return out
     elif engine == "fsdp2_single":
         _run([sys.executable, str(ROOT / "tests" / "fsdp2_driver.py"), str(out), str(STEPS), str(CLIP)], out.parent)
         return out
     else:
         launcher = Path(sys.executable).with_name("accelerate")
-        cmd = [str(launcher), "launch", "--config_file", str(CONFIGS / f"cpu_{engine}.yaml"),
-               "--main_process_port", str(_free_port()), str(ROOT / "run.py")]
+        cmd = [
+            str(launcher),
+            "launch",
+            "--config_file",
+            str(CONFIGS / f"cpu_{engine}.yaml"),
+            "--main_process_port",
+            str(_free_port()),
+            str(ROOT / "run.py"),
+        ]
     _run(cmd + RUN_ARGS + ["--config.training.output_dir", str(out), *extra], out.parent)
     return out
 
@@ -82,8 +117,11 @@ def runs(tmp_path_factory):
 def _open(out: Path):
     from perl.trackers import RunStore
 
-    return (RunStore.open(out / "spectral_history_final.nc"), RunStore.open(out / "gradient_flow_final.nc"),
-            RunStore.open(out / "alignment_final.nc"))
+    return (
+        RunStore.open(out / "spectral_history_final.nc"),
+        RunStore.open(out / "gradient_flow_final.nc"),
+        RunStore.open(out / "alignment_final.nc"),
+    )
 
 
 def _reference(engine: str) -> str:
@@ -168,8 +206,9 @@ def test_fsdp2_gradients_equal_the_unsharded_ones(runs):
     # every rank trains on the same batch, so FSDP2's averaged gradient is the one-process gradient
     sharded, single = _open(runs("fsdp2"))[1], _open(runs("fsdp2_single"))[1]
     np.testing.assert_allclose(sharded.grad_norm.values, single.grad_norm.values, rtol=1e-4)
-    np.testing.assert_allclose(sharded.update_ratio.sel(component="A").values,
-                               single.update_ratio.sel(component="A").values, rtol=1e-3)
+    np.testing.assert_allclose(
+        sharded.update_ratio.sel(component="A").values, single.update_ratio.sel(component="A").values, rtol=1e-3
+    )
 
 
 # ------------------------------------------------------------------------------------------ resume
@@ -185,10 +224,23 @@ def test_resume_under_deepspeed_continues_every_store(tmp_path, engine):
     def launch(steps: int, *extra: str) -> None:
         args = list(RUN_ARGS)
         args[args.index("--config.training.max_steps") + 1] = str(steps)
-        cmd = [str(launcher), "launch", "--config_file", str(CONFIGS / f"cpu_{engine}.yaml"),
-               "--main_process_port", str(_free_port()), str(ROOT / "run.py"),
-               *args, "--config.training.output_dir", str(out),
-               "--config.training.save_strategy", "steps", "--config.training.save_steps", "2", *extra]
+        cmd = [
+            str(launcher),
+            "launch",
+            "--config_file",
+            str(CONFIGS / f"cpu_{engine}.yaml"),
+            "--main_process_port",
+            str(_free_port()),
+            str(ROOT / "run.py"),
+            *args,
+            "--config.training.output_dir",
+            str(out),
+            "--config.training.save_strategy",
+            "steps",
+            "--config.training.save_steps",
+            "2",
+            *extra,
+        ]
         _run(cmd, tmp_path)
 
     launch(2)
@@ -199,8 +251,9 @@ def test_resume_under_deepspeed_continues_every_store(tmp_path, engine):
     assert [int(s) for s in spectral.step.values] == [0, 1, 2, 3, 4]
     assert [int(s) for s in alignment.step.values] == [0, 1, 2, 3, 4]
     assert [int(s) for s in gradients.step.values] == [1, 2, 3, 4]
-    np.testing.assert_array_equal(spectral.singular_values.sel(step=[0, 1, 2]).values,
-                                  before.singular_values.sel(step=[0, 1, 2]).values)
+    np.testing.assert_array_equal(
+        spectral.singular_values.sel(step=[0, 1, 2]).values, before.singular_values.sel(step=[0, 1, 2]).values
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "grad_norm" in r] == [1, 2, 3, 4]
     for step in (3, 4):

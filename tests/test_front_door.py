@@ -21,18 +21,40 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 PERLWB = Path(sys.executable).parent / "perlwb"
 # a fresh login shell: the system PATH only, no VIRTUAL_ENV, nothing of this process's environment
-FRESH_ENV = {"PATH": os.defpath, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
-             "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-             "TOKENIZERS_PARALLELISM": "false"}
-TRAIN_FLAGS = ["--enable_tracking", "--tracking_frequency", "1", "--config.training.max_steps", str(STEPS),
-               "--config.training.per_device_train_batch_size", "8", "--config.dataset.example_numbers", "16",
-               "--config.dataset.test_size", "4"]
+FRESH_ENV = {
+    "PATH": os.defpath,
+    "HOME": os.environ.get("HOME", "/root"),
+    "LANG": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+TRAIN_FLAGS = [
+    "--enable_tracking",
+    "--tracking_frequency",
+    "1",
+    "--config.training.max_steps",
+    str(STEPS),
+    "--config.training.per_device_train_batch_size",
+    "8",
+    "--config.dataset.example_numbers",
+    "16",
+    "--config.dataset.test_size",
+    "4",
+]
 
 
 def fresh_shell(command: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``command`` typed into bash in the project folder, with a fresh shell's environment."""
-    return subprocess.run(["bash", "--noprofile", "--norc", "-c", command], cwd=ROOT, env=FRESH_ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", "--noprofile", "--norc", "-c", command],
+        cwd=ROOT,
+        env=FRESH_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +71,7 @@ def printed_commands(stdout: str) -> list[str]:
     """The commands under "next (...)" at the end of the training output (indented by four spaces)."""
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("next ("))
-    return [line.strip() for line in lines[start + 1:] if line.startswith("    ")]
+    return [line.strip() for line in lines[start + 1 :] if line.startswith("    ")]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -104,16 +126,36 @@ def test_the_console_is_a_progress_bar_and_short_lines(cli_run):
     assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
     # the rewards of the short line are the means over the steps since the last line (all of them here)
     shown = dict(re.findall(r"(reward|correct eq|format) (-?\d+\.\d+)", line))
-    for label, key in (("reward", "reward"), ("correct eq", "rewards/equation_reward/mean"),
-                       ("format", "rewards/format_reward/mean")):
-        assert float(shown[label]) == pytest.approx(sum(m[key] for m in logged) / len(logged), abs=5.1e-4), label  # printed to 3 decimals
+    for label, key in (
+        ("reward", "reward"),
+        ("correct eq", "rewards/equation_reward/mean"),
+        ("format", "rewards/format_reward/mean"),
+    ):
+        assert float(shown[label]) == pytest.approx(sum(m[key] for m in logged) / len(logged), abs=5.1e-4), (
+            label
+        )  # printed to 3 decimals
 
 
 def test_debug_brings_the_trainers_full_logs_back(tmp_path):
-    proc = fresh_shell(shlex.join([str(PERLWB), "--config.training.max_steps", "1", "--config.common.debug", "true",
-                                   "--config.training.per_device_train_batch_size", "8",
-                                   "--config.dataset.example_numbers", "16", "--config.dataset.test_size", "4",
-                                   "--config.training.output_dir", str(tmp_path / "run")]))
+    proc = fresh_shell(
+        shlex.join(
+            [
+                str(PERLWB),
+                "--config.training.max_steps",
+                "1",
+                "--config.common.debug",
+                "true",
+                "--config.training.per_device_train_batch_size",
+                "8",
+                "--config.dataset.example_numbers",
+                "16",
+                "--config.dataset.test_size",
+                "4",
+                "--config.training.output_dir",
+                str(tmp_path / "run"),
+            ]
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = proc.stdout + proc.stderr
     assert "{'loss'" in console and "'reward'" in console
@@ -134,8 +176,14 @@ def test_the_run_folder_readme_is_a_run_card(cli_run):
     first, last = logged[0]["reward"], logged[-1]["reward"]
     assert f"| reward | {first:.3f} → {last:.3f} " in card  # one logged step per side for a 2-step run
     listed = re.findall(r"^\| `([^`]+)` \|", card, re.M)
-    for name in ("config.yaml", "metrics.jsonl", "adapter_model.safetensors", "spectral_history_final.nc",
-                 "gradient_flow_final.nc", "gradient_logs/gradient_heatmap_B.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "adapter_model.safetensors",
+        "spectral_history_final.nc",
+        "gradient_flow_final.nc",
+        "gradient_logs/gradient_heatmap_B.png",
+    ):
         assert name in listed and (out / name).is_file(), name
     assert all((out / name).is_file() for name in listed), "the card lists a file the run does not have"
     # the card's commands are the ones printed at the end of training
@@ -150,7 +198,10 @@ def test_only_the_known_notice_is_hidden_by_message_category_and_module():
 
     def warn_from(module: str, message: str, category=FutureWarning):
         # a warning as module `module` raises it (the filter matches the warning's module)
-        exec(compile("import warnings\nwarnings.warn(m, c)", f"<{module}>", "exec"), {"__name__": module, "m": message, "c": category})
+        exec(
+            compile("import warnings\nwarnings.warn(m, c)", f"<{module}>", "exec"),
+            {"__name__": module, "m": message, "c": category},
+        )
 
     known = "`is_gradient_checkpointing` is deprecated and will be removed in v6."
     with warnings.catch_warnings(record=True) as caught:
@@ -162,5 +213,9 @@ def test_only_the_known_notice_is_hidden_by_message_category_and_module():
             warn_from("transformers.modeling_utils", known, category=UserWarning)
         warn_from("transformers.modeling_utils", known)  # outside the block: shown again
     shown = [(str(w.message), w.category) for w in caught]
-    assert shown == [("something else is deprecated", FutureWarning), (known, FutureWarning),
-                     (known, UserWarning), (known, FutureWarning)]
+    assert shown == [
+        ("something else is deprecated", FutureWarning),
+        (known, FutureWarning),
+        (known, UserWarning),
+        (known, FutureWarning),
+    ]

@@ -21,9 +21,9 @@ import xarray as xr
 from torch.utils.data import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments
 
+from perl.trackers.callbacks import GradientFlowCallback
 from perl.trackers.discovery import DiscoveryError
 from perl.trackers.gradient import GradientFlowTracker
-from perl.trackers.callbacks import GradientFlowCallback
 from perl.trackers.heatmaps import gradient_heatmap
 
 VOCAB = 96
@@ -32,8 +32,15 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return Qwen2ForCausalLM(cfg)
 
 
@@ -47,10 +54,12 @@ def _randomize(model, pattern: str, scale: float = 0.1) -> None:
 
 PEFT_CASES = {
     "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, init_lora_weights=False),
-    "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, use_dora=True,
-                                    init_lora_weights=False),
-    "adalora": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, target_modules=ALL_LINEAR, total_step=10,
-                                          init_lora_weights=False),
+    "dora": lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=ALL_LINEAR, use_dora=True, init_lora_weights=False
+    ),
+    "adalora": lambda: peft.AdaLoraConfig(
+        init_r=4, target_r=2, target_modules=ALL_LINEAR, total_step=10, init_lora_weights=False
+    ),
     "vera": lambda: peft.VeraConfig(r=4, target_modules=ALL_LINEAR),
     "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     "ln_tuning": lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"]),
@@ -60,16 +69,22 @@ PEFT_CASES = {
 # parameter-name patterns of each component, written independently of perl.trackers.discovery
 COMPONENT_OF = [
     (r"\.lora_magnitude_vector\.", "magnitude"),
-    (r"\.lora_A\.", "A"), (r"\.lora_B\.", "B"), (r"\.lora_E\.", "E"),
-    (r"\.vera_lambda_b\.", "lambda_b"), (r"\.vera_lambda_d\.", "lambda_d"),
-    (r"\.ia3_l\.", "ia3"), (r"\.ln_tuning_layers\.", "ln"), (r"\.miss_block\.", "miss"),
+    (r"\.lora_A\.", "A"),
+    (r"\.lora_B\.", "B"),
+    (r"\.lora_E\.", "E"),
+    (r"\.vera_lambda_b\.", "lambda_b"),
+    (r"\.vera_lambda_d\.", "lambda_d"),
+    (r"\.ia3_l\.", "ia3"),
+    (r"\.ln_tuning_layers\.", "ln"),
+    (r"\.miss_block\.", "miss"),
 ]
 
 
 def expected_cell(name: str) -> tuple[int, str, str]:
     component = next(c for pattern, c in COMPONENT_OF if re.search(pattern, name))
-    owner = re.split(r"\.(?:lora_magnitude_vector|lora_[ABE]|vera_lambda_[bd]|ia3_l|ln_tuning_layers|miss_block)\.",
-                     name)[0]
+    owner = re.split(
+        r"\.(?:lora_magnitude_vector|lora_[ABE]|vera_lambda_[bd]|ia3_l|ln_tuning_layers|miss_block)\.", name
+    )[0]
     m = re.search(r"\.layers\.(\d+)\.", owner)
     return (int(m.group(1)) if m else -1), owner.split(".")[-1], component
 
@@ -127,14 +142,21 @@ def test_stored_norms_equal_an_independent_backward(method, tmp_path):
 
     expected_update = norms_by_cell([(n, p.detach() - before[n]) for n, p in trainable])
     assert set(expected_grad) == {
-        (int(l), str(m), str(c)) for l in ds.layer.values for m in ds.module.values for c in ds.component.values
+        (int(l), str(m), str(c))
+        for l in ds.layer.values
+        for m in ds.module.values
+        for c in ds.component.values
         if int(ds.numel.sel(layer=l, module=m, component=c)) > 0
     }, "the tracked cells are exactly the trainable adapter tensors"
     for cell in expected_grad:
         assert stored(ds.grad_norm, cell) == pytest.approx(expected_grad[cell], rel=1e-4, abs=1e-12), cell
         assert stored(ds.weight_norm, cell) == pytest.approx(expected_weight[cell], rel=1e-5), cell
-        assert stored(ds.update_ratio, cell) == pytest.approx(expected_update[cell] / expected_weight[cell], rel=1e-4), cell
-        assert stored(ds.grad_to_weight_ratio, cell) == pytest.approx(expected_grad[cell] / expected_weight[cell], rel=1e-4)
+        assert stored(ds.update_ratio, cell) == pytest.approx(
+            expected_update[cell] / expected_weight[cell], rel=1e-4
+        ), cell
+        assert stored(ds.grad_to_weight_ratio, cell) == pytest.approx(
+            expected_grad[cell] / expected_weight[cell], rel=1e-4
+        )
         assert expected_grad[cell] > 0, f"{cell}: the test needs a non-trivial gradient"
     # cells the method does not have are NaN, never 0
     untracked = ds.grad_norm.where(ds.numel == 0)
@@ -171,7 +193,9 @@ def test_missing_gradient_is_nan_and_left_out_of_the_total(tmp_path):
     ds = tracker.data.sel(step=1)
     assert np.isnan(float(ds.grad_norm.sel(layer=1, module="up_proj", component="B")))
     assert float(ds.grad_norm.sel(layer=1, module="up_proj", component="A")) > 0
-    assert float(ds.total_grad_norm) == pytest.approx(float(torch.linalg.norm(torch.cat([g.reshape(-1) for g in rest]))), rel=1e-5)
+    assert float(ds.total_grad_norm) == pytest.approx(
+        float(torch.linalg.norm(torch.cat([g.reshape(-1) for g in rest]))), rel=1e-5
+    )
 
 
 def test_nonfinite_total_stores_nan_per_tensor(tmp_path, caplog):
@@ -247,7 +271,9 @@ def test_adapter_plus_other_trainable_parameters(tmp_path):
     tracker.save()
     ds = tracker.data.sel(step=1)
     head = model.base_model.model.lm_head.modules_to_save["default"].weight
-    assert stored(ds.grad_norm, (-1, "lm_head", "weight")) == pytest.approx(float(torch.linalg.norm(head.grad)), rel=1e-5)
+    assert stored(ds.grad_norm, (-1, "lm_head", "weight")) == pytest.approx(
+        float(torch.linalg.norm(head.grad)), rel=1e-5
+    )
     assert {str(c) for c in ds.component.values} == {"A", "B", "weight"}
     assert int(ds.numel.sum()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -285,8 +311,13 @@ def test_resume_drops_later_steps_and_load_reads_back(tmp_path):
         loaded.get_gradient_matrix("E")
     with pytest.raises(ValueError, match="tracked layers"):
         loaded.get_layer_history(7)
-    for name in ("gradient_heatmap_A.png", "gradient_heatmap_B.png", "gradient_heatmap_magnitude.png",
-                 "gradient_layer_comparison.png", "gradient_flow_summary.json"):
+    for name in (
+        "gradient_heatmap_A.png",
+        "gradient_heatmap_B.png",
+        "gradient_heatmap_magnitude.png",
+        "gradient_layer_comparison.png",
+        "gradient_flow_summary.json",
+    ):
         assert (tmp_path / "gradient_logs" / name).stat().st_size > 0, name
 
     # a new run in the same folder starts from an empty store, without the old run's outputs
@@ -316,9 +347,9 @@ def test_heatmap_leaves_nan_blank_and_marks_zero(tmp_path):
     assert bool(np.ma.getmaskarray(mesh.get_array()).reshape(2, 3)[0, 1])
     assert not np.ma.getmaskarray(mesh.get_array()).reshape(2, 3)[1, 0], "a zero is data, not missing"
     white = np.array([255, 255, 255])
-    np.testing.assert_array_equal(_pixel(fig, ax, 1.5, 0.5), white)       # NaN: blank
-    assert not np.array_equal(_pixel(fig, ax, 0.5, 1.5), white)          # zero: grey
-    assert not np.array_equal(_pixel(fig, ax, 2.5, 1.5), white)          # a value: coloured
+    np.testing.assert_array_equal(_pixel(fig, ax, 1.5, 0.5), white)  # NaN: blank
+    assert not np.array_equal(_pixel(fig, ax, 0.5, 1.5), white)  # zero: grey
+    assert not np.array_equal(_pixel(fig, ax, 2.5, 1.5), white)  # a value: coloured
     zero = _pixel(fig, ax, 0.5, 1.5).astype(int)
     assert abs(zero[0] - zero[1]) < 3 and abs(zero[1] - zero[2]) < 3, "zero is drawn grey"
     assert ax.get_xlabel() and ax.get_ylabel() and fig.axes[1].get_ylabel()  # axes and colour bar labelled
@@ -347,8 +378,17 @@ class LMTrainer(Trainer):
 def _train(model, tmp_path, rows, log_frequency=1, **args):
     tracker = GradientFlowTracker(model, log_frequency=log_frequency, save_dir=tmp_path / "track")
     callback = GradientFlowCallback(tracker)
-    targs = TrainingArguments(output_dir=str(tmp_path / "out"), logging_steps=1, save_strategy="no", report_to=[],
-                              learning_rate=1e-3, use_cpu=True, disable_tqdm=True, seed=0, **args)
+    targs = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        learning_rate=1e-3,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **args,
+    )
     trainer = LMTrainer(model=model, args=targs, train_dataset=TokenRows(rows), callbacks=[callback])
     callback.bind_trainer(trainer)
     trainer.train()
@@ -362,8 +402,7 @@ def test_trainer_clip_stores_pre_clip_total_equal_to_the_logged_grad_norm(tmp_pa
     lm_loss(initial, rows).backward()
     expected_step1 = norms_by_cell([(n, p.grad) for n, p in initial.named_parameters() if p.requires_grad])
 
-    tracker, trainer = _train(model, tmp_path, rows, max_steps=3, per_device_train_batch_size=2,
-                              max_grad_norm=1e-3)
+    tracker, trainer = _train(model, tmp_path, rows, max_steps=3, per_device_train_batch_size=2, max_grad_norm=1e-3)
     ds = GradientFlowTracker.load(tmp_path / "track").data
     logged = {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
     assert [int(s) for s in ds.step.values] == sorted(logged) == [1, 2, 3]
@@ -387,19 +426,27 @@ def test_trainer_gradient_accumulation_stores_the_accumulated_gradient(tmp_path)
     initial = copy.deepcopy(model)
     # by hand: one optimizer step over 4 micro-batches of one row; the Trainer divides each loss by 4
     for i in range(4):
-        (lm_loss(initial, rows[i:i + 1]) / 4).backward()
+        (lm_loss(initial, rows[i : i + 1]) / 4).backward()
     trainable = [(n, p) for n, p in initial.named_parameters() if p.requires_grad]
     expected = norms_by_cell([(n, p.grad) for n, p in trainable])
     expected_total = float(torch.linalg.norm(torch.cat([p.grad.reshape(-1) for _, p in trainable])))
     single_totals = []  # a tracker that read only one micro-batch would store one of these
     for i in range(4):
         one = copy.deepcopy(model)
-        (lm_loss(one, rows[i:i + 1]) / 4).backward()
-        single_totals.append(float(torch.linalg.norm(torch.cat([p.grad.reshape(-1) for p in one.parameters()
-                                                                 if p.requires_grad]))))
+        (lm_loss(one, rows[i : i + 1]) / 4).backward()
+        single_totals.append(
+            float(torch.linalg.norm(torch.cat([p.grad.reshape(-1) for p in one.parameters() if p.requires_grad])))
+        )
 
-    tracker, trainer = _train(model, tmp_path, rows, max_steps=1, per_device_train_batch_size=1,
-                              gradient_accumulation_steps=4, max_grad_norm=0.0)
+    tracker, trainer = _train(
+        model,
+        tmp_path,
+        rows,
+        max_steps=1,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+        max_grad_norm=0.0,
+    )
     ds = tracker.data.sel(step=1)
     for cell, value in expected.items():
         assert stored(ds.grad_norm, cell) == pytest.approx(value, rel=1e-4), cell
@@ -429,10 +476,20 @@ def test_trainer_log_frequency_labels_steps_as_the_trainer_does(tmp_path):
 def test_callback_without_trainer_refuses_to_record(tmp_path):
     model = peft_model("lora")
     tracker = GradientFlowTracker(model, log_frequency=1, save_dir=tmp_path)
-    targs = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True,
-                              per_device_train_batch_size=2, save_strategy="no")
-    trainer = LMTrainer(model=model, args=targs, train_dataset=TokenRows(torch.randint(0, VOCAB, (2, 8))),
-                        callbacks=[GradientFlowCallback(tracker)])
+    targs = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+    )
+    trainer = LMTrainer(
+        model=model,
+        args=targs,
+        train_dataset=TokenRows(torch.randint(0, VOCAB, (2, 8))),
+        callbacks=[GradientFlowCallback(tracker)],
+    )
     with pytest.raises(ValueError, match="bind_trainer"):
         trainer.train()
     assert not (tmp_path / "gradient_logs" / "gradient_flow.nc").exists()
@@ -456,13 +513,15 @@ def test_gradients_captured_before_an_engine_clips_are_stored_as_read(tmp_path):
     tracker.log_update()
     ds = tracker.data.sel(step=1)
     for (layer, module, component), value in expected.items():
-        assert float(ds.grad_norm.sel(layer=layer, module=module, component=component)) == pytest.approx(value, rel=1e-5)
+        assert float(ds.grad_norm.sel(layer=layer, module=module, component=component)) == pytest.approx(
+            value, rel=1e-5
+        )
     assert float(ds.total_grad_norm) == pytest.approx(float(total), rel=1e-6)
     assert float(ds.post_clip_grad_norm) == pytest.approx(1e-3, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------ DDP on CPU
-DDP_SCRIPT = '''
+DDP_SCRIPT = """
 import json, sys
 from pathlib import Path
 import peft, torch
@@ -506,7 +565,7 @@ if trainer.is_world_process_zero():
     save_file(initial, str(out / "initial.safetensors"))
     (out / "result.json").write_text(json.dumps({"log_history": trainer.state.log_history,
                                                  "world_size": trainer.args.world_size}))
-'''
+"""
 
 
 @pytest.mark.distributed
@@ -530,9 +589,23 @@ def test_ddp_two_cpu_processes_store_the_synchronised_gradient_once(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # --multi_gpu selects accelerate's torchrun launcher; with no GPU the processes use gloo on CPU
-    cmd = [str(accelerate if accelerate.exists() else shutil.which("accelerate")), "launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(tmp_path / "ddp_script.py"), str(tmp_path)]
+    cmd = [
+        str(accelerate if accelerate.exists() else shutil.which("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(tmp_path / "ddp_script.py"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

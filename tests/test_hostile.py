@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import netCDF4
@@ -39,8 +38,9 @@ def tree_hash(folder: Path) -> str:
 
 def run_cli(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(RUN_PY), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(RUN_PY), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -94,10 +94,17 @@ TRAIN_CASES = [
     # item 4: YAML bounds, while parsing
     ("alias-bomb-in-mapping-field", ["--config", "{inputs}/bomb.yaml"], ["aliases"]),
     ("nesting-10000-deep", ["--config", "{inputs}/deep.yaml"], ["nesting deeper"]),
-    ("alias-bomb-in-flag", ["--config.training.generation_kwargs", "{{a: &a [x,x,x,x,x,x,x,x,x,x], "
-                            "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], "
-                            "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d], "
-                            "f: [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]}}"], ["generation_kwargs"]),
+    (
+        "alias-bomb-in-flag",
+        [
+            "--config.training.generation_kwargs",
+            "{{a: &a [x,x,x,x,x,x,x,x,x,x], "
+            "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+            "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d], "
+            "f: [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]}}",
+        ],
+        ["generation_kwargs"],
+    ),
     # item 1: the config, what the machine can honour, the folder
     ("invalid-seed", ["--config.common.seed", "-1"], ["common.seed"]),
     ("seed-beyond-32-bits", ["--config.common.seed", str(2**40)], ["common.seed"]),
@@ -108,13 +115,24 @@ TRAIN_CASES = [
     ("output-below-a-file", ["--config.training.output_dir", "{inputs}/a_file/run"], ["a_file", "not a folder"]),
     # item 1: what only shows once model, data and adapter are built
     ("dataset-wrong-columns", ["--config.dataset.dataset_name_or_path", "{inputs}/columns.jsonl"], ["nums", "target"]),
-    ("model-corrupt-config", ["--config.model.model_name_or_path", "{inputs}/bad_config"], ["could not load the model"]),
-    ("model-corrupt-weights", ["--config.model.model_name_or_path", "{inputs}/bad_weights"], ["could not load the model"]),
+    (
+        "model-corrupt-config",
+        ["--config.model.model_name_or_path", "{inputs}/bad_config"],
+        ["could not load the model"],
+    ),
+    (
+        "model-corrupt-weights",
+        ["--config.model.model_name_or_path", "{inputs}/bad_weights"],
+        ["could not load the model"],
+    ),
     ("targets-match-nothing", ["--config.peft.target_modules", "attn_qkv"], ["match no linear layer"]),
     ("rank-larger-than-layer", ["--config.peft.r", "100000"], ["peft.r (100000)", "<= 64"]),
     # item 2: resume that would change what the stored data means
-    ("resume-with-other-rank", ["--config.training.resume_from_checkpoint", "true", "--config.peft.r", "4"],
-     ["peft.r: 8 -> 4"]),
+    (
+        "resume-with-other-rank",
+        ["--config.training.resume_from_checkpoint", "true", "--config.peft.r", "4"],
+        ["peft.r: 8 -> 4"],
+    ),
 ]
 
 
@@ -126,8 +144,15 @@ def test_train_refuses_before_touching_the_run(case, args, needles, previous_run
         pytest.skip("vllm is installed here")
     before = tree_hash(previous_run)
     args = [a.format(inputs=inputs, run=previous_run) for a in args]
-    proc = run_cli(tmp_path, "--config", str(previous_run / "config.yaml"), "--overwrite_output_dir",
-                   "--config.training.output_dir", str(previous_run), *args)
+    proc = run_cli(
+        tmp_path,
+        "--config",
+        str(previous_run / "config.yaml"),
+        "--overwrite_output_dir",
+        "--config.training.output_dir",
+        str(previous_run),
+        *args,
+    )
     assert_refused(proc, *needles)
     assert tree_hash(previous_run) == before
 
@@ -135,14 +160,28 @@ def test_train_refuses_before_touching_the_run(case, args, needles, previous_run
 def test_second_training_is_refused_while_the_folder_is_locked(previous_run, tmp_path):
     # item 3: a live holder (another process) of the run folder's lock
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from perl.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
-                               "print('locked', flush=True); time.sleep(120)", str(previous_run)],
-        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from perl.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(120)",
+            str(previous_run),
+        ],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = tree_hash(previous_run)
-        proc = run_cli(tmp_path, "--config", str(previous_run / "config.yaml"), "--overwrite_output_dir",
-                       "--config.training.output_dir", str(previous_run))
+        proc = run_cli(
+            tmp_path,
+            "--config",
+            str(previous_run / "config.yaml"),
+            "--overwrite_output_dir",
+            "--config.training.output_dir",
+            str(previous_run),
+        )
         assert_refused(proc, f"pid {holder.pid}", "in use")
         assert tree_hash(previous_run) == before
     finally:
@@ -166,8 +205,10 @@ def _corrupt_copy(previous_run: Path, dest: Path, damage: str) -> Path:
     elif damage == "config-33MB":
         (run / "config.yaml").write_text("# " + "x" * (33 * 2**20) + "\n")
     elif damage == "config-alias-bomb":
-        (run / "config.yaml").write_text("a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
-            f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcdefg", "bcdefgh")))
+        (run / "config.yaml").write_text(
+            "a: &a [x,x,x,x,x,x,x,x,x,x]\n"
+            + "".join(f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcdefg", "bcdefgh"))
+        )
     elif damage == "metrics-step-1e300":
         with open(run / "metrics.jsonl", "a") as fh:
             fh.write('{"step": 1e300, "reward": 1.0}\n{"step": 7, "reward": 1.0}\n')
@@ -223,7 +264,7 @@ def test_readers_refuse_a_bad_file_in_one_line(damage, needles, previous_run, tm
             perl.open_runs(str(tmp_path / "*"))
     if damage.startswith("store"):
         with pytest.raises(RunError, match="spectral_history_final.nc"):
-            perl.open_runs([run]).spectral
+            _ = perl.open_runs([run]).spectral
         from perl.trackers import SpectralTracker
         from perl.trackers.store import StoreError
 
@@ -261,11 +302,18 @@ def _sweep_file(tmp_path: Path, extra: str) -> Path:
 SWEEP_CASES = [
     ("notebook-outside-notebooks", "grid: {methods: [lora]}\nnotebooks: [../evil]\n", ["a path"]),
     ("notebook-absolute-path", "grid: {methods: [lora]}\nnotebooks: [/tmp/evil.ipynb]\n", ["a path"]),
-    ("grid-too-large", "grid: {seeds: [" + ",".join(map(str, range(100))) + "], ranks: ["
-     + ",".join(map(str, range(1, 21))) + "]}\n", ["2000 points", "1000"]),
-    ("alias-bomb-in-grid", "x: &x [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
-        f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("xabcdef", "abcdefg"))
-     + "grid: {seeds: *g}\n", ["aliases"]),
+    (
+        "grid-too-large",
+        "grid: {seeds: [" + ",".join(map(str, range(100))) + "], ranks: [" + ",".join(map(str, range(1, 21))) + "]}\n",
+        ["2000 points", "1000"],
+    ),
+    (
+        "alias-bomb-in-grid",
+        "x: &x [1,1,1,1,1,1,1,1,1,1]\n"
+        + "".join(f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("xabcdef", "abcdefg"))
+        + "grid: {seeds: *g}\n",
+        ["aliases"],
+    ),
 ]
 
 
@@ -291,7 +339,8 @@ def test_bounded_yaml_reads_ordinary_anchors_and_refuses_bombs_and_depth():
     with pytest.raises(yaml.YAMLError, match="nesting deeper"):
         _yaml_load("[" * (MAX_YAML_DEPTH + 1) + "]" * (MAX_YAML_DEPTH + 1))
     bomb = "a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
-        f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcd", "bcde"))
+        f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcd", "bcde")
+    )
     with pytest.raises(yaml.YAMLError, match="aliases"):
         _yaml_load(bomb)  # 10**5 values once expanded, though the text is 200 bytes
     assert len(_yaml_load(bomb.rsplit("\n", 2)[0] + "\n")["d"]) == 10  # 10**4: within the bound
@@ -305,6 +354,8 @@ def test_sweep_runs_a_notebook_from_elsewhere_only_when_named_on_the_command_lin
     proc = run_cli(tmp_path, "sweep", str(sweep), "--dry-run", "--notebook", str(own))
     assert proc.returncode == 0 and "my_analysis.ipynb" in proc.stdout, proc.stderr
     before = tree_hash(tmp_path)
-    assert_refused(run_cli(tmp_path, "sweep", str(sweep), "--dry-run", "--notebook", str(tmp_path / "no.ipynb")),
-                   "not a notebook file")
+    assert_refused(
+        run_cli(tmp_path, "sweep", str(sweep), "--dry-run", "--notebook", str(tmp_path / "no.ipynb")),
+        "not a notebook file",
+    )
     assert tree_hash(tmp_path) == before

@@ -15,16 +15,38 @@ PERL = Path(__file__).resolve().parents[1] / "perl"
 FLOORS = [
     ("foundation", ["perl.fileio", "perl.cli_support"]),
     ("config", ["perl.config"]),
-    ("utilities", ["perl.schema", "perl.rundir", "perl.progress", "perl.runcard", "perl.preflight", "perl.testing",
-                   "perl.stats"]),
+    (
+        "utilities",
+        [
+            "perl.schema",
+            "perl.rundir",
+            "perl.progress",
+            "perl.runcard",
+            "perl.preflight",
+            "perl.testing",
+            "perl.stats",
+        ],
+    ),
     ("data", ["perl.data"]),
     ("models", ["perl.models"]),
     ("adapters", ["perl.adapters"]),
     ("trackers", ["perl.trackers"]),
     ("run", ["perl.run", "perl.run_files"]),
     ("viz", ["perl.viz"]),
-    ("commands", ["perl.train", "perl.evaluate", "perl.build_model", "perl.sweep", "perl.sweep_spec",
-                  "perl.sweep_summary", "perl.questions", "perl.notebook_utils", "perl.synthetic"]),
+    (
+        "commands",
+        [
+            "perl.train",
+            "perl.evaluate",
+            "perl.build_model",
+            "perl.sweep",
+            "perl.sweep_spec",
+            "perl.sweep_summary",
+            "perl.questions",
+            "perl.notebook_utils",
+            "perl.synthetic",
+        ],
+    ),
     ("cli", ["perl.cli", "perl.__main__"]),
 ]
 # note: the seed's `python -m perl.trackers.test_integration` (README) is a test that trains; it sits
@@ -73,14 +95,17 @@ def violations(root: Path = PERL) -> list[str]:
         for line, target in imported(path, root):
             high = floor_of(target)
             if high is not None and high > low:
-                found.append(f"{path.relative_to(root.parent)}:{line}: {name} ({FLOORS[low][0]}) imports "
-                             f"{target} ({FLOORS[high][0]})")
+                found.append(
+                    f"{path.relative_to(root.parent)}:{line}: {name} ({FLOORS[low][0]}) imports "
+                    f"{target} ({FLOORS[high][0]})"
+                )
     return found
 
 
 def test_every_module_has_a_floor():
-    unplaced = [module_name(p) for p in PERL.rglob("*.py")
-                if floor_of(module_name(p)) is None and module_name(p) != "perl"]
+    unplaced = [
+        module_name(p) for p in PERL.rglob("*.py") if floor_of(module_name(p)) is None and module_name(p) != "perl"
+    ]
     assert not unplaced, f"add these modules to a floor in FLOORS and docs/architecture.md: {unplaced}"
 
 

@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from test_hostile import REPO, RUN_PY, assert_refused, run_cli
 
 from perl.rundir import LOCK_FILE, RunFolderLocked, RunLock, lock_holder
-from test_hostile import REPO, RUN_PY, assert_refused, run_cli
 
 
 def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
@@ -44,10 +44,18 @@ def test_a_lock_written_on_another_host_is_respected(tmp_path):
 
 
 def test_the_lock_is_released_when_its_process_is_killed(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from perl.rundir import RunLock; "
-                               "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
-                               str(tmp_path)], env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from perl.rundir import RunLock; "
+            "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     assert lock_holder(tmp_path)["pid"] == holder.pid
     holder.kill()
@@ -61,14 +69,37 @@ def test_two_trainings_into_one_folder(tmp_path):
     import perl
 
     run = tmp_path / "run"
-    args = ["--config.model.model_name_or_path", "countdown-nano", "--config.training.output_dir", str(run),
-            "--config.training.max_steps", "12", "--config.training.num_generations", "4",
-            "--config.training.per_device_train_batch_size", "4", "--config.training.max_completion_length", "24",
-            "--config.dataset.example_numbers", "32", "--config.dataset.test_size", "4",
-            "--enable_tracking", "--tracking_frequency", "1", "--overwrite_output_dir"]
+    args = [
+        "--config.model.model_name_or_path",
+        "countdown-nano",
+        "--config.training.output_dir",
+        str(run),
+        "--config.training.max_steps",
+        "12",
+        "--config.training.num_generations",
+        "4",
+        "--config.training.per_device_train_batch_size",
+        "4",
+        "--config.training.max_completion_length",
+        "24",
+        "--config.dataset.example_numbers",
+        "32",
+        "--config.dataset.test_size",
+        "4",
+        "--enable_tracking",
+        "--tracking_frequency",
+        "1",
+        "--overwrite_output_dir",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    first = subprocess.Popen([sys.executable, str(RUN_PY), *args], cwd=tmp_path, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, str(RUN_PY), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while lock_holder(run) is None:

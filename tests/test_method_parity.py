@@ -29,20 +29,41 @@ METHODS = ("hra", "slicefine", "full")
 def run_cli(method: str, out: Path) -> Path:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     flags = [
-        "--enable_tracking", "--tracking_frequency", "1",
-        "--config.peft.type", method, "--config.peft.r", str(R),
-        "--config.model.model_name_or_path", "countdown-nano",
-        "--config.training.max_steps", str(STEPS),
-        "--config.training.num_generations", "4", "--config.training.per_device_train_batch_size", "4",
-        "--config.training.max_completion_length", "48",
-        "--config.dataset.example_numbers", "16", "--config.dataset.test_size", "4",
-        "--config.training.output_dir", str(out),
+        "--enable_tracking",
+        "--tracking_frequency",
+        "1",
+        "--config.peft.type",
+        method,
+        "--config.peft.r",
+        str(R),
+        "--config.model.model_name_or_path",
+        "countdown-nano",
+        "--config.training.max_steps",
+        str(STEPS),
+        "--config.training.num_generations",
+        "4",
+        "--config.training.per_device_train_batch_size",
+        "4",
+        "--config.training.max_completion_length",
+        "48",
+        "--config.dataset.example_numbers",
+        "16",
+        "--config.dataset.test_size",
+        "4",
+        "--config.training.output_dir",
+        str(out),
     ]
     if method == "slicefine":
         # note: a row slice away from index 0 exercises the position and the row form
         flags += ["--config.peft.slicefine_mode", "row", "--config.peft.slicefine_position", "5"]
-    proc = subprocess.run([sys.executable, str(REPO / "run.py"), *flags], cwd=out.parent, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *flags],
+        cwd=out.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -92,8 +113,15 @@ def _dense_changes(method: str, run: Path) -> dict[tuple[int, str], torch.Tensor
     out = {}
     for name, m in model.named_modules():
         parts = name.split(".")
-        if not hasattr(m, "get_base_layer") or parts[-1] not in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                    "gate_proj", "up_proj", "down_proj"):
+        if not hasattr(m, "get_base_layer") or parts[-1] not in (
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ):
             continue
         w0 = m.get_base_layer().weight.detach()
         with torch.no_grad():
@@ -122,8 +150,9 @@ def test_cli_run_spectra_equal_dense_svd_of_the_saved_weight_change(cli_run):
             assert ds.attrs["full_finetuning_top_k"] == k and stored.size == k
             # randomized SVD (torch.svd_lowrank): close to the exact top-k, not bit-equal
             np.testing.assert_allclose(stored, want[:k], rtol=0, atol=1e-3 * want[0])
-            np.testing.assert_allclose(ds.singular_values.sel(step=STEPS, layer=layer, module=module).values,
-                                       stored, rtol=0, atol=0)
+            np.testing.assert_allclose(
+                ds.singular_values.sel(step=STEPS, layer=layer, module=module).values, stored, rtol=0, atol=0
+            )
         else:
             # exactly low rank: at most r nonzero values, and the stored ones are all of them
             assert want[R] <= 1e-9 * max(want[0], 1e-300), (layer, module, want[: R + 2])
@@ -163,16 +192,21 @@ def test_cli_run_gradient_scalars_in_metrics_equal_the_store(cli_run):
             values = at.grad_norm.sel(component=component, module=module).values
             expected = float(np.sqrt(np.sum(values[np.isfinite(values)] ** 2)))
             assert record[f"gradient/{component}/{module}"] == pytest.approx(expected, rel=1e-12)
-        assert not any(k.startswith("gradient/") and k.split("/")[1] not in
-                       ("step", "total_pre_clip", "clip_coef", "total_post_clip", component) for k in record)
+        assert not any(
+            k.startswith("gradient/")
+            and k.split("/")[1] not in ("step", "total_pre_clip", "clip_coef", "total_post_clip", component)
+            for k in record
+        )
 
 
 def test_cli_run_reloads_for_perl_eval(cli_run, capsys):
     from perl.evaluate import main
 
     method, run = cli_run
-    assert main([str(run), "--n", "4", "--batch-size", "4", "--max-new-tokens", "16", "--no-progress",
-                 "--threads", "1"]) == 0
+    assert (
+        main([str(run), "--n", "4", "--batch-size", "4", "--max-new-tokens", "16", "--no-progress", "--threads", "1"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert ("full fine-tuning run" if method == "full" else f"{method} adapter") in out
     assert "greedy" in out and "sample T=1" in out
@@ -185,20 +219,28 @@ def test_gradient_notebook_runs_on_a_full_fine_tuning_run(cli_runs, tmp_path):
 
     run = cli_runs("full")
     out = tmp_path / "03.out.ipynb"
-    papermill.execute_notebook(str(REPO / "notebooks" / "03_gradient_explorer.ipynb"), str(out),
-                               parameters={"run_dir": str(run)}, kernel_name="python3", cwd=str(tmp_path),
-                               progress_bar=False)
+    papermill.execute_notebook(
+        str(REPO / "notebooks" / "03_gradient_explorer.ipynb"),
+        str(out),
+        parameters={"run_dir": str(run)},
+        kernel_name="python3",
+        cwd=str(tmp_path),
+        progress_bar=False,
+    )
     text = json.dumps(nbformat.read(out, as_version=4).cells)
     assert "No A and B factors in this full run; components: ['weight']" in text
 
 
 # ------------------------------------------------------------------------------ factors, no training
-@pytest.mark.parametrize("method, knobs", [
-    ("hra", {}),
-    ("hra_gs", {}),
-    ("slicefine", {"slicefine_mode": "column", "slicefine_position": 3}),
-    ("slicefine", {"slicefine_mode": "row", "slicefine_position": 500}),
-])
+@pytest.mark.parametrize(
+    "method, knobs",
+    [
+        ("hra", {}),
+        ("hra_gs", {}),
+        ("slicefine", {"slicefine_mode": "column", "slicefine_position": 3}),
+        ("slicefine", {"slicefine_mode": "row", "slicefine_position": 500}),
+    ],
+)
 def test_factors_reproduce_the_layer_output(method, knobs):
     """B @ A from discovery is the weight change the layer applies, for generic (not near-identity) weights."""
     from perl.adapters import build_adapter
@@ -227,7 +269,7 @@ def test_factors_reproduce_the_layer_output(method, knobs):
         assert b.shape[1] == a.shape[0] == R
         eye = torch.eye(layer.in_features, dtype=torch.float64)
         with torch.no_grad():
-            applied = (layer(eye) - layer.get_base_layer()(eye)).T   # the layer's own weight change, out x in
+            applied = (layer(eye) - layer.get_base_layer()(eye)).T  # the layer's own weight change, out x in
         torch.testing.assert_close(s * (b.double() @ a.double()), applied, rtol=0, atol=1e-10)
 
 
@@ -249,11 +291,17 @@ def test_lowrank_singular_values_are_the_top_k_and_leave_training_rng_alone():
     assert torch.isnan(lowrank_singular_values(torch.full((40, 30), float("nan")), 4)).all()
 
 
-@pytest.mark.parametrize("overrides, words", [
-    ({"peft.type": "hra", "peft.r": "7"}, ["peft.r (7) must be even for hra"]),
-    ({"peft.type": "slicefine", "peft.slicefine_mode": "diagonal"}, ["slicefine_mode", "column", "row"]),
-    ({"peft.type": "full", "tracker.enable_alignment_tracking": "true"}, ["full fine-tuning", "--enable_alignment_tracking"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"peft.type": "hra", "peft.r": "7"}, ["peft.r (7) must be even for hra"]),
+        ({"peft.type": "slicefine", "peft.slicefine_mode": "diagonal"}, ["slicefine_mode", "column", "row"]),
+        (
+            {"peft.type": "full", "tracker.enable_alignment_tracking": "true"},
+            ["full fine-tuning", "--enable_alignment_tracking"],
+        ),
+    ],
+)
 def test_config_edge_refuses_what_these_methods_cannot_do(overrides, words):
     from perl.config import ConfigError, TrainConfig, apply_overrides, validate
 
@@ -266,8 +314,11 @@ def test_config_edge_refuses_what_these_methods_cannot_do(overrides, words):
 def test_lora_run_gradient_scalars_per_component_and_module(tracked_run):
     """The shared LoRA run (conftest): gradient/A/q_proj, gradient/B/... in metrics.jsonl equal the store."""
     grad = _final(tracked_run, "gradient_flow_final.nc")
-    records = {r["step"]: r for r in map(json.loads, (tracked_run / "metrics.jsonl").read_text().splitlines())
-               if "gradient/step" in r}
+    records = {
+        r["step"]: r
+        for r in map(json.loads, (tracked_run / "metrics.jsonl").read_text().splitlines())
+        if "gradient/step" in r
+    }
     assert sorted(records) == [int(s) for s in grad.step.values] and len(records) >= 2
     for step, record in records.items():
         at = grad.sel(step=step)
@@ -277,7 +328,7 @@ def test_lora_run_gradient_scalars_per_component_and_module(tracked_run):
             for module in grad.module.values:
                 values = at.grad_norm.sel(component=component, module=module).values
                 key = f"gradient/{component}/{module}"
-                assert record[key] == pytest.approx(float(np.sqrt(np.nansum(values ** 2))), rel=1e-12), key
+                assert record[key] == pytest.approx(float(np.sqrt(np.nansum(values**2))), rel=1e-12), key
 
 
 def test_full_spectral_tracker_keeps_w0_once_and_restores_it_on_resume(tmp_path):
@@ -288,8 +339,11 @@ def test_full_spectral_tracker_keeps_w0_once_and_restores_it_on_resume(tmp_path)
     targets = {"q_proj": "self_attn", "down_proj": "mlp"}
     model = load_model("countdown-nano")
     originals = {n: p.detach().clone().double() for n, p in model.named_parameters()}
-    weights = {(layer, module): getattr(getattr(model.model.layers[layer], block), module).weight
-               for layer in range(4) for module, block in targets.items()}
+    weights = {
+        (layer, module): getattr(getattr(model.model.layers[layer], block), module).weight
+        for layer in range(4)
+        for module, block in targets.items()
+    }
 
     def move(scale, seed):
         # a decaying spectrum (as learning makes), plus a little noise
@@ -298,20 +352,36 @@ def test_full_spectral_tracker_keeps_w0_once_and_restores_it_on_resume(tmp_path)
             for w in weights.values():
                 u = torch.randn(w.shape[0], 4, generator=gen)
                 v = torch.randn(4, w.shape[1], generator=gen)
-                w.add_(scale * (u * torch.tensor([1.0, 0.5, 0.25, 0.1])) @ v + 1e-6 * torch.randn(w.shape, generator=gen))
+                w.add_(
+                    scale * (u * torch.tensor([1.0, 0.5, 0.25, 0.1])) @ v + 1e-6 * torch.randn(w.shape, generator=gen)
+                )
 
-    tracker = SpectralTracker(model, log_frequency=1, save_dir=tmp_path, target_modules=list(targets),
-                              full_top_k=6, is_world_process_zero=True)
+    tracker = SpectralTracker(
+        model,
+        log_frequency=1,
+        save_dir=tmp_path,
+        target_modules=list(targets),
+        full_top_k=6,
+        is_world_process_zero=True,
+    )
     assert tracker.modules == list(targets) and tracker.peft_type == "full"
     # W_0 is kept once: exactly the targeted weights
-    assert sum(t.numel() for d in tracker._init.values() for t in d.values()) == sum(w.numel() for w in weights.values())
+    assert sum(t.numel() for d in tracker._init.values() for t in d.values()) == sum(
+        w.numel() for w in weights.values()
+    )
     tracker.log_step(0)
     move(1e-3, 0)
     tracker.log_step(1)
     tracker.save_init_state(tmp_path / "checkpoint-1")
     # a resumed process builds its tracker from the moved weights; the checkpoint gives back the true W_0
-    resumed = SpectralTracker(model, log_frequency=1, save_dir=tmp_path, target_modules=list(targets),
-                              full_top_k=6, is_world_process_zero=True)
+    resumed = SpectralTracker(
+        model,
+        log_frequency=1,
+        save_dir=tmp_path,
+        target_modules=list(targets),
+        full_top_k=6,
+        is_world_process_zero=True,
+    )
     resumed.resume(1, tmp_path / "checkpoint-1")
     move(1e-3, 1)
     resumed.log_step(2)

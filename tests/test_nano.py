@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
+from perl import build_model
 from perl.data.countdown import completion_text, generate_problems, search_trace
 from perl.data.prompt import build_prompt
-from perl import build_model
 from perl.models import nano
 
 SHIPPED = nano.SHIPPED_DIR
@@ -80,31 +80,45 @@ def test_shipped_checkpoint_generates_the_format_greedily():
 
     model, tok = load_model_and_tokenizer("countdown-nano")
     model.eval()
-    problems = [{"nums": [3, 5, 7], "target": 22}, {"nums": [44, 19, 35], "target": 98},
-                {"nums": [2, 61, 9], "target": 131}]
+    problems = [
+        {"nums": [3, 5, 7], "target": 22},
+        {"nums": [44, 19, 35], "target": 98},
+        {"nums": [2, 61, 9], "target": 131},
+    ]
     prompts = [build_prompt(p["nums"], p["target"], tok) for p in problems]
     assert prompts[0] == "numbers: 3 5 7 target: 22\nLet me solve this step by step.\n<think>"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**enc, do_sample=False, max_new_tokens=64, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-    batch_texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **enc, do_sample=False, max_new_tokens=64, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+        )
+    batch_texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     for prompt, text in zip(prompts, batch_texts):
         assert FORMAT.fullmatch("<think>" + text), text
         # left padding in a batch must not change what the model writes for a prompt
         single = tok(prompt, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
-            alone = model.generate(**single, do_sample=False, max_new_tokens=64,
-                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        assert tok.decode(alone[0, single["input_ids"].shape[1]:], skip_special_tokens=True) == text
+            alone = model.generate(
+                **single,
+                do_sample=False,
+                max_new_tokens=64,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        assert tok.decode(alone[0, single["input_ids"].shape[1] :], skip_special_tokens=True) == text
 
 
 def test_tiny_random_config_matches_the_tokenizer():
     config = json.loads((nano.PACKAGE_MODELS / "configs" / "tiny-qwen2.json").read_text())
     tok = nano.load_nano_tokenizer(SHIPPED)
     assert config["vocab_size"] == len(tok)
-    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
-            config["num_key_value_heads"], config["intermediate_size"]) == (2, 64, 4, 2, 128)
+    assert (
+        config["num_hidden_layers"],
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["intermediate_size"],
+    ) == (2, 64, 4, 2, 128)
     assert config["pad_token_id"] == tok.pad_token_id and config["eos_token_id"] == tok.eos_token_id
 
 
@@ -119,14 +133,22 @@ def test_build_refuses_a_foreign_output_dir(tmp_path, capsys):
 @pytest.mark.slow
 def test_quick_recipe_learns_the_format(tmp_path):
     out = tmp_path / "nano-quick"
-    assert build_model.main(["countdown-nano", "--quick", "--seed", "1", "--output-dir", str(out),
-                      "--no-progress", "--threads", "1"]) == 0
+    assert (
+        build_model.main(
+            ["countdown-nano", "--quick", "--seed", "1", "--output-dir", str(out), "--no-progress", "--threads", "1"]
+        )
+        == 0
+    )
     record = json.loads((out / "recipe.json").read_text())
     assert record["eval"]["greedy"]["format_rate"] >= 0.8
     # the recipe reproduces its checkpoint from the seed, bit for bit
     again = tmp_path / "nano-quick-again"
-    assert build_model.main(["countdown-nano", "--quick", "--seed", "1", "--output-dir", str(again),
-                      "--no-progress", "--threads", "1"]) == 0
+    assert (
+        build_model.main(
+            ["countdown-nano", "--quick", "--seed", "1", "--output-dir", str(again), "--no-progress", "--threads", "1"]
+        )
+        == 0
+    )
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     # the saved folder is a loadable model whose greedy output has the format
     from perl.evaluate import evaluate
@@ -149,7 +171,7 @@ def independent_score(text, nums, target):
     full = "<think>" + text
     if not re.fullmatch(r"<think>((?!</?think>)[\s\S])*</think>\n<answer>[\s\S]*?</answer>", full):
         return False, False
-    answer = full[full.rindex("<answer>") + 8: full.rindex("</answer>")]
+    answer = full[full.rindex("<answer>") + 8 : full.rindex("</answer>")]
     if not re.fullmatch(r"[0-9+\-*/() ]+", answer):
         return True, False
     try:
@@ -166,8 +188,9 @@ def independent_score(text, nums, target):
             op = type(node.op)
             if op is ast.Div and b == 0:
                 raise ZeroDivisionError
-            return {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
-                    ast.Div: lambda: a / b}[op]()
+            return {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b, ast.Div: lambda: a / b}[
+                op
+            ]()
         if isinstance(node, ast.Constant) and type(node.value) is int:
             used[node.value] += 1
             return Fraction(node.value)
@@ -191,9 +214,10 @@ def test_evaluate_matches_an_independent_scoring():
     for p, example in zip(problems, result["examples"]):
         enc = tok(build_prompt(p["nums"], p["target"], tok), return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**enc, do_sample=False, max_new_tokens=64, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
+            out = model.generate(
+                **enc, do_sample=False, max_new_tokens=64, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+            )
+        new = out[0, enc["input_ids"].shape[1] :].tolist()
         text = tok.decode(new, skip_special_tokens=True)
         assert example["completion"] == text
         ok_format, ok_eq = independent_score(text, p["nums"], p["target"])
@@ -222,19 +246,29 @@ def test_eval_cli_on_a_run_folder_with_an_adapter(tmp_path, capsys):
     )
     torch.manual_seed(0)
     # init_lora_weights=False: a random, non-zero update, so the adapter visibly changes the model
-    peft_model = get_peft_model(load_model("countdown-nano"), LoraConfig(
-        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        load_model("countdown-nano"),
+        LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
     peft_model.save_pretrained(str(run))
-    assert main([str(run), "--n", "12", "--output", str(tmp_path / "run.json"), "--no-progress", "--threads", "1"]) == 0
-    assert main(["countdown-nano", "--n", "12", "--output", str(tmp_path / "base.json"), "--no-progress", "--threads", "1"]) == 0
+    assert (
+        main([str(run), "--n", "12", "--output", str(tmp_path / "run.json"), "--no-progress", "--threads", "1"]) == 0
+    )
+    assert (
+        main(
+            ["countdown-nano", "--n", "12", "--output", str(tmp_path / "base.json"), "--no-progress", "--threads", "1"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "adapter" in printed and "sample T=1" in printed
     adapted = json.loads((tmp_path / "run.json").read_text())["results"]
     base = json.loads((tmp_path / "base.json").read_text())["results"]
     assert set(adapted) == {"greedy", "sample T=1"}
     assert adapted["greedy"]["n"] == 12 and 0.0 <= adapted["greedy"]["format_rate"] <= 1.0
-    assert [e["completion"] for e in adapted["greedy"]["examples"]] != \
-        [e["completion"] for e in base["greedy"]["examples"]]
+    assert [e["completion"] for e in adapted["greedy"]["examples"]] != [
+        e["completion"] for e in base["greedy"]["examples"]
+    ]
 
 
 def test_eval_cli_refuses_bad_input(tmp_path, capsys):

@@ -26,7 +26,14 @@ import yaml
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PARAMETERS = {
-    "01_train_and_track": {"output_dir", "peft_type", "model_name_or_path", "max_steps", "tracking_frequency", "overrides"},
+    "01_train_and_track": {
+        "output_dir",
+        "peft_type",
+        "model_name_or_path",
+        "max_steps",
+        "tracking_frequency",
+        "overrides",
+    },
     "02_spectral_explorer": {"run_dir"},
     "03_gradient_explorer": {"run_dir"},
     "04_compare_runs": {"run_dirs"},
@@ -46,8 +53,14 @@ def execute(name: str, folder: Path, **parameters) -> nbformat.NotebookNode:
         # note: the kernel inherits this; tiny models gain nothing from a second thread, and on a
         # shared CPU two spinning OpenMP threads per kernel cost several times the work
         mp.setenv("OMP_NUM_THREADS", "1")
-        papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=parameters,
-                                   kernel_name=KERNEL, cwd=str(folder), progress_bar=False)
+        papermill.execute_notebook(
+            str(NOTEBOOKS / f"{name}.ipynb"),
+            str(out),
+            parameters=parameters,
+            kernel_name=KERNEL,
+            cwd=str(folder),
+            progress_bar=False,
+        )
     return nbformat.read(out, as_version=4)
 
 
@@ -114,7 +127,9 @@ def test_notebook_is_committed_clean_with_a_question_and_parameters(name):
     for cell in code:
         ast.parse(cell.source)  # every cell is valid Python
     if name == "01_train_and_track":
-        defaults = {t.id: ast.literal_eval(node.value) for node in ast.parse(tagged[0].source).body for t in node.targets}
+        defaults = {
+            t.id: ast.literal_eval(node.value) for node in ast.parse(tagged[0].source).body for t in node.targets
+        }
         assert defaults["model_name_or_path"] == "countdown-nano"
 
 
@@ -124,9 +139,15 @@ def notebook01(tmp_path_factory):
     """Notebook 01 executed: trains a short DoRA run into a temp folder. Returns (notebook, run dir)."""
     folder = tmp_path_factory.mktemp("nb01")
     run_dir = folder / "dora-run"
-    nb = execute("01_train_and_track", folder, output_dir=str(run_dir), peft_type="dora",
-                 model_name_or_path="countdown-nano",
-                 max_steps=NOTEBOOK01_STEPS, tracking_frequency=1)
+    nb = execute(
+        "01_train_and_track",
+        folder,
+        output_dir=str(run_dir),
+        peft_type="dora",
+        model_name_or_path="countdown-nano",
+        max_steps=NOTEBOOK01_STEPS,
+        tracking_frequency=1,
+    )
     return nb, run_dir
 
 
@@ -161,8 +182,9 @@ def test_01_trains_shows_live_reward_and_opens_both_explorers(notebook01):
     assert len(info) == 2
     spectral_line = next(t for t in info if "σ =" in t)
     gradient_line = next(t for t in info if "component" in t)
-    assert spectral_line.startswith(f"layer {int(spectral.layer[0])} | module {spectral.module.values[0]!s} | "
-                                    f"step {int(spectral.step[-1])} |")
+    assert spectral_line.startswith(
+        f"layer {int(spectral.layer[0])} | module {spectral.module.values[0]!s} | step {int(spectral.step[-1])} |"
+    )
     assert gradient_line.startswith(f"step {int(gradients.step[-1])} |")
     assert "component magnitude" not in gradient_line and "magnitude:" in gradient_line  # DoRA's own component
 
@@ -175,7 +197,9 @@ def test_02_spectral_explorer(tracked_run, tmp_path):
     layer, module = int(sp.layer[0]), str(sp.module.values[0])
     assert line.startswith(f"layer {layer} | module {module} | step {last} | product |")
     sigma = numbers(re.search(r"σ = \[([^\]]*)\]", line).group(1))
-    np.testing.assert_allclose(sigma, sp.singular_values.sel(layer=layer, module=module, step=last).values, rtol=1e-3, atol=1e-12)
+    np.testing.assert_allclose(
+        sigma, sp.singular_values.sel(layer=layer, module=module, step=last).values, rtol=1e-3, atol=1e-12
+    )
 
     # the "which layers and modules move most" ranking: the ten largest update norms at the last step
     texts = outputs_text(nb)
@@ -194,7 +218,9 @@ def test_03_gradient_explorer(tracked_run, tmp_path):
     layer, module = int(gr.layer[0]), str(gr.module.values[0])
     assert line.startswith(f"step {last} | layer {layer} | module {module} | component A | grad_norm = ")
     value = numbers(re.search(r"grad_norm = (\S+)", line).group(1))[0]
-    assert value == pytest.approx(float(gr.grad_norm.sel(step=last, layer=layer, module=module, component="A")), rel=1e-3, abs=1e-12)
+    assert value == pytest.approx(
+        float(gr.grad_norm.sel(step=last, layer=layer, module=module, component="A")), rel=1e-3, abs=1e-12
+    )
 
     # the depth profile: one row per layer, one column per component, the mean over steps and modules
     texts = outputs_text(nb)
@@ -223,7 +249,7 @@ def test_04_compares_the_runs_of_a_sweep_folder(tracked_run, notebook01, tmp_pat
     summary = next(t for t in texts if t.lstrip().startswith("method"))
     for label, run_dir in (("dora r=8 seed=42", dora_run), ("lora r=8 seed=42", tracked_run)):
         row = next(r for r in summary.splitlines() if r.startswith(label))
-        method, r, seed, steps, final_reward = row[len(label):].split()[:5]
+        method, r, seed, steps, final_reward = row[len(label) :].split()[:5]
         rewards = reward_by_step(run_dir)
         assert (method, int(r), int(seed), int(steps)) == (label.split()[0], 8, 42, max(rewards))
         tail = [rewards[s] for s in sorted(rewards)][-10:]
@@ -265,10 +291,16 @@ def test_run_summary_against_the_files(tmp_path):
     from perl.synthetic import synthetic_run
 
     lora = synthetic_run(tmp_path / "lora", steps=12, layers=2, modules=("q_proj", "v_proj"), r=4, seed=3, pngs=False)
-    dora = synthetic_run(tmp_path / "dora", steps=5, layers=2, modules=("q_proj",), r=4, seed=1, method="dora", pngs=False)
+    dora = synthetic_run(
+        tmp_path / "dora", steps=5, layers=2, modules=("q_proj",), r=4, seed=1, method="dora", pngs=False
+    )
     # known rewards, so the expected numbers are arithmetic, not the code under test
-    (lora / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in range(1, 13)))
-    (dora / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n" + json.dumps({"step": 2, "loss": 1.0}) + "\n")
+    (lora / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in range(1, 13))
+    )
+    (dora / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "reward": 0.5}) + "\n" + json.dumps({"step": 2, "loss": 1.0}) + "\n"
+    )
 
     table = run_summary(open_runs([lora, dora]), last=10)
     assert list(table.index) == ["lora r=4 seed=3", "dora r=4 seed=1"]
@@ -290,9 +322,11 @@ def test_live_reward_plot_records_what_the_trainer_logs():
     live = LiveRewardPlot(display=False)
     args, state = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(max_steps=4)
     live.on_train_begin(args, state, None)
-    for step, logs in ((1, {"loss": 0.1, "reward": 0.25, "rewards/format_reward/mean": 0.5}),
-                       (2, {"reward": 0.75, "rewards/format_reward/mean": 1.0, "rewards/equation_reward/mean": 0.5}),
-                       (2, {"train_runtime": 3.0})):  # the final summary log: nothing to draw
+    for step, logs in (
+        (1, {"loss": 0.1, "reward": 0.25, "rewards/format_reward/mean": 0.5}),
+        (2, {"reward": 0.75, "rewards/format_reward/mean": 1.0, "rewards/equation_reward/mean": 0.5}),
+        (2, {"train_runtime": 3.0}),
+    ):  # the final summary log: nothing to draw
         state.global_step = step
         live.on_log(args, state, None, logs=logs)
     assert live.history["step"] == [1, 2]

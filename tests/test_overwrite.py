@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_hostile import REPO, assert_refused, run_cli, tree_hash
 
 # a training that kills itself at a given moment: on_train_begin (after the trackers' first writes,
@@ -55,8 +54,13 @@ def previous_run(tracked_run, tmp_path) -> Path:
 
 def run_killer(run: Path, sig: str, event: str = "begin", step: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", KILLER, str(run), sig, event, str(step)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", KILLER, str(run), sig, event, str(step)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +85,15 @@ STAGES = [
 @pytest.mark.parametrize("stage,args", STAGES, ids=[s[0] for s in STAGES])
 def test_overwrite_refused_at_a_stage_leaves_the_previous_run(stage, args, previous_run, bad_inputs, tmp_path):
     before = tree_hash(previous_run)
-    proc = run_cli(tmp_path, "--config", str(previous_run / "config.yaml"), "--overwrite_output_dir",
-                   "--config.training.output_dir", str(previous_run), *[a.format(bad=bad_inputs) for a in args])
+    proc = run_cli(
+        tmp_path,
+        "--config",
+        str(previous_run / "config.yaml"),
+        "--overwrite_output_dir",
+        "--config.training.output_dir",
+        str(previous_run),
+        *[a.format(bad=bad_inputs) for a in args],
+    )
     assert_refused(proc)
     assert tree_hash(previous_run) == before
 
@@ -100,8 +111,10 @@ def test_exception_after_training_started_puts_the_previous_run_back(previous_ru
             raise RuntimeError("a crash before the first snapshot")
 
     before = tree_hash(previous_run)
-    cfg = apply_overrides(load_config(previous_run / "config.yaml"),
-                          {"training.output_dir": str(previous_run), "training.overwrite_output_dir": "true"})
+    cfg = apply_overrides(
+        load_config(previous_run / "config.yaml"),
+        {"training.output_dir": str(previous_run), "training.overwrite_output_dir": "true"},
+    )
     with pytest.raises(RuntimeError, match="before the first snapshot"):
         train(cfg, extra_callbacks=[Boom()])
     assert tree_hash(previous_run) == before
@@ -165,8 +178,11 @@ def test_a_separate_tracking_folder_is_moved_aside_and_put_back_too(previous_run
     for name in ("spectral_logs", "gradient_logs", "spectral_history_final.nc", "gradient_flow_final.nc"):
         shutil.move(str(previous_run / name), str(tracking / name))
     (tracking / "unrelated.txt").write_text("not a run's file: never moved\n")
-    (previous_run / "config.yaml").write_text((previous_run / "config.yaml").read_text().replace(
-        "tracking_output_dir: null", f"tracking_output_dir: {tracking}"))
+    (previous_run / "config.yaml").write_text(
+        (previous_run / "config.yaml")
+        .read_text()
+        .replace("tracking_output_dir: null", f"tracking_output_dir: {tracking}")
+    )
     before = tree_hash(previous_run), tree_hash(tracking)
 
     class Boom(TrainerCallback):
@@ -175,8 +191,10 @@ def test_a_separate_tracking_folder_is_moved_aside_and_put_back_too(previous_run
             assert (tracking / "unrelated.txt").is_file()
             raise KeyboardInterrupt
 
-    cfg = apply_overrides(load_config(previous_run / "config.yaml"),
-                          {"training.output_dir": str(previous_run), "training.overwrite_output_dir": "true"})
+    cfg = apply_overrides(
+        load_config(previous_run / "config.yaml"),
+        {"training.output_dir": str(previous_run), "training.overwrite_output_dir": "true"},
+    )
     assert cfg.tracker.tracking_output_dir == str(tracking)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, extra_callbacks=[Boom()])

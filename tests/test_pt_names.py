@@ -108,6 +108,6 @@ def test_gradient_summary_has_the_original_keys(tracked_run):
         assert summary["overall_stats"][key] == pytest.approx(value, rel=1e-9), key
     for component in ("A", "B"):
         last = ds["grad_norm"].sel(component=component).isel(step=-1)
-        per_layer = np.sqrt((last ** 2).sum("module")).values  # L2 over the layer's modules
+        per_layer = np.sqrt((last**2).sum("module")).values  # L2 over the layer's modules
         assert summary["component_stats_final"][component]["mean"] == pytest.approx(per_layer.mean(), rel=1e-9)
         assert summary["component_stats_final"][component]["max"] == pytest.approx(per_layer.max(), rel=1e-9)

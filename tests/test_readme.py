@@ -37,7 +37,10 @@ def test_conda_environment_installs_the_cpu_torch_and_every_dependency():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda = [d for d in env["dependencies"] if isinstance(d, str)]
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    name = lambda spec: re.split(r"[<>=!\[ ]", spec, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+    def name(spec):
+        return re.split(r"[<>=!\[ ]", spec, maxsplit=1)[0].strip().lower().replace("_", "-")
+
     # conda-forge's CPU metapackage, and no torch for pip to resolve to PyPI's CUDA build
     assert any(name(d) == "pytorch-cpu" for d in conda)
     assert not any(name(d) in ("pytorch", "pytorch-gpu", "cudatoolkit", "pytorch-cuda") for d in conda)

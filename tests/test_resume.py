@@ -39,8 +39,9 @@ def test_resume_continues_stores_and_metrics(tmp_path):
     assert [int(s) for s in spectral.step.values] == [0, 1, 2, 3, 4]
     assert [int(s) for s in gradients.step.values] == [1, 2, 3, 4]
     # the steps recorded before the resume are kept as they were
-    np.testing.assert_array_equal(spectral.singular_values.sel(step=[0, 1, 2]).values,
-                                  spectral_before.singular_values.sel(step=[0, 1, 2]).values)
+    np.testing.assert_array_equal(
+        spectral.singular_values.sel(step=[0, 1, 2]).values, spectral_before.singular_values.sel(step=[0, 1, 2]).values
+    )
     # update since init is measured from the original init (restored from the checkpoint), so it is
     # not zero at the first step after resuming
     assert float(spectral.update_frobenius_norm.sel(step=3).max()) > 0

@@ -52,8 +52,7 @@ CASES = [
     ("huge_product", OK + "*".join(["99999999"] * 8) + "</answer>", [99999999] * 8, 1, 1.0, 0.0),
     ("huge_literal", OK + "9" * 20 + " - " + "9" * 20 + "</answer>", [int("9" * 20)] * 2, 0, 1.0, 0.0),
     ("deep_parens_10000", OK + "(" * 10_000 + "3*5+7" + ")" * 10_000 + "</answer>", N, 22, 1.0, 0.0),
-    ("deep_parens_short", OK + "(" * (MAX_DEPTH + 1) + "3*5+7" + ")" * (MAX_DEPTH + 1) + "</answer>",
-     N, 22, 1.0, 0.0),
+    ("deep_parens_short", OK + "(" * (MAX_DEPTH + 1) + "3*5+7" + ")" * (MAX_DEPTH + 1) + "</answer>", N, 22, 1.0, 0.0),
     ("parens_within_depth", OK + "(" * 10 + "3*5+7" + ")" * 10 + "</answer>", N, 22, 1.0, 1.0),
     ("unbalanced_parens", OK + "(3*5+7</answer>", N, 22, 1.0, 0.0),
     ("division_by_zero", OK + "3 / (5 - 5)</answer>", [3, 5, 5], 0, 1.0, 0.0),
@@ -90,8 +89,13 @@ def test_batch_follows_trl_signature():
     completions = [c[1] for c in CASES]
     nums = [c[2] for c in CASES]
     target = [c[3] for c in CASES]
-    extras = dict(prompts=["p"] * len(CASES), completion_ids=[[1]] * len(CASES), trainer_state=None,
-                  log_extra=None, log_metric=None)
+    extras = dict(
+        prompts=["p"] * len(CASES),
+        completion_ids=[[1]] * len(CASES),
+        trainer_state=None,
+        log_extra=None,
+        log_metric=None,
+    )
     assert format_reward(completions, nums=nums, target=target, **extras) == [c[4] for c in CASES]
     assert equation_reward(completions, nums=nums, target=target, **extras) == [c[5] for c in CASES]
     conversational = [[{"role": "assistant", "content": c}] for c in completions]
@@ -140,10 +144,40 @@ def test_safe_eval_values(expr, value):
 
 @pytest.mark.parametrize(
     "expr",
-    ["", "   ", "()", "1 2", "1 +", "* 2", "2 ** 3", "2 // 3", "1 / 0", "1 / (2 - 2)", "1.2.3",
-     "1..2", "abs(1)", "x", "1e3", "1_000", "0x10", "(1", "1)", "[1]", "'1'", "True",
-     "100 * 1000 * 1000 * 1000 * 10001", "-100 * 1000 * 1000 * 1000 * 10001", "9" * 20,
-     "1" + " " * MAX_EXPR_LENGTH, "\uff11 + 1", "1 + 1;", "1 = 1", None, 12, b"1+1"],
+    [
+        "",
+        "   ",
+        "()",
+        "1 2",
+        "1 +",
+        "* 2",
+        "2 ** 3",
+        "2 // 3",
+        "1 / 0",
+        "1 / (2 - 2)",
+        "1.2.3",
+        "1..2",
+        "abs(1)",
+        "x",
+        "1e3",
+        "1_000",
+        "0x10",
+        "(1",
+        "1)",
+        "[1]",
+        "'1'",
+        "True",
+        "100 * 1000 * 1000 * 1000 * 10001",
+        "-100 * 1000 * 1000 * 1000 * 10001",
+        "9" * 20,
+        "1" + " " * MAX_EXPR_LENGTH,
+        "\uff11 + 1",
+        "1 + 1;",
+        "1 = 1",
+        None,
+        12,
+        b"1+1",
+    ],
 )
 def test_safe_eval_rejects(expr):
     assert safe_eval(expr) is None
@@ -173,8 +207,12 @@ def _random_tree_valued(rng: random.Random, leaves: int) -> tuple[str, float | N
     text = f"({ls}{sp}{op}{sp}{rs})"
     if lv is None or rv is None:
         return text, None
-    value = {"+": lambda: lv + rv, "-": lambda: lv - rv, "*": lambda: lv * rv,
-             "/": lambda: None if rv == 0 else lv / rv}[op]()
+    value = {
+        "+": lambda: lv + rv,
+        "-": lambda: lv - rv,
+        "*": lambda: lv * rv,
+        "/": lambda: None if rv == 0 else lv / rv,
+    }[op]()
     return text, value
 
 

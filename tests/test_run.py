@@ -22,8 +22,16 @@ from perl.synthetic import synthetic_run
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
-    return synthetic_run(tmp_path_factory.mktemp("runs") / "lora", steps=6, layers=3, modules=("q_proj", "v_proj"),
-                         r=4, seed=3, partial=("k_proj",), pngs=False)
+    return synthetic_run(
+        tmp_path_factory.mktemp("runs") / "lora",
+        steps=6,
+        layers=3,
+        modules=("q_proj", "v_proj"),
+        r=4,
+        seed=3,
+        partial=("k_proj",),
+        pngs=False,
+    )
 
 
 def _nc(path, name):
@@ -32,7 +40,9 @@ def _nc(path, name):
         return np.concatenate([values for values, _ in parts]), parts[0][1]
     with netCDF4.Dataset(path) as nc:
         nc.set_auto_mask(False)
-        return np.asarray(nc.variables[name][:]), [str(v) for v in nc.variables["module"][:]] if "module" in nc.variables else None
+        return np.asarray(nc.variables[name][:]), [
+            str(v) for v in nc.variables["module"][:]
+        ] if "module" in nc.variables else None
 
 
 def test_open_run_reads_config_stores_and_metrics(lora_dir):
@@ -124,7 +134,9 @@ def test_stores_are_not_held_open(lora_dir, tmp_path):
 
 def test_open_runs_labels_and_outer_join(tmp_path):
     a = synthetic_run(tmp_path / "a", steps=4, layers=2, modules=("q_proj", "v_proj"), r=4, seed=0, pngs=False)
-    b = synthetic_run(tmp_path / "b", steps=6, layers=3, modules=("q_proj", "o_proj"), r=4, seed=1, method="dora", pngs=False)
+    b = synthetic_run(
+        tmp_path / "b", steps=6, layers=3, modules=("q_proj", "o_proj"), r=4, seed=1, method="dora", pngs=False
+    )
     runs = open_runs([a, b])
     sp = runs.spectral
     assert list(sp["run"].values) == ["lora r=4 seed=0", "dora r=4 seed=1"]
@@ -135,8 +147,12 @@ def test_open_runs_labels_and_outer_join(tmp_path):
     assert hasattr(sp["singular_values"].data, "dask"), "combined lazily"
     er = sp["effective_rank"]
     own_a, own_b = open_run(a).spectral["effective_rank"], open_run(b).spectral["effective_rank"]
-    np.testing.assert_allclose(er.sel(run="lora r=4 seed=0", step=own_a.step, layer=own_a.layer, module=own_a.module).values, own_a.values)
-    np.testing.assert_allclose(er.sel(run="dora r=4 seed=1", step=own_b.step, layer=own_b.layer, module=own_b.module).values, own_b.values)
+    np.testing.assert_allclose(
+        er.sel(run="lora r=4 seed=0", step=own_a.step, layer=own_a.layer, module=own_a.module).values, own_a.values
+    )
+    np.testing.assert_allclose(
+        er.sel(run="dora r=4 seed=1", step=own_b.step, layer=own_b.layer, module=own_b.module).values, own_b.values
+    )
     # what a run does not have is NaN: run a has no layer 2, no o_proj, no steps past 4, no DoRA variables
     assert np.isnan(er.sel(run="lora r=4 seed=0", layer=2).values).all()
     assert np.isnan(er.sel(run="lora r=4 seed=0", module="o_proj").values).all()
@@ -188,8 +204,10 @@ def test_errors_are_one_clear_line(tmp_path, lora_dir):
 
 
 def test_import_perl_is_light_and_exports_open_run():
-    code = ("import sys, perl; f = perl.open_run; g = perl.open_runs; "
-            "assert 'torch' not in sys.modules, 'torch imported'; print(f.__module__)")
+    code = (
+        "import sys, perl; f = perl.open_run; g = perl.open_runs; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(f.__module__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "perl.run"
@@ -221,12 +239,18 @@ def test_final_reward_is_one_definition_everywhere(tmp_path):
 def test_open_runs_of_one_layout_stacks_final_files_lazily_with_the_same_values(tmp_path):
     import xarray as xr
 
-    dirs = [synthetic_run(tmp_path / f"s{seed}", steps=5, layers=2, modules=("q_proj", "v_proj"), r=4, seed=seed,
-                          pngs=False) for seed in range(3)]
+    dirs = [
+        synthetic_run(
+            tmp_path / f"s{seed}", steps=5, layers=2, modules=("q_proj", "v_proj"), r=4, seed=seed, pngs=False
+        )
+        for seed in range(3)
+    ]
     sp = open_runs(dirs).spectral
     assert hasattr(sp["singular_values"].data, "dask") and list(sp["seed"].values) == [0, 1, 2]
     for i, d in enumerate(dirs):
         one = open_run(d).spectral
         assert open_run(d).source("spectral").name == "spectral_history_final.nc"  # the stacked path
         for name in one.data_vars:
-            xr.testing.assert_equal(sp[name].isel(run=i, drop=True).reset_coords(drop=True), one[name].reset_coords(drop=True))
+            xr.testing.assert_equal(
+                sp[name].isel(run=i, drop=True).reset_coords(drop=True), one[name].reset_coords(drop=True)
+            )

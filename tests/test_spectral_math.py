@@ -105,8 +105,15 @@ def test_zero_matrix_metrics_are_defined():
     sv = sm.factored_singular_values(torch.zeros(30, 4), torch.randn(4, 20))
     assert torch.count_nonzero(sv) == 0
     m = sm.spectrum_metrics(sv)
-    for name in ("effective_rank", "entropy_effective_rank", "stable_rank", "nuclear_norm", "frobenius_norm",
-                 "numerical_rank", "spectral_gap"):
+    for name in (
+        "effective_rank",
+        "entropy_effective_rank",
+        "stable_rank",
+        "nuclear_norm",
+        "frobenius_norm",
+        "numerical_rank",
+        "spectral_gap",
+    ):
         assert float(m[name]) == 0.0, name
     for name in ("condition_number", "top1_sv_ratio", "top5_sv_ratio", "top10_sv_ratio"):
         assert math.isnan(float(m[name])), name
@@ -138,8 +145,14 @@ def test_metrics_against_direct_formulas():
 def test_near_zero_matrix_has_scale_free_metrics():
     sv = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
     big, tiny = sm.spectrum_metrics(sv), sm.spectrum_metrics(sv * 1e-30)
-    for name in ("effective_rank", "entropy_effective_rank", "stable_rank", "condition_number",
-                 "top1_sv_ratio", "numerical_rank"):
+    for name in (
+        "effective_rank",
+        "entropy_effective_rank",
+        "stable_rank",
+        "condition_number",
+        "top1_sv_ratio",
+        "numerical_rank",
+    ):
         assert math.isclose(float(big[name]), float(tiny[name]), rel_tol=1e-12), name
     assert math.isclose(float(tiny["nuclear_norm"]), 6e-30, rel_tol=1e-12)
 

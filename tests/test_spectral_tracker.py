@@ -34,14 +34,29 @@ def tiny_model(layers=2, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = Qwen2Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return Qwen2ForCausalLM(config)
 
 
 def build(method, layers=2, r=4):
-    cfg = SimpleNamespace(type=method, r=r, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                          init_r=6, target_r=3, miss_init="balance")
+    cfg = SimpleNamespace(
+        type=method,
+        r=r,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        init_r=6,
+        target_r=3,
+        miss_init="balance",
+    )
     return registry.build_adapter(tiny_model(layers), cfg, total_steps=STEPS).model
 
 
@@ -76,7 +91,7 @@ def dense_delta(am):
         u = u / u.norm(dim=0)
         h = torch.eye(u.shape[0], dtype=torch.float64)
         for i in range(u.shape[1]):
-            h = h - 2 * h @ u[:, i:i + 1] @ u[:, i:i + 1].T
+            h = h - 2 * h @ u[:, i : i + 1] @ u[:, i : i + 1].T
         return w0 @ h - w0
     return m.get_delta_weight(ad)
 
@@ -92,8 +107,11 @@ def test_stored_spectra_equal_dense_svd_of_peft_delta(method, tmp_path):
     adapters = discover_adapters(model)
     with torch.no_grad():
         init_delta = {a.name: dense_delta(a).double().clone() for a in adapters if a.kind not in ("ia3", "ln_tuning")}
-        init_vec = {a.name: torch.cat([p.detach().reshape(-1).double().clone() for ps in a.components.values() for p in ps])
-                    for a in adapters if a.kind in ("ia3", "ln_tuning")}
+        init_vec = {
+            a.name: torch.cat([p.detach().reshape(-1).double().clone() for ps in a.components.values() for p in ps])
+            for a in adapters
+            if a.kind in ("ia3", "ln_tuning")
+        }
     tracker.log_step(0)
     train_steps(model, STEPS)
     tracker.log_step(STEPS)
@@ -105,7 +123,9 @@ def test_stored_spectra_equal_dense_svd_of_peft_delta(method, tmp_path):
         cell = dict(layer=a.layer, module=a.module)
         if a.kind in ("ia3", "ln_tuning"):
             v = torch.cat([p.detach().reshape(-1).double() for ps in a.components.values() for p in ps])
-            assert math.isclose(float(ds.vector_norm.sel(step=STEPS, **cell)), float(v.norm()), rel_tol=1e-6)  # stored as float32
+            assert math.isclose(
+                float(ds.vector_norm.sel(step=STEPS, **cell)), float(v.norm()), rel_tol=1e-6
+            )  # stored as float32
             moved = float((v - init_vec[a.name]).norm())
             assert moved > 0
             assert math.isclose(float(ds.vector_distance_from_init.sel(step=STEPS, **cell)), moved, rel_tol=1e-6)
@@ -127,8 +147,16 @@ def test_stored_spectra_equal_dense_svd_of_peft_delta(method, tmp_path):
         assert np.nansum(np.abs(ds.update_singular_values.sel(step=0, **cell).values)) == 0.0
         assert float(ds.update_frobenius_norm.sel(step=0, **cell)) == 0.0
         # defined metrics are finite after training
-        for name in ("effective_rank", "entropy_effective_rank", "stable_rank", "condition_number",
-                     "top1_sv_ratio", "numerical_rank", "update_effective_rank", "update_condition_number"):
+        for name in (
+            "effective_rank",
+            "entropy_effective_rank",
+            "stable_rank",
+            "condition_number",
+            "top1_sv_ratio",
+            "numerical_rank",
+            "update_effective_rank",
+            "update_condition_number",
+        ):
             assert np.isfinite(float(ds[name].sel(step=STEPS, **cell))), (a.name, name)
     if method in ("pissa", "milora"):
         # the product starts nonzero; what learning did is the (different) update since init
@@ -138,7 +166,18 @@ def test_stored_spectra_equal_dense_svd_of_peft_delta(method, tmp_path):
         check_dora(ds, adapters)
     if method == "adalora":
         check_adalora(ds, adapters, model)
-    if method in ("lora", "dora", "rslora", "lora_plus", "lorafa", "milora_plus", "adalora", "miss", "hra", "slicefine"):
+    if method in (
+        "lora",
+        "dora",
+        "rslora",
+        "lora_plus",
+        "lorafa",
+        "milora_plus",
+        "adalora",
+        "miss",
+        "hra",
+        "slicefine",
+    ):
         # B_0 A_0 = 0: the zero product at step 0 has defined metrics (documented), not 1e10
         assert float(ds.frobenius_norm.sel(step=0).max()) == 0.0
         assert float(ds.effective_rank.sel(step=0).max()) == 0.0
@@ -154,7 +193,9 @@ def check_dora(ds, adapters):
             direction = w0 + m.get_delta_weight(a.adapter).double()
             mag = m.lora_magnitude_vector[a.adapter].weight.double()
             effective = (mag / torch.linalg.norm(direction, dim=1)).unsqueeze(1) * direction
-        assert math.isclose(float(ds.magnitude_norm.sel(step=STEPS, **cell)), float(mag.norm()), rel_tol=1e-6)  # stored as float32
+        assert math.isclose(
+            float(ds.magnitude_norm.sel(step=STEPS, **cell)), float(mag.norm()), rel_tol=1e-6
+        )  # stored as float32
         assert math.isclose(float(ds.direction_norm.sel(step=STEPS, **cell)), float(direction.norm()), rel_tol=1e-5)
         assert float(ds.magnitude_direction_ratio.sel(step=0, **cell)) == pytest.approx(1.0, abs=1e-6)
         want = torch.linalg.svdvals(effective - w0).numpy()
@@ -191,8 +232,13 @@ def check_adalora(ds, adapters, model):
 
 def test_analysis_api_summary_final_file_and_attrs(tmp_path):
     model = build("lora", layers=3)
-    tracker = SpectralTracker(model, log_frequency=2, save_dir=tmp_path, max_layers_to_track=2,
-                              run_attrs={"seed": 7, "config_yaml": "peft:\n  type: lora\n"})
+    tracker = SpectralTracker(
+        model,
+        log_frequency=2,
+        save_dir=tmp_path,
+        max_layers_to_track=2,
+        run_attrs={"seed": 7, "config_yaml": "peft:\n  type: lora\n"},
+    )
     assert tracker.layers == [0, 2]  # first and last block
     tracker.log_step(0)
     train_steps(model, 2)
@@ -229,8 +275,12 @@ def test_top_k_mode_and_non_writing_rank(tmp_path):
     tracker = SpectralTracker(model, save_dir=tmp_path, compute_full_svd=False, top_k=2)
     train_steps(model, 1)
     ds = tracker.log_step(1)
-    full = torch.linalg.svdvals(model.base_model.model.model.layers[0].self_attn.q_proj.get_delta_weight("default").detach().double())
-    np.testing.assert_allclose(ds.singular_values.sel(step=1, layer=0, module="q_proj").values, full[:2].numpy(), rtol=1e-6)
+    full = torch.linalg.svdvals(
+        model.base_model.model.model.layers[0].self_attn.q_proj.get_delta_weight("default").detach().double()
+    )
+    np.testing.assert_allclose(
+        ds.singular_values.sel(step=1, layer=0, module="q_proj").values, full[:2].numpy(), rtol=1e-6
+    )
     assert ds.sizes["sv"] == 2 and ds.sizes["sv_update"] == 2
     other = SpectralTracker(model, save_dir=tmp_path / "rank1", is_world_process_zero=False)
     assert other.log_step(1) is None and other.save() is None
@@ -257,9 +307,21 @@ def _trainer(model, out, max_steps, callbacks, save_steps=2):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 96, (16, 12), generator=gen).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2,
-                             learning_rate=1e-2, logging_steps=1, save_steps=save_steps, save_strategy="steps",
-                             report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, save_only_model=False)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_steps=save_steps,
+        save_strategy="steps",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
     return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
 
 
@@ -272,7 +334,10 @@ def test_callback_steps_logs_checkpoints_and_resume(tmp_path):
     assert list(first.step.values) == [0, 2, 4, 5]  # step 0, every 2 optimizer steps, the end
     logged = [h for h in trainer.state.log_history if "spectral/step" in h]
     assert [h["spectral/step"] for h in logged] == [0.0, 2.0, 4.0]  # step 0 rides on the first log record
-    assert any("spectral/effective_rank/q_proj" in h and "spectral/condition_number/max" in h for h in trainer.state.log_history)
+    assert any(
+        "spectral/effective_rank/q_proj" in h and "spectral/condition_number/max" in h
+        for h in trainer.state.log_history
+    )
     assert (tmp_path / "checkpoint-4" / "spectral_tracker_init.safetensors").is_file()
 
     # resume from checkpoint-4 in a fresh process state: a new model whose init differs
@@ -288,8 +353,9 @@ def test_callback_steps_logs_checkpoints_and_resume(tmp_path):
     assert list(resumed.step.values) == [0, 2, 4, 5]  # no duplicates, nothing missing
     for name in ("singular_values", "update_singular_values"):
         np.testing.assert_allclose(resumed[name].sel(step=4).values, first[name].sel(step=4).values)
-        np.testing.assert_allclose(resumed[name].sel(step=5).values, first[name].sel(step=5).values,
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            resumed[name].sel(step=5).values, first[name].sel(step=5).values, rtol=1e-4, atol=1e-6
+        )
 
 
 KILLED = textwrap.dedent("""

@@ -23,11 +23,18 @@ def rate_tolerance(p: float, n: int) -> float:
 
 
 # ------------------------------------------------------------------------------ the t distribution
-@pytest.mark.parametrize(("q", "df", "expected"), [
-    # values of the standard t table (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2)
-    (0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 4, 2.776), (0.975, 30, 2.042), (0.995, 10, 3.169),
-    (0.95, 5, 2.015),
-])
+@pytest.mark.parametrize(
+    ("q", "df", "expected"),
+    [
+        # values of the standard t table (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2)
+        (0.975, 1, 12.706),
+        (0.975, 2, 4.303),
+        (0.975, 4, 2.776),
+        (0.975, 30, 2.042),
+        (0.995, 10, 3.169),
+        (0.95, 5, 2.015),
+    ],
+)
 def test_t_quantiles_match_the_table(q, df, expected):
     assert stats.t_ppf(q, df) == pytest.approx(expected, abs=1e-3)
     assert stats.t_ppf(1 - q, df) == pytest.approx(-expected, abs=1e-3)
@@ -66,11 +73,14 @@ def test_interval_edge_cases_are_defined():
         stats.mean_interval([1, 2], method="wald")
 
 
-@pytest.mark.parametrize(("n", "level", "draw"), [
-    (3, 0.95, lambda rng, size: rng.normal(0.2, 0.05, size)),   # three seeds, as the shipped sweep
-    (5, 0.90, lambda rng, size: rng.normal(-1.0, 3.0, size)),
-    (8, 0.95, lambda rng, size: rng.uniform(0.0, 1.0, size)),   # not normal: t is still close
-])
+@pytest.mark.parametrize(
+    ("n", "level", "draw"),
+    [
+        (3, 0.95, lambda rng, size: rng.normal(0.2, 0.05, size)),  # three seeds, as the shipped sweep
+        (5, 0.90, lambda rng, size: rng.normal(-1.0, 3.0, size)),
+        (8, 0.95, lambda rng, size: rng.uniform(0.0, 1.0, size)),  # not normal: t is still close
+    ],
+)
 def test_t_interval_covers_the_true_mean_at_its_level(n, level, draw):
     rng = np.random.default_rng(1234)
     trials = 3000
@@ -97,14 +107,20 @@ def test_bootstrap_interval_covers_with_enough_seeds_and_undercovers_with_three(
     rng = np.random.default_rng(7)
     trials = 600
     covered = sum(
-        (iv := stats.bootstrap_interval(rng.normal(5.0, 2.0, 40), 0.95, n_resamples=2000, seed=rng)).low <= 5.0 <= iv.high
-        for _ in range(trials))
+        (iv := stats.bootstrap_interval(rng.normal(5.0, 2.0, 40), 0.95, n_resamples=2000, seed=rng)).low
+        <= 5.0
+        <= iv.high
+        for _ in range(trials)
+    )
     # note: the percentile bootstrap is slightly narrow at n=40 (about 0.94)
     assert abs(covered / trials - 0.95) < rate_tolerance(0.95, trials) + 0.01
     # three seeds: the bootstrap mean never leaves the values' range, so it covers far less than stated
     covered3 = sum(
-        (iv := stats.bootstrap_interval(rng.normal(5.0, 2.0, 3), 0.95, n_resamples=2000, seed=rng)).low <= 5.0 <= iv.high
-        for _ in range(trials))
+        (iv := stats.bootstrap_interval(rng.normal(5.0, 2.0, 3), 0.95, n_resamples=2000, seed=rng)).low
+        <= 5.0
+        <= iv.high
+        for _ in range(trials)
+    )
     assert covered3 / trials < 0.85
     assert stats.bootstrap_interval([1.0, 2.0, 4.0], seed=3) == stats.bootstrap_interval([1.0, 2.0, 4.0], seed=3)
 
@@ -144,8 +160,9 @@ def test_paired_t_by_hand_and_pairs_with_nan_dropped():
         stats.paired_t_test([1, 2], [1, 2, 3])
 
 
-@pytest.mark.parametrize(("test", "n", "alpha"), [("welch", 3, 0.05), ("welch", 5, 0.10), ("permutation", 6, 0.05),
-                                                   ("paired_t", 4, 0.05)])
+@pytest.mark.parametrize(
+    ("test", "n", "alpha"), [("welch", 3, 0.05), ("welch", 5, 0.10), ("permutation", 6, 0.05), ("paired_t", 4, 0.05)]
+)
 def test_no_difference_is_rejected_at_most_at_the_stated_level(test, n, alpha):
     rng = np.random.default_rng(2024)
     trials = 1500
@@ -159,14 +176,17 @@ def test_no_difference_is_rejected_at_most_at_the_stated_level(test, n, alpha):
         assert rate > alpha - rate_tolerance(alpha, trials), f"{test}: level {rate:.3f}, far below {alpha}"
 
 
-@pytest.mark.parametrize(("test", "n", "shift"), [("welch", 3, 4.0), ("welch", 5, 2.5), ("permutation", 6, 2.5),
-                                                  ("paired_t", 4, 4.0)])
+@pytest.mark.parametrize(
+    ("test", "n", "shift"), [("welch", 3, 4.0), ("welch", 5, 2.5), ("permutation", 6, 2.5), ("paired_t", 4, 4.0)]
+)
 def test_a_planted_difference_is_detected(test, n, shift):
     """A shift of ``shift`` standard deviations between configurations: rejected in most draws."""
     rng = np.random.default_rng(11)
     trials = 400
-    detected = sum(stats.compare(rng.normal(shift, 1.0, n), rng.normal(0.0, 1.0, n), test=test).pvalue < 0.05
-                   for _ in range(trials))
+    detected = sum(
+        stats.compare(rng.normal(shift, 1.0, n), rng.normal(0.0, 1.0, n), test=test).pvalue < 0.05
+        for _ in range(trials)
+    )
     assert detected / trials > 0.8
 
 

@@ -28,14 +28,24 @@ def snapshot(step, n_layers=2, n_sv=3, extra=False):
     }
     if extra:
         data["magnitude_norm"] = (("step", "layer", "module"), np.full((1, n_layers, len(MODULES)), -float(step)))
-    return xr.Dataset(data, coords={"step": [step], "layer": np.arange(n_layers), "module": MODULES,
-                                    "sv": np.arange(n_sv)})
+    return xr.Dataset(
+        data, coords={"step": [step], "layer": np.arange(n_layers), "module": MODULES, "sv": np.arange(n_sv)}
+    )
 
 
 def test_round_trip_strings_nan_attrs_and_late_variable(tmp_path):
     path = tmp_path / "logs" / "history.nc"
-    store = RunStore(path, attrs={"peft_type": "dora", "target_modules": ["q_proj", "v_proj"], "r": 4,
-                                  "config": {"seed": 3}, "flag": True, "nothing": None})
+    store = RunStore(
+        path,
+        attrs={
+            "peft_type": "dora",
+            "target_modules": ["q_proj", "v_proj"],
+            "r": 4,
+            "config": {"seed": 3},
+            "flag": True,
+            "nothing": None,
+        },
+    )
     for step in (0, 5):
         store.append(snapshot(step))
     store.append(snapshot(10, extra=True))  # a variable first seen at step 10
@@ -120,8 +130,18 @@ WRITER = textwrap.dedent("""
 def _start_writer(tmp_path, n, layers=2, n_sv=3, pause=0.0, block=4, merge=3):
     script = tmp_path / "writer.py"
     path = tmp_path / "live.nc"
-    script.write_text(WRITER.format(tests=os.path.dirname(__file__), path=str(path), n=n, layers=layers,
-                                    n_sv=n_sv, pause=pause, block=block, merge=merge))
+    script.write_text(
+        WRITER.format(
+            tests=os.path.dirname(__file__),
+            path=str(path),
+            n=n,
+            layers=layers,
+            n_sv=n_sv,
+            pause=pause,
+            block=block,
+            merge=merge,
+        )
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, path
 
@@ -206,11 +226,14 @@ def test_small_files_fill_then_merge_and_read_back_as_one_dataset(tmp_path, smal
     steps = list(range(0, 150, 10))  # 15 snapshots
     for step in steps:
         ds = snapshot(step, extra=step >= 70)  # a variable first seen in a later file
-        ds["scale"] = ds["scale"] + step      # static: the last append wins
+        ds["scale"] = ds["scale"] + step  # static: the last append wins
         store.append(ds)
     # 5 files of 3: the first 4 merged pairwise, the last one full and waiting for a partner
-    assert _files(store.path) == ["steps_0000000000_0000000050.nc", "steps_0000000060_0000000110.nc",
-                                  "steps_0000000120_0000000140.nc"]
+    assert _files(store.path) == [
+        "steps_0000000000_0000000050.nc",
+        "steps_0000000060_0000000110.nc",
+        "steps_0000000120_0000000140.nc",
+    ]
     for lazy in (False, True):
         ds = RunStore.open(store.path, lazy=lazy)
         assert [int(s) for s in ds.step.values] == steps and RunStore(store.path).steps == steps
@@ -274,7 +297,9 @@ def test_a_single_file_store_of_an_older_version_is_read_and_continued(tmp_path)
     import perl.trackers.store as st
 
     path = tmp_path / "old.nc"
-    old = xr.concat([snapshot(s) for s in range(3)], dim="step", data_vars="minimal", coords="minimal", compat="override")
+    old = xr.concat(
+        [snapshot(s) for s in range(3)], dim="step", data_vars="minimal", coords="minimal", compat="override"
+    )
     st._write_file(path, old, {"peft_type": "lora"})
     assert path.is_file() and RunStore(path).steps == [0, 1, 2]
     store = RunStore(path)
@@ -322,8 +347,14 @@ def test_open_stacked_equals_opening_each_and_refuses_other_layouts(tmp_path):
             store.append(ds.assign(singular_values=ds.singular_values + 100 * run))
         finals.append(store.finalize(tmp_path / f"r{run}" / "final.nc"))
     stacked = xr.decode_cf(RunStore.open_stacked(finals))
-    want = xr.concat([RunStore.open(f) for f in finals], dim="run", data_vars="all", coords="minimal",
-                     compat="override", combine_attrs="drop_conflicts")
+    want = xr.concat(
+        [RunStore.open(f) for f in finals],
+        dim="run",
+        data_vars="all",
+        coords="minimal",
+        compat="override",
+        combine_attrs="drop_conflicts",
+    )
     assert hasattr(stacked.singular_values.data, "dask")
     xr.testing.assert_identical(stacked.load(), want)
     assert stacked.attrs["peft_type"] == "lora" and "seed" not in stacked.attrs  # differing attrs dropped

@@ -118,7 +118,10 @@ def test_notebook05_puts_pissa_in_the_principal_and_milora_in_the_minor_subspace
 
     table = html_table(nb, "principal_left")
     assert list(table) == ["pissa r=4 seed=0", "milora r=4 seed=0"]  # the sweep's order
-    planted = {"pissa r=4 seed=0": ("principal_left", "minor_left"), "milora r=4 seed=0": ("minor_left", "principal_left")}
+    planted = {
+        "pissa r=4 seed=0": ("principal_left", "minor_left"),
+        "milora r=4 seed=0": ("minor_left", "principal_left"),
+    }
     for label, (inside, outside) in planted.items():
         row = table[label]
         assert number(row[inside]) == pytest.approx(1.0, abs=1e-4), (label, row)
@@ -126,8 +129,11 @@ def test_notebook05_puts_pissa_in_the_principal_and_milora_in_the_minor_subspace
         assert number(row["step"]) == 2
         # and exactly what the run's store holds: the mean over its (layer, module) cells at step 2
         store = read_nc(sweep_dir / f"{label.split()[0]}-r4-s0-lr1e-2" / "alignment_final.nc")
-        for column, variable in (("principal_left", "energy_fraction_top_left"), ("minor_right", "energy_fraction_bottom_right"),
-                                 ("update_norm", "update_frobenius_norm")):
+        for column, variable in (
+            ("principal_left", "energy_fraction_top_left"),
+            ("minor_right", "energy_fraction_bottom_right"),
+            ("update_norm", "update_frobenius_norm"),
+        ):
             expected = float(np.nanmean(store[variable].sel(step=2).values))
             assert number(row[column]) == pytest.approx(expected, abs=1e-6), (label, column)  # shown to 6 decimals
         chance = store["chance_energy_fraction_left"].values  # k / m per module: 2r over the output size
@@ -173,8 +179,11 @@ def test_a_failing_run_is_reported_and_the_others_still_train(tmp_path, capsys, 
     broken = tmp_path / "broken-model"  # a model folder whose weights are missing: found, then fails to load
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    data = {"sweep_dir": "sw", **TINY,
-            "grid": {"methods": ["lora"], "seeds": [0], "model.model_name_or_path": [str(broken), "tiny-random"]}}
+    data = {
+        "sweep_dir": "sw",
+        **TINY,
+        "grid": {"methods": ["lora"], "seeds": [0], "model.model_name_or_path": [str(broken), "tiny-random"]},
+    }
     sweep_file = write_sweep(tmp_path / "sweep.yaml", data)
     bad, good = (f"lora-r8-s0-lr5e-4-model_name_or_path_{v}" for v in ("broken-model", "tiny-random"))
     # a crashed earlier attempt of the good run: trained again over it, from scratch
@@ -224,9 +233,18 @@ BAD = {
     "no sweep_dir": ({"sweep_dir": None}, "needs sweep_dir"),
     "output_dir set": ({"training": {"output_dir": "x"}}, "sets training.output_dir, which a sweep decides"),
     "unknown section key": ({"training": {"max_step": 3}}, "unknown config key 'training.max_step'"),
-    "launcher missing": ({"launcher": "no-such-launcher-xyz --x"}, "launcher program 'no-such-launcher-xyz' is not found"),
-    "bad batch": ({"training": {"per_device_train_batch_size": 3, "num_generations": 2}}, "must be divisible by num_generations"),
-    "missing model": ({"model": {"model_name_or_path": "no-such-model"}}, "'no-such-model' is neither an embedded model"),
+    "launcher missing": (
+        {"launcher": "no-such-launcher-xyz --x"},
+        "launcher program 'no-such-launcher-xyz' is not found",
+    ),
+    "bad batch": (
+        {"training": {"per_device_train_batch_size": 3, "num_generations": 2}},
+        "must be divisible by num_generations",
+    ),
+    "missing model": (
+        {"model": {"model_name_or_path": "no-such-model"}},
+        "'no-such-model' is neither an embedded model",
+    ),
     "base_config missing": ({"base_config": "nowhere.yaml"}, "nowhere.yaml does not exist"),
     "parallel": ({"parallel": 0}, "parallel must be a positive integer"),
     "notebook": ({"notebooks": ["99_nothing"]}, "notebook '99_nothing' is not in"),
@@ -274,9 +292,18 @@ def test_dry_run_lists_the_grid_and_writes_nothing(tmp_path, capsys, monkeypatch
 
 # ------------------------------------------------------------------------------ loading
 def test_grid_points_names_and_configs(tmp_path):
-    data = {"sweep_dir": "s", **TINY, "training": {**TINY["training"], "beta": 0.0},
-            "grid": {"methods": ["lora", "adalora"], "ranks": [4, 16], "seeds": [0, 1],
-                     "learning_rates": [5e-4, 2.5e-5], "config.training.beta": [0.0, 0.04]}}
+    data = {
+        "sweep_dir": "s",
+        **TINY,
+        "training": {**TINY["training"], "beta": 0.0},
+        "grid": {
+            "methods": ["lora", "adalora"],
+            "ranks": [4, 16],
+            "seeds": [0, 1],
+            "learning_rates": [5e-4, 2.5e-5],
+            "config.training.beta": [0.0, 0.04],
+        },
+    }
     sweep = sw.load_sweep(write_sweep(tmp_path / "grid.yaml", data))
     assert len(sweep.runs) == 2 * 2 * 2 * 2 * 2
     names = [r.name for r in sweep.runs]
@@ -293,14 +320,28 @@ def test_grid_points_names_and_configs(tmp_path):
 
 def test_launcher_processes_count_in_batch_validation(tmp_path):
     # 2 completions per device, groups of 4: whole groups only across two processes
-    data = {"sweep_dir": "s", **TINY, "training": {**TINY["training"], "num_generations": 4}, "grid": {"methods": ["lora"]}}
+    data = {
+        "sweep_dir": "s",
+        **TINY,
+        "training": {**TINY["training"], "num_generations": 4},
+        "grid": {"methods": ["lora"]},
+    }
     with pytest.raises(sw.SweepError, match="must be divisible by num_generations"):
         sw.load_sweep(write_sweep(tmp_path / "one.yaml", data))
     data["launcher"] = f"{sys.executable} -m accelerate.commands.launch --num_processes 2"
     sweep = sw.load_sweep(write_sweep(tmp_path / "two.yaml", data))
     assert sw.launch_command(sweep, sweep.runs[0]) == [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-        "-m", "perl.cli", "train", "--config", str(sweep.runs[0].path / "launch_config.yaml")]
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "-m",
+        "perl.cli",
+        "train",
+        "--config",
+        str(sweep.runs[0].path / "launch_config.yaml"),
+    ]
     assert sw._launcher_world_size(["torchrun", "--nproc_per_node=4", "--nnodes", "2"]) == 8
 
 
@@ -324,15 +365,29 @@ def test_notebook05_is_committed_clean_with_a_question_and_parameters():
 def test_run_names_are_readable_and_exact_enough():
     from perl.config import TrainConfig, apply_overrides
 
-    cfg = apply_overrides(TrainConfig(), {"peft.type": "milora_plus", "peft.r": 16, "common.seed": 3,
-                                          "training.learning_rate": 2.5e-5, "training.beta": 0.04,
-                                          "model.model_name_or_path": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
-                                          "peft.target_modules": ["q_proj", "v_proj"]})
+    cfg = apply_overrides(
+        TrainConfig(),
+        {
+            "peft.type": "milora_plus",
+            "peft.r": 16,
+            "common.seed": 3,
+            "training.learning_rate": 2.5e-5,
+            "training.beta": 0.04,
+            "model.model_name_or_path": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+            "peft.target_modules": ["q_proj", "v_proj"],
+        },
+    )
     assert sw.run_name(cfg) == "milora_plus-r16-s3-lr2.5e-5"
     assert sw.run_name(cfg, ["training.beta", "model.model_name_or_path", "peft.target_modules"]) == (
         "milora_plus-r16-s3-lr2.5e-5-beta_0.04-model_name_or_path_DeepSeek-R1-Distill-Qwen-1.5B"
-        "-target_modules_q_proj+v_proj")
-    assert [sw._format_number(v, scientific=True) for v in (5e-4, 1e-2, 1.0, 3.14e-6)] == ["5e-4", "1e-2", "1e0", "3.14e-6"]
+        "-target_modules_q_proj+v_proj"
+    )
+    assert [sw._format_number(v, scientific=True) for v in (5e-4, 1e-2, 1.0, 3.14e-6)] == [
+        "5e-4",
+        "1e-2",
+        "1e0",
+        "3.14e-6",
+    ]
 
 
 def test_reward_relation_is_rank_and_linear_correlation_over_finite_runs():
@@ -340,10 +395,14 @@ def test_reward_relation_is_rank_and_linear_correlation_over_finite_runs():
 
     from perl.viz.alignment import reward_relation
 
-    table = pd.DataFrame({"final_reward": [1.0, 3.0, 2.0, 4.0, 9.0],
-                          "principal_left": [1.0, 2.0, 3.0, 4.0, np.nan],   # the fifth run has no alignment
-                          "minor_left": [0.5, 0.5, 0.5, 0.5, 0.5]},         # does not vary
-                         index=list("abcde"))
+    table = pd.DataFrame(
+        {
+            "final_reward": [1.0, 3.0, 2.0, 4.0, 9.0],
+            "principal_left": [1.0, 2.0, 3.0, 4.0, np.nan],  # the fifth run has no alignment
+            "minor_left": [0.5, 0.5, 0.5, 0.5, 0.5],
+        },  # does not vary
+        index=list("abcde"),
+    )
     rel = reward_relation(table, columns=("principal_left", "minor_left", "intruders"))
     # ranks of x 1 2 3 4, of y 1 3 2 4: Spearman = 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8; Pearson is the same here
     assert rel.loc["principal_left", "spearman"] == pytest.approx(0.8)

@@ -32,12 +32,23 @@ SWEEP = {
     "sweep_dir": "sweeps/two_seeds",
     "model": {"model_name_or_path": "countdown-nano"},
     # note: 48 tokens hold the nano model's whole answer (about 42), so rewards are earned
-    "training": {"max_steps": STEPS, "num_generations": 4, "per_device_train_batch_size": 8,
-                 "max_completion_length": 48, "logging_steps": 1},
+    "training": {
+        "max_steps": STEPS,
+        "num_generations": 4,
+        "per_device_train_batch_size": 8,
+        "max_completion_length": 48,
+        "logging_steps": 1,
+    },
     "dataset": {"example_numbers": 32, "test_size": 4},
-    "tracker": {"enable_spectral_tracking": True, "enable_gradient_tracking": True, "enable_alignment_tracking": True,
-                "spectral_log_frequency": 1, "gradient_log_frequency": 1, "alignment_log_frequency": 1,
-                "intruder_log_frequency": 2},
+    "tracker": {
+        "enable_spectral_tracking": True,
+        "enable_gradient_tracking": True,
+        "enable_alignment_tracking": True,
+        "spectral_log_frequency": 1,
+        "gradient_log_frequency": 1,
+        "alignment_log_frequency": 1,
+        "intruder_log_frequency": 2,
+    },
     "grid": {"methods": list(METHODS), "ranks": [4], "seeds": list(SEEDS), "learning_rates": [1.0e-3]},
     "notebooks": ["04_compare_runs", "05_spectral_alignment", "06_perl_questions"],
 }
@@ -125,7 +136,10 @@ def test_summary_csv_matches_the_runs_stores(two_seed_sweep):
     # the per-seed values are in the netCDF too, and the reward did something (not all zeros)
     assert np.isfinite(summary["final_equation_reward"].values).all()
     assert np.nanmax(summary["grad_ab_ratio"].values) > 0
-    assert summary["energy_principal"].sel(config="pissa-r4-lr1e-3").mean() > summary["energy_principal"].sel(config="lora-r4-lr1e-3").mean()
+    assert (
+        summary["energy_principal"].sel(config="pissa-r4-lr1e-3").mean()
+        > summary["energy_principal"].sel(config="lora-r4-lr1e-3").mean()
+    )
     for name in ("final_equation_reward_ci_low", "grad_ab_ratio"):
         assert summary[name].attrs["long_name"]
 
@@ -182,8 +196,12 @@ def test_markdown_table_shows_mean_and_interval_per_configuration(two_seed_sweep
     assert lines[0] == "| method | n | energy_principal |"
     for method in METHODS:
         row = rows[f"{method}-r4-lr1e-3"]
-        cell = " [".join([f"{float(row['energy_principal_mean']):.3f}", f"{float(row['energy_principal_ci_low']):.3f}, "
-                          f"{float(row['energy_principal_ci_high']):.3f}]"])
+        cell = " [".join(
+            [
+                f"{float(row['energy_principal_mean']):.3f}",
+                f"{float(row['energy_principal_ci_low']):.3f}, {float(row['energy_principal_ci_high']):.3f}]",
+            ]
+        )
         assert f"| {method} | 2 | {cell} |" in lines
 
 
@@ -213,8 +231,10 @@ def test_notebook06_answers_each_question_with_the_summary_numbers(two_seed_swee
     # (a): PiSSA's gain and LoRA's, as the summary has them, and a named test
     gain = {m: rows[f"{m}-r4-lr1e-3"] for m in METHODS}
     for m in METHODS:
-        interval = (f"{float(gain[m]['equation_reward_gain_mean']):.3f} [{float(gain[m]['equation_reward_gain_ci_low']):.3f}, "
-                    f"{float(gain[m]['equation_reward_gain_ci_high']):.3f}]")
+        interval = (
+            f"{float(gain[m]['equation_reward_gain_mean']):.3f} [{float(gain[m]['equation_reward_gain_ci_low']):.3f}, "
+            f"{float(gain[m]['equation_reward_gain_ci_high']):.3f}]"
+        )
         if float(gain[m]["equation_reward_gain_std"]) > 0:
             assert interval in sentences["(a)"]
     assert "Welch p = " in sentences["(a)"] and "Holm" in sentences["(a)"]
@@ -235,7 +255,9 @@ def test_notebook06_answers_each_question_with_the_summary_numbers(two_seed_swee
     per_seed = []
     for s in SEEDS:
         sp = read_nc(two_seed_sweep / f"lora-r4-s{s}-lr1e-3" / "spectral_history_final.nc")
-        per_seed.append(np.nanmean(sp["update_frobenius_norm"].isel(step=-1).transpose("layer", "module").values, axis=1))
+        per_seed.append(
+            np.nanmean(sp["update_frobenius_norm"].isel(step=-1).transpose("layer", "module").values, axis=1)
+        )
     shown = np.array([float(v) for v in lora_row.split()[1:]])
     np.testing.assert_allclose(shown, np.mean(per_seed, axis=0), rtol=1e-4, atol=1e-6)
 
@@ -255,16 +277,24 @@ def test_shipped_perl_questions_sweep_covers_every_method_with_three_seeds():
 
 def test_notebooks_04_and_05_draw_error_bars_and_test_against_lora(two_seed_sweep):
     rows = read_csv(two_seed_sweep / "summary.csv")
-    for name, quantity in (("04_compare_runs", "final_equation_reward"), ("05_spectral_alignment", "energy_principal")):
+    for name, quantity in (
+        ("04_compare_runs", "final_equation_reward"),
+        ("05_spectral_alignment", "energy_principal"),
+    ):
         nb = nbformat.read(two_seed_sweep / f"{name}.ipynb", as_version=4)
         texts = _outputs(nb)  # raises on a failed cell
         plots = "\n".join(texts)
         assert ":ErrorBars" in plots, f"{name} draws no error bars"
         if name == "04_compare_runs":
             assert ":Area" in plots  # the band over steps
-            assert any(t.startswith("Welch's unequal-variance t-test over seeds (two-sided) against lora-r4-lr1e-3") for t in texts)
+            assert any(
+                t.startswith("Welch's unequal-variance t-test over seeds (two-sided) against lora-r4-lr1e-3")
+                for t in texts
+            )
         table = next(t for t in texts if t.lstrip().startswith("method") and "verdict" in t)
         row = next(line for line in table.splitlines() if line.startswith("pissa-r4-lr1e-3"))
         diff = float(row.split()[4])
-        expected = float(rows["pissa-r4-lr1e-3"][f"{quantity}_mean"]) - float(rows["lora-r4-lr1e-3"][f"{quantity}_mean"])
+        expected = float(rows["pissa-r4-lr1e-3"][f"{quantity}_mean"]) - float(
+            rows["lora-r4-lr1e-3"][f"{quantity}_mean"]
+        )
         assert diff == pytest.approx(expected, abs=1e-4)  # as pandas prints it

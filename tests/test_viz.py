@@ -13,24 +13,41 @@ import numpy as np
 import pytest
 
 from perl.run import open_run
+from perl.synthetic import synthetic_run
 from perl.viz import plots
 from perl.viz.explorers import PRODUCT, UPDATE, GradientExplorer, RunComparison, SpectralExplorer
-from perl.viz.report import main as report_main, subsample, write_report
+from perl.viz.report import main as report_main
+from perl.viz.report import subsample, write_report
 from perl.viz.static import save_gradient_pngs, save_png
-from perl.synthetic import synthetic_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    d = synthetic_run(tmp_path_factory.mktemp("viz") / "lora", steps=8, layers=3, modules=("q_proj", "v_proj"), r=4,
-                      seed=0, partial=("k_proj",), pngs=False)
+    d = synthetic_run(
+        tmp_path_factory.mktemp("viz") / "lora",
+        steps=8,
+        layers=3,
+        modules=("q_proj", "v_proj"),
+        r=4,
+        seed=0,
+        partial=("k_proj",),
+        pngs=False,
+    )
     return open_run(d)
 
 
 @pytest.fixture(scope="module")
 def dora(tmp_path_factory):
-    d = synthetic_run(tmp_path_factory.mktemp("viz") / "dora", steps=6, layers=4, modules=("q_proj", "o_proj"), r=4,
-                      seed=1, method="dora", pngs=False)
+    d = synthetic_run(
+        tmp_path_factory.mktemp("viz") / "dora",
+        steps=6,
+        layers=4,
+        modules=("q_proj", "o_proj"),
+        r=4,
+        seed=1,
+        method="dora",
+        pngs=False,
+    )
     return open_run(d)
 
 
@@ -43,15 +60,21 @@ def test_spectrum_draws_the_selected_slice_with_history(run):
     sp = run.spectral
     ov = plots.spectrum(sp, layer=1, module="v_proj", step=6, history=3)
     current = ov.values()[-1]
-    np.testing.assert_array_equal(_values(current, "singular_values"), sp.singular_values.sel(layer=1, module="v_proj", step=6).values)
+    np.testing.assert_array_equal(
+        _values(current, "singular_values"), sp.singular_values.sel(layer=1, module="v_proj", step=6).values
+    )
     faint = ov.values()[:-2]
     assert len(faint) == 3
     for curve in faint:
         step = int(curve.label.split()[-1])
         assert step < 6
-        np.testing.assert_array_equal(_values(curve, "singular_values"), sp.singular_values.sel(layer=1, module="v_proj", step=step).values)
+        np.testing.assert_array_equal(
+            _values(curve, "singular_values"), sp.singular_values.sel(layer=1, module="v_proj", step=step).values
+        )
     upd = plots.spectrum(sp, layer=1, module="v_proj", update=True).values()[-1]
-    np.testing.assert_array_equal(_values(upd, 1), sp.update_singular_values.sel(layer=1, module="v_proj").isel(step=-1).values)
+    np.testing.assert_array_equal(
+        _values(upd, 1), sp.update_singular_values.sel(layer=1, module="v_proj").isel(step=-1).values
+    )
     assert current.vdims[0].label == sp.singular_values.attrs["long_name"]
 
 
@@ -101,12 +124,14 @@ def test_gradient_plots(run):
     np.testing.assert_array_equal(np.asarray(hm.dimension_values(2, flat=False), dtype=float), ref)
     combined = plots.gradient_heatmap(gr, "B")  # modules combined by L2, the unadapted one (NaN) left out
     b = gr.grad_norm.sel(component="B").transpose("layer", "step", "module").values.astype(float)
-    np.testing.assert_allclose(np.asarray(combined.dimension_values(2, flat=False), dtype=float),
-                               np.sqrt(np.nansum(b ** 2, axis=-1)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(combined.dimension_values(2, flat=False), dtype=float), np.sqrt(np.nansum(b**2, axis=-1)), rtol=1e-6
+    )
     ratios = plots.gradient_heatmap(gr, "B", variable="update_ratio")  # a ratio: mean over modules
     u = gr.update_ratio.sel(component="B").transpose("layer", "step", "module").values.astype(float)
-    np.testing.assert_allclose(np.asarray(ratios.dimension_values(2, flat=False), dtype=float),
-                               np.nanmean(u, axis=-1), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(ratios.dimension_values(2, flat=False), dtype=float), np.nanmean(u, axis=-1), rtol=1e-6
+    )
     ratio = plots.ab_ratio(gr, "v_proj")
     a = gr.grad_norm.sel(component="A", module="v_proj").transpose("layer", "step").values.astype(float)
     b = gr.grad_norm.sel(component="B", module="v_proj").transpose("layer", "step").values.astype(float)
@@ -149,7 +174,11 @@ def test_static_pngs(run, tmp_path):
     png = save_png(plots.metric_heatmap(run.spectral, "effective_rank", "q_proj"), tmp_path / "fig" / "erank.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     written = save_gradient_pngs(run.gradients, tmp_path / "gl")
-    assert sorted(p.name for p in written) == ["gradient_heatmap_A.png", "gradient_heatmap_B.png", "gradient_layer_comparison.png"]
+    assert sorted(p.name for p in written) == [
+        "gradient_heatmap_A.png",
+        "gradient_heatmap_B.png",
+        "gradient_layer_comparison.png",
+    ]
     assert all(p.stat().st_size > 1000 for p in written)
 
 
@@ -167,7 +196,9 @@ def test_gradient_pngs_of_viz_are_those_training_wrote(tmp_path):
     # and the tracker's reading API draws the same matrix the PNG shows: modules combined by L2
     gr = open_run(d).gradients
     m = GradientFlowTracker.load(d).get_gradient_matrix("B")
-    np.testing.assert_allclose(m.values, np.sqrt((gr.grad_norm.sel(component="B") ** 2).sum("module")).transpose("layer", "step").values)
+    np.testing.assert_allclose(
+        m.values, np.sqrt((gr.grad_norm.sel(component="B") ** 2).sum("module")).transpose("layer", "step").values
+    )
 
 
 def test_heatmap_view_places_uneven_steps():
@@ -209,11 +240,17 @@ def test_spectral_explorer_follows_its_controls(run):
     assert "σ = [" + ", ".join(f"{v:.4g}" for v in ref) + "]" in text
     # moving a widget (as a user does) redraws too
     ex.layer_w.value = 1
-    np.testing.assert_allclose(ex.spectrum.lines.data["ys"][-1], sp.singular_values.sel(layer=1, step=3, module="v_proj").values)
+    np.testing.assert_allclose(
+        ex.spectrum.lines.data["ys"][-1], sp.singular_values.sel(layer=1, step=3, module="v_proj").values
+    )
     ex.select(kind=UPDATE, metric="condition_number")
-    np.testing.assert_allclose(ex.spectrum.lines.data["ys"][-1], sp.update_singular_values.sel(layer=1, step=3, module="v_proj").values)
-    np.testing.assert_allclose(ex.heatmap.source.data["image"][0],
-                               sp.update_condition_number.sel(module="v_proj").transpose("layer", "step").values)
+    np.testing.assert_allclose(
+        ex.spectrum.lines.data["ys"][-1], sp.update_singular_values.sel(layer=1, step=3, module="v_proj").values
+    )
+    np.testing.assert_allclose(
+        ex.heatmap.source.data["image"][0],
+        sp.update_condition_number.sel(module="v_proj").transpose("layer", "step").values,
+    )
     assert "update_condition_number" in ex.info.value
     ex.select(module="k_proj", kind=PRODUCT)  # not adapted: drawn as missing, shown as nan
     assert np.isnan(ex.spectrum.lines.data["ys"][-1]).all()
@@ -233,19 +270,25 @@ def test_explorer_refresh_follows_a_run_still_training(tmp_path):
     assert ex.current["step"] == 7 and len(ex.step_w.options) == 8
     assert gx.current["step"] == 7
     sp = open_run(d).spectral
-    np.testing.assert_allclose(ex.spectrum.lines.data["ys"][-1], sp.singular_values.sel(layer=0, step=7, module="q_proj").values)
+    np.testing.assert_allclose(
+        ex.spectrum.lines.data["ys"][-1], sp.singular_values.sel(layer=0, step=7, module="q_proj").values
+    )
 
 
 def test_gradient_explorer_follows_its_controls(run):
     gr = run.gradients
     gx = GradientExplorer(run)
     gx.select(component="B", module="v_proj", step=4, layer=1)
-    np.testing.assert_allclose(gx.heatmap.source.data["image"][0],
-                               gr.grad_norm.sel(component="B", module="v_proj").transpose("layer", "step").values)
+    np.testing.assert_allclose(
+        gx.heatmap.source.data["image"][0],
+        gr.grad_norm.sel(component="B", module="v_proj").transpose("layer", "step").values,
+    )
     for c, ys in zip(gr.component.values, gx.depth.lines.data["ys"]):  # log axes: zero is drawn as missing
         np.testing.assert_allclose(ys, _log_drawn(gr.grad_norm.sel(component=c, module="v_proj", step=4).values))
-        np.testing.assert_allclose(gx.history.lines.data["ys"][list(gr.component.values).index(c)],
-                                   _log_drawn(gr.grad_norm.sel(component=c, module="v_proj", layer=1).values))
+        np.testing.assert_allclose(
+            gx.history.lines.data["ys"][list(gr.component.values).index(c)],
+            _log_drawn(gr.grad_norm.sel(component=c, module="v_proj", layer=1).values),
+        )
     a = gr.grad_norm.sel(component="A", module="v_proj", layer=1).values.astype(float)
     b = gr.grad_norm.sel(component="B", module="v_proj", layer=1).values.astype(float)
     np.testing.assert_allclose(gx.ratio.lines.data["ys"][0], a / b, rtol=1e-6)
@@ -253,8 +296,10 @@ def test_gradient_explorer_follows_its_controls(run):
     assert gx.current["value"] == pytest.approx(value)
     assert f"grad_norm = {value:.4g}" in gx.info.value and "component <b>B</b>" in gx.info.value
     gx.select(variable="grad_to_weight_ratio")
-    np.testing.assert_allclose(gx.heatmap.source.data["image"][0][np.isfinite(gx.heatmap.source.data["image"][0])],
-                               _positive(gr.grad_to_weight_ratio.sel(component="B", module="v_proj").transpose("layer", "step").values))
+    np.testing.assert_allclose(
+        gx.heatmap.source.data["image"][0][np.isfinite(gx.heatmap.source.data["image"][0])],
+        _positive(gr.grad_to_weight_ratio.sel(component="B", module="v_proj").transpose("layer", "step").values),
+    )
 
 
 def _log_drawn(a):

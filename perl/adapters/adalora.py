@@ -23,7 +23,9 @@ from transformers import TrainerCallback
 logger = logging.getLogger("perl")
 
 
-def fit_adalora_schedule(total_steps: int, tinit: int = 0, tfinal: int = 0, delta_t: int = 1) -> tuple[int, int, int, str]:
+def fit_adalora_schedule(
+    total_steps: int, tinit: int = 0, tfinal: int = 0, delta_t: int = 1
+) -> tuple[int, int, int, str]:
     """Fit AdaLoRA's ``(tinit, tfinal, deltaT)`` to a run of ``total_steps`` so that the budget moves.
 
     peft allocates at steps ``t`` with ``tinit < t < total_steps - tfinal`` and ``t % deltaT == 0``, and

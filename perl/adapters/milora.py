@@ -39,7 +39,7 @@ def _minor_svd(weight: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     # note: exact SVD, not svd_lowrank: a randomised range finder resolves the *largest* components,
     # and the smallest are exactly what it gets wrong.
     U, S, Vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
-    return U[:, k - r:], S[k - r:], Vh[k - r:]
+    return U[:, k - r :], S[k - r :], Vh[k - r :]
 
 
 def milora_factors(weight: Tensor, r: int, scaling: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -47,8 +47,21 @@ from perl.adapters.optim import (
 logger = logging.getLogger("perl")
 
 PEFT_METHODS: tuple[str, ...] = (
-    "lora", "dora", "adalora", "pissa", "milora", "milora_plus", "lora_plus", "rslora",
-    "lorafa", "vera", "ia3", "layernorm", "miss", "hra", "slicefine",
+    "lora",
+    "dora",
+    "adalora",
+    "pissa",
+    "milora",
+    "milora_plus",
+    "lora_plus",
+    "rslora",
+    "lorafa",
+    "vera",
+    "ia3",
+    "layernorm",
+    "miss",
+    "hra",
+    "slicefine",
 )
 FULL_FINETUNING = "full"
 #: every value ``peft.type`` accepts: the fifteen adapters and ``"full"`` (no adapter, all weights train)
@@ -118,9 +131,7 @@ def resolve_target_modules(model: nn.Module, target_modules) -> list[str]:
     missing = [t for t in targets if not any(_matches(n, t) for n in names)]
     if missing:
         linear = sorted({_leaf(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(
-            f"peft.target_modules {missing} match no module of the model; its Linear layers are {linear}"
-        )
+        raise ValueError(f"peft.target_modules {missing} match no module of the model; its Linear layers are {linear}")
     return targets
 
 
@@ -216,7 +227,7 @@ def _lora_family(model, cfg, targets, total_steps) -> AdapterSetup:
         )
 
     sqrt = method == "rslora"
-    scaling = cfg.lora_alpha / (cfg.r ** 0.5 if sqrt else cfg.r)
+    scaling = cfg.lora_alpha / (cfg.r**0.5 if sqrt else cfg.r)
     head = (
         f"{method}: r={cfg.r}, lora_alpha={cfg.lora_alpha}, scaling={'alpha/sqrt(r)' if sqrt else 'alpha/r'}"
         f"={scaling:g}, lora_dropout={cfg.lora_dropout}, on {_targeted(peft_model)}"
@@ -396,8 +407,9 @@ def _slicefine(model, cfg, targets, total_steps) -> AdapterSetup:
     if mode not in SLICE_MODES:
         raise ValueError(f"peft.slicefine_mode must be one of {list(SLICE_MODES)}, got {mode!r}")
     position = int(_knob(cfg, "slicefine_position", 0))
-    config = SliceFineConfig(task_type="CAUSAL_LM", r=int(cfg.r), slice_mode=mode, slice_position=position,
-                             target_modules=list(targets))
+    config = SliceFineConfig(
+        task_type="CAUSAL_LM", r=int(cfg.r), slice_mode=mode, slice_position=position, target_modules=list(targets)
+    )
     peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
     desc = (
         f"slicefine: {cfg.r} {mode}s of each weight from index {position} trainable (initialised to the base "
@@ -454,7 +466,9 @@ def build_adapter(model: nn.Module, peft_cfg, total_steps: int) -> AdapterSetup:
     """
     method = str(getattr(peft_cfg, "type", "")).lower()
     if method not in _BUILDERS:
-        raise ValueError(f"unknown peft.type {getattr(peft_cfg, 'type', None)!r}; valid types: {', '.join(ALL_METHODS)}")
+        raise ValueError(
+            f"unknown peft.type {getattr(peft_cfg, 'type', None)!r}; valid types: {', '.join(ALL_METHODS)}"
+        )
     if method == FULL_FINETUNING:
         # note: full fine-tuning trains every weight; target_modules only says what the trackers follow
         targets = getattr(peft_cfg, "target_modules", None) or []

@@ -40,8 +40,15 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-__all__ = ["SLICEFINE", "SLICE_MODES", "SliceFineConfig", "SliceFineLayer", "SliceFineLinear", "SliceFineModel",
-           "register"]
+__all__ = [
+    "SLICEFINE",
+    "SLICE_MODES",
+    "SliceFineConfig",
+    "SliceFineLayer",
+    "SliceFineLinear",
+    "SliceFineModel",
+    "register",
+]
 
 SLICEFINE = "SLICEFINE"
 SLICE_MODES = ("column", "row")
@@ -78,8 +85,9 @@ class SliceFineConfig(PeftConfig):
         if self.slice_mode not in SLICE_MODES:
             raise ValueError(f"SliceFine slice_mode must be one of {SLICE_MODES}, got {self.slice_mode!r}")
         if int(self.r) < 1 or int(self.slice_position) < 0:
-            raise ValueError(f"SliceFine needs r >= 1 and slice_position >= 0, got r={self.r}, "
-                             f"slice_position={self.slice_position}")
+            raise ValueError(
+                f"SliceFine needs r >= 1 and slice_position >= 0, got r={self.r}, slice_position={self.slice_position}"
+            )
 
 
 class SliceFineLayer(BaseTunerLayer):
@@ -103,8 +111,9 @@ class SliceFineLayer(BaseTunerLayer):
             raise TypeError(f"SliceFine adapts nn.Linear layers only, got {type(base).__name__}")
         self.in_features, self.out_features = base.in_features, base.out_features
 
-    def update_layer(self, adapter_name: str, r: int, slice_mode: str, slice_position: int,
-                     inference_mode: bool = False, **kwargs) -> None:
+    def update_layer(
+        self, adapter_name: str, r: int, slice_mode: str, slice_position: int, inference_mode: bool = False, **kwargs
+    ) -> None:
         total = self.in_features if slice_mode == "column" else self.out_features
         width = min(int(r), total)
         start = min(int(slice_position), total - width)
@@ -112,7 +121,7 @@ class SliceFineLayer(BaseTunerLayer):
         self.slicefine_mode[adapter_name] = slice_mode
         self.slicefine_start[adapter_name] = start
         weight = self.get_base_layer().weight
-        piece = weight[:, start:start + width] if slice_mode == "column" else weight[start:start + width, :]
+        piece = weight[:, start : start + width] if slice_mode == "column" else weight[start : start + width, :]
         self.slicefine_slice[adapter_name] = nn.Parameter(piece.detach().clone())
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -124,12 +133,14 @@ class SliceFineLayer(BaseTunerLayer):
         if adapter_name in self._slicefine_unmerged:
             return self._slicefine_unmerged[adapter_name]
         if self.slicefine_mode[adapter_name] == "column":
-            return weight[:, start:start + width]
-        return weight[start:start + width, :]
+            return weight[:, start : start + width]
+        return weight[start : start + width, :]
 
     def slice_change(self, adapter_name: str) -> torch.Tensor:
         """``T - W0[slice]``: the trained change of the slice (zero at initialisation)."""
-        return self.slicefine_slice[adapter_name] - self.base_slice(adapter_name).to(self.slicefine_slice[adapter_name])
+        return self.slicefine_slice[adapter_name] - self.base_slice(adapter_name).to(
+            self.slicefine_slice[adapter_name]
+        )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense weight change (out x in), zero outside the slice. Costs O(out * in) memory."""
@@ -137,17 +148,24 @@ class SliceFineLayer(BaseTunerLayer):
         delta = torch.zeros(self.out_features, self.in_features, dtype=change.dtype, device=change.device)
         start, width = self.slicefine_start[adapter_name], self.slicefine_r[adapter_name]
         if self.slicefine_mode[adapter_name] == "column":
-            delta[:, start:start + width] = change
+            delta[:, start : start + width] = change
         else:
-            delta[start:start + width, :] = change
+            delta[start : start + width, :] = change
         return delta
 
 
 class SliceFineLinear(nn.Module, SliceFineLayer):
     """An ``nn.Linear`` whose slice of columns or rows is trainable."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, slice_mode: str = "column",
-                 slice_position: int = 0, **kwargs) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 8,
+        slice_mode: str = "column",
+        slice_position: int = 0,
+        **kwargs,
+    ) -> None:
         super().__init__()
         SliceFineLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
@@ -160,8 +178,11 @@ class SliceFineLinear(nn.Module, SliceFineLayer):
             if name not in self.slicefine_slice:
                 continue
             start, width = self.slicefine_start[name], self.slicefine_r[name]
-            view = weight.data[:, start:start + width] if self.slicefine_mode[name] == "column" \
-                else weight.data[start:start + width, :]
+            view = (
+                weight.data[:, start : start + width]
+                if self.slicefine_mode[name] == "column"
+                else weight.data[start : start + width, :]
+            )
             new = self.slicefine_slice[name].detach().to(weight.dtype)
             if safe_merge and not torch.isfinite(new).all():
                 raise ValueError(f"NaNs detected in the slice of adapter {name}; not merging it")
@@ -181,9 +202,9 @@ class SliceFineLinear(nn.Module, SliceFineLayer):
                 continue
             start, width = self.slicefine_start[name], self.slicefine_r[name]
             if self.slicefine_mode[name] == "column":
-                weight.data[:, start:start + width] = original
+                weight.data[:, start : start + width] = original
             else:
-                weight.data[start:start + width, :] = original
+                weight.data[start : start + width, :] = original
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -201,11 +222,13 @@ class SliceFineLinear(nn.Module, SliceFineLayer):
             start, width = self.slicefine_start[name], self.slicefine_r[name]
             xs = x.to(change.dtype)
             if self.slicefine_mode[name] == "column":
-                result = result + (xs[..., start:start + width] @ change.T).to(result.dtype)
+                result = result + (xs[..., start : start + width] @ change.T).to(result.dtype)
             else:
                 rows = (xs @ change.T).to(result.dtype)
-                result = torch.cat([result[..., :start], result[..., start:start + width] + rows,
-                                    result[..., start + width:]], dim=-1)
+                result = torch.cat(
+                    [result[..., :start], result[..., start : start + width] + rows, result[..., start + width :]],
+                    dim=-1,
+                )
         return result
 
     def __repr__(self) -> str:
@@ -219,8 +242,7 @@ class SliceFineModel(BaseTuner):
     tuner_layer_cls = SliceFineLayer
     target_module_mapping: dict = {}
 
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key,
-                            **optional_kwargs):
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
         kwargs = {"r": config.r, "slice_mode": config.slice_mode, "slice_position": config.slice_position}
         if isinstance(target, SliceFineLayer):
             target.update_layer(adapter_name, **kwargs)

@@ -12,13 +12,14 @@ import math
 import os
 import re
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import yaml
 
-from perl.fileio import atomic_write_text
 from perl.config.schema import SECTIONS, ConfigError, TrainConfig, _describe, field_type, unwrap_optional
+from perl.fileio import atomic_write_text
 
 # note: the largest config file we agree to read; a real one is a few kB, so anything bigger is
 # almost surely the wrong file (or a hostile one) and is refused before YAML sees it.
@@ -199,9 +200,7 @@ def _coerce(section: str, name: str, value: Any, from_text: bool) -> Any:
     except _BadValue:
         inner, optional = unwrap_optional(tp)
         expected = _describe(inner) + (" or none" if optional else "")
-        raise ConfigError(
-            f"{section}.{name} expects {expected}, got {_short(value)}."
-        ) from None
+        raise ConfigError(f"{section}.{name} expects {expected}, got {_short(value)}.") from None
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -211,6 +210,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Keys: finding a field by its dotted name, with a suggestion when it is mistyped.
+
 
 def _all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
@@ -238,6 +238,7 @@ def _check_key(section: str, name: Optional[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Building, loading, overriding, dumping.
+
 
 def config_from_dict(data: Optional[Mapping[str, Any]], source: str = "config") -> TrainConfig:
     """Build a `TrainConfig` from a nested mapping ``{section: {field: value}}``.

@@ -30,8 +30,22 @@ def _f(default: Any, help: str, **constraints: Any) -> Any:
 
 
 PEFT_TYPES = (
-    "lora", "dora", "adalora", "pissa", "milora", "milora_plus", "lora_plus", "rslora", "lorafa",
-    "vera", "ia3", "layernorm", "miss", "hra", "slicefine", "full",
+    "lora",
+    "dora",
+    "adalora",
+    "pissa",
+    "milora",
+    "milora_plus",
+    "lora_plus",
+    "rslora",
+    "lorafa",
+    "vera",
+    "ia3",
+    "layernorm",
+    "miss",
+    "hra",
+    "slicefine",
+    "full",
 )
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # note: the installed TRL (1.16) accepts exactly these; `luspo` additionally needs
@@ -40,8 +54,16 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vesp
 # note: transformers' SchedulerType minus those that need an eval loop (reduce_lr_on_plateau)
 # or are not schedules (greedy); tests check this list against the installed transformers.
 LR_SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
 )
 
 
@@ -119,12 +141,8 @@ class PeftConfig:
         DEFAULT_TARGET_MODULES,
         "Module names to adapt (comma separated on the command line).",
     )
-    loraplus_lr_ratio: float = _f(
-        16.0, "lora_plus: learning rate of B divided by that of A.", gt=0.0
-    )
-    loraplus_lr_embedding: float = _f(
-        1e-6, "lora_plus: learning rate of adapted embedding layers.", gt=0.0
-    )
+    loraplus_lr_ratio: float = _f(16.0, "lora_plus: learning rate of B divided by that of A.", gt=0.0)
+    loraplus_lr_embedding: float = _f(1e-6, "lora_plus: learning rate of adapted embedding layers.", gt=0.0)
     pissa_niter: int = _f(
         0,
         "pissa: 0 = exact SVD of each target weight; N > 0 = fast randomized SVD with N subspace iterations.",
@@ -152,7 +170,8 @@ class PeftConfig:
     )
     miss_mini_r: int = _f(1, "miss: size of the shared shard (r must be divisible by it).", ge=1)
     slicefine_mode: str = _f(
-        "column", "slicefine: train r columns (input features) or r rows (output features) of each weight.",
+        "column",
+        "slicefine: train r columns (input features) or r rows (output features) of each weight.",
         choices=("column", "row"),
     )
     slicefine_position: int = _f(0, "slicefine: first column / row of the trainable slice.", ge=0)
@@ -184,8 +203,10 @@ class TrainingConfig:
     max_steps: int = _f(300, "Optimizer steps to run; -1 = run num_train_epochs instead.")
     max_completion_length: int = _f(64, "Maximum number of generated tokens per completion.", ge=1)
     per_device_train_batch_size: int = _f(
-        64, "Completions per device per micro-batch; times accumulation, divisible by num_generations "
-        "(64 = 8 prompts x 8 completions: fewer prompts per step make the reward too noisy to learn from).", ge=1
+        64,
+        "Completions per device per micro-batch; times accumulation, divisible by num_generations "
+        "(64 = 8 prompts x 8 completions: fewer prompts per step make the reward too noisy to learn from).",
+        ge=1,
     )
     # --- end DEMO
 
@@ -194,9 +215,7 @@ class TrainingConfig:
     resume_from_checkpoint: Optional[str] = _f(
         None, "Resume: none (fresh run), 'true' (latest checkpoint in output_dir) or a checkpoint path."
     )
-    overwrite_output_dir: bool = _f(
-        False, "Allow writing into an output directory that already holds a run."
-    )
+    overwrite_output_dir: bool = _f(False, "Allow writing into an output directory that already holds a run.")
     max_prompt_length: Optional[int] = _f(
         None, "Drop dataset prompts longer than this many tokens; none = keep all.", ge=1
     )
@@ -206,11 +225,13 @@ class TrainingConfig:
     num_iterations: int = _f(1, "Optimisation passes per generated batch (GRPO's mu).", ge=1)
     loss_type: str = _f("dapo", "GRPO loss aggregation.", choices=LOSS_TYPES)
     importance_sampling_level: str = _f(
-        "token", "Importance ratio per token or per sequence (GSPO); luspo needs 'sequence'.",
+        "token",
+        "Importance ratio per token or per sequence (GSPO); luspo needs 'sequence'.",
         choices=("token", "sequence"),
     )
     scale_rewards: str = _f(
-        "group", "Advantage scaling: by the group's std, the batch's std, or none (Dr. GRPO).",
+        "group",
+        "Advantage scaling: by the group's std, the batch's std, or none (Dr. GRPO).",
         choices=("group", "batch", "none"),
     )
     beta: float = _f(0.0, "KL coefficient; 0 = no reference model is loaded.", ge=0.0)
@@ -218,15 +239,11 @@ class TrainingConfig:
     epsilon_high: Optional[float] = _f(
         0.28, "Upper clipping bound (DAPO's clip-higher); none = same as epsilon.", gt=0.0
     )
-    mask_truncated_completions: bool = _f(
-        False, "Exclude completions cut at max_completion_length from the loss."
-    )
+    mask_truncated_completions: bool = _f(False, "Exclude completions cut at max_completion_length from the loss.")
     temperature: float = _f(1.0, "Sampling temperature of the rollouts.", gt=0.0)
     top_p: float = _f(1.0, "Nucleus sampling mass, in (0, 1].", gt=0.0, le=1.0)
     top_k: int = _f(0, "Top-k sampling; 0 = disabled.", ge=0)
-    generation_kwargs: Optional[dict] = _f(
-        None, "Extra keyword arguments of the generation config (YAML mapping)."
-    )
+    generation_kwargs: Optional[dict] = _f(None, "Extra keyword arguments of the generation config (YAML mapping).")
     lr_scheduler_type: str = _f("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
     lr_scheduler_kwargs: Optional[dict] = _f(
         None, "Extra arguments of the schedule, e.g. {min_lr: 1e-6} for cosine_with_min_lr (YAML mapping)."
@@ -238,7 +255,8 @@ class TrainingConfig:
     logging_first_step: bool = _f(True, "Also log the first optimizer step.")
     log_completions: bool = _f(False, "Print a table of sampled completions at each log step.")
     save_strategy: str = _f(
-        "no", "When to write checkpoints: no, every save_steps steps, or each epoch.",
+        "no",
+        "When to write checkpoints: no, every save_steps steps, or each epoch.",
         choices=("no", "steps", "epoch"),
     )
     save_steps: int = _f(100, "Write a checkpoint every N optimizer steps (save_strategy=steps).", ge=1)
@@ -246,12 +264,11 @@ class TrainingConfig:
     report_to: list[str] = _f(["none"], "Experiment loggers (e.g. tensorboard, wandb); none = no logger.")
     use_vllm: bool = _f(False, "Generate rollouts with vLLM (GPU only; needs vllm installed).")
     vllm_mode: str = _f(
-        "colocate", "vLLM in the training process (colocate) or a separate `trl vllm-serve` (server).",
+        "colocate",
+        "vLLM in the training process (colocate) or a separate `trl vllm-serve` (server).",
         choices=("colocate", "server"),
     )
-    vllm_gpu_memory_utilization: float = _f(
-        0.3, "colocate vLLM: fraction of GPU memory it may take.", gt=0.0, le=1.0
-    )
+    vllm_gpu_memory_utilization: float = _f(0.3, "colocate vLLM: fraction of GPU memory it may take.", gt=0.0, le=1.0)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     bf16: Optional[bool] = _f(None, "bfloat16 mixed precision; none = on exactly when the model dtype is bfloat16.")
     dataloader_num_workers: int = _f(0, "Worker processes of the data loader.", ge=0)
@@ -338,8 +355,10 @@ class TrackerConfig:
         ge=0,
     )
     intruder_epsilon: float = _f(
-        0.5, "A tuned singular vector is an intruder when its largest |cosine| with the base's is below this.",
-        gt=0.0, lt=1.0,
+        0.5,
+        "A tuned singular vector is an intruder when its largest |cosine| with the base's is below this.",
+        gt=0.0,
+        lt=1.0,
     )
 
 
@@ -365,7 +384,6 @@ class TrainConfig:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
-
 SECTIONS: dict[str, type] = {
     "common": CommonConfig,
     "model": ModelConfig,
@@ -378,6 +396,7 @@ SECTIONS: dict[str, type] = {
 
 # ---------------------------------------------------------------------------------------------
 # Types: every field's declared type, and parsing a value into it.
+
 
 def field_type(section_cls: type, name: str) -> Any:
     """The declared (resolved) type of field ``name`` of a section dataclass."""

@@ -80,8 +80,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if p.type == "hra" and p.r % 2:
         raise ConfigError(f"peft.r ({p.r}) must be even for hra: its identity init pairs the r reflections.")
     if p.type == "full" and cfg.tracker.enable_alignment_tracking:
-        raise ConfigError("alignment tracking measures an adapter's low-rank factors and full fine-tuning has none; "
-                          "drop --enable_alignment_tracking (spectral and gradient tracking work for full).")
+        raise ConfigError(
+            "alignment tracking measures an adapter's low-rank factors and full fine-tuning has none; "
+            "drop --enable_alignment_tracking (spectral and gradient tracking work for full)."
+        )
     if t.loss_type == "luspo" and t.importance_sampling_level != "sequence":
         raise ConfigError("loss_type luspo needs training.importance_sampling_level sequence.")
     world = _world_size()
@@ -103,7 +105,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 "or use a dataset file."
             )
     if d.min_numbers > d.max_numbers:
-        raise ConfigError(f"dataset.min_numbers ({d.min_numbers}) must not exceed dataset.max_numbers ({d.max_numbers}).")
+        raise ConfigError(
+            f"dataset.min_numbers ({d.min_numbers}) must not exceed dataset.max_numbers ({d.max_numbers})."
+        )
     if cfg.tracker.tracking_output_dir is not None and not cfg.tracker.tracking_output_dir.strip():
         raise ConfigError("tracker.tracking_output_dir is empty; use none (the output_dir) or a folder.")
     return cfg

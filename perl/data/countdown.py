@@ -25,8 +25,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
-from typing import Iterator, Sequence
 
 # note: the search grows as n! * 6^(n-1); six numbers is ~10^7 trees, the most a caller should ask.
 MAX_SOLVER_NUMBERS = 6
@@ -77,9 +77,7 @@ def solve(nums: Sequence[int], target: int) -> str | None:
     """
     nums = [int(n) for n in nums]
     if not 1 <= len(nums) <= MAX_SOLVER_NUMBERS:
-        raise ValueError(
-            f"solve() got {len(nums)} numbers; it handles 1 to {MAX_SOLVER_NUMBERS} numbers."
-        )
+        raise ValueError(f"solve() got {len(nums)} numbers; it handles 1 to {MAX_SOLVER_NUMBERS} numbers.")
     items = [(Fraction(n), str(n)) for n in nums]
     return _solve_items(items, Fraction(int(target)))
 
@@ -231,8 +229,7 @@ def generate_problems(
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}.")
     if not 2 <= min_numbers <= max_numbers <= MAX_SOLVER_NUMBERS - 1:
         raise ValueError(
-            f"need 2 <= min_numbers <= max_numbers <= {MAX_SOLVER_NUMBERS - 1}, "
-            f"got {min_numbers} and {max_numbers}."
+            f"need 2 <= min_numbers <= max_numbers <= {MAX_SOLVER_NUMBERS - 1}, got {min_numbers} and {max_numbers}."
         )
     if not 1 <= min_number <= max_number:
         raise ValueError(f"need 1 <= min_number <= max_number, got {min_number} and {max_number}.")
@@ -268,9 +265,7 @@ def generate_problems(
     return problems
 
 
-def train_test_split(
-    problems: Sequence[dict], test_size: int | float, seed: int
-) -> tuple[list[dict], list[dict]]:
+def train_test_split(problems: Sequence[dict], test_size: int | float, seed: int) -> tuple[list[dict], list[dict]]:
     """Split problems into disjoint train and test lists (duplicates never straddle the split).
 
     Args:

@@ -231,7 +231,9 @@ def _load_problems(source: str, n_train: int | None, test_size: int, seed: int) 
     if n_train is not None and total < n_train + test_size:
         logger.warning(
             "Dataset %s has %d rows, fewer than example_numbers + test_size = %d; using all of them.",
-            source, total, n_train + test_size,
+            source,
+            total,
+            n_train + test_size,
         )
     order = np.random.default_rng(seed).permutation(total)[:wanted]
     rows = table.take(pa.array(order, type=pa.int64())).to_pylist()
@@ -274,7 +276,11 @@ def _drop_long_prompts(ds, tokenizer, max_prompt_length: int, split: str):
     if dropped:
         logger.warning(
             "Dropped %d of %d %s prompts longer than max_prompt_length=%d tokens (longest: %d).",
-            dropped, len(lengths), split, max_prompt_length, max(lengths),
+            dropped,
+            len(lengths),
+            split,
+            max_prompt_length,
+            max(lengths),
         )
     if lengths and not keep:
         raise ValueError(

@@ -9,7 +9,7 @@ The choice is made from the tokenizer, never from a model name.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 SYSTEM_MESSAGE = (
     "You are a helpful assistant. You first think about the reasoning process in the mind "

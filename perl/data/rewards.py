@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # Bounds of safe_eval. A Countdown equation over 3-6 numbers below 1000 is a few dozen characters,
 # nests a handful of levels and never leaves +-1e12; these leave ample room and no room for abuse.
@@ -30,9 +31,7 @@ TARGET_TOLERANCE = 1e-5
 # PeRL / mini-R1's format regex. The think block may contain '<' but not another <think> or
 # </think>; the answer is anything. Matched with fullmatch: nothing may follow </answer>, not even
 # the trailing newline that `$` would let through.
-FORMAT_PATTERN = re.compile(
-    r"<think>([^<]*(?:<(?!/?think>)[^<]*)*)</think>\n<answer>([\s\S]*?)</answer>"
-)
+FORMAT_PATTERN = re.compile(r"<think>([^<]*(?:<(?!/?think>)[^<]*)*)</think>\n<answer>([\s\S]*?)</answer>")
 # ASCII only: a unicode digit such as '３' is not one of the given numbers.
 EQUATION_CHARS = re.compile(r"[0-9+\-*/().\s]+", re.ASCII)
 # A literal as safe_eval reads it; only pure digit strings can be one of the given integers.
@@ -184,7 +183,7 @@ def extract_answer(text: str) -> str | None:
     start = text.rfind("<answer>", 0, end)
     if start < 0:
         return None
-    return text[start + len("<answer>"):end]
+    return text[start + len("<answer>") : end]
 
 
 def _as_int_list(nums: Any) -> list[int] | None:
@@ -242,13 +241,13 @@ def format_reward(completions: Sequence[Any], **kwargs) -> list[float]:
             unused.
     """
     return [
-        1.0 if FORMAT_PATTERN.fullmatch(THINK_PREFIX + completion_content(c)) is not None else 0.0
-        for c in completions
+        1.0 if FORMAT_PATTERN.fullmatch(THINK_PREFIX + completion_content(c)) is not None else 0.0 for c in completions
     ]
 
 
-def equation_reward(completions: Sequence[Any], nums: Sequence[Sequence[int]], target: Sequence[float],
-                    **kwargs) -> list[float]:
+def equation_reward(
+    completions: Sequence[Any], nums: Sequence[Sequence[int]], target: Sequence[float], **kwargs
+) -> list[float]:
     """TRL reward function: 1.0 when the last ``<answer>`` holds a correct Countdown equation
     (see :func:`score_equation`), else 0.0.
 

@@ -83,8 +83,14 @@ def resolve_dtype(dtype: str, device_type: str):
     if dtype in (None, "auto"):
         return torch.bfloat16 if device_type == "cuda" else torch.float32
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        return {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; expected auto, float32, bfloat16 or float16") from None
 
@@ -131,8 +137,13 @@ def load_tokenizer(name_or_path: str | Path):
     return tokenizer
 
 
-def load_model(name_or_path: str | Path, dtype: str = "auto", attn_implementation: str = "sdpa",
-               device_type: str | None = None, seed: int = 0):
+def load_model(
+    name_or_path: str | Path,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    device_type: str | None = None,
+    seed: int = 0,
+):
     """Load a causal LM by name (see the module docstring); never downloads.
 
     Args:
@@ -162,8 +173,13 @@ def load_model(name_or_path: str | Path, dtype: str = "auto", attn_implementatio
     )
 
 
-def load_model_and_tokenizer(name_or_path: str | Path, dtype: str = "auto", attn_implementation: str = "sdpa",
-                             device_type: str | None = None, seed: int = 0):
+def load_model_and_tokenizer(
+    name_or_path: str | Path,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    device_type: str | None = None,
+    seed: int = 0,
+):
     """Return ``(model, tokenizer)`` for ``name_or_path``; see :func:`load_model`."""
     tokenizer = load_tokenizer(name_or_path)
     model = load_model(name_or_path, dtype, attn_implementation, device_type, seed)

@@ -25,9 +25,9 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 PACKAGE_MODELS = Path(__file__).resolve().parent
 SHIPPED_DIR = PACKAGE_MODELS / "countdown_nano"
@@ -43,12 +43,10 @@ MAX_NUMBER_TOKEN = 999
 CHAR_TOKENS = ["\n", "\t"] + [chr(c) for c in range(32, 127) if not chr(c).isdigit()]
 # Tags and phrases first, then a number of at most three digits (no leading zero, so every
 # digit string splits into in-vocabulary pieces), then any single character.
-_PRETOKENIZE_PATTERN = (
-    "|".join(
-        [r"</?think>", r"</?answer>"]
-        + [p.replace(".", r"\.") for p in PHRASE_TOKENS]
-        + [r"0", r"[1-9][0-9]{0,2}", r"[\s\S]"]
-    )
+_PRETOKENIZE_PATTERN = "|".join(
+    [r"</?think>", r"</?answer>"]
+    + [p.replace(".", r"\.") for p in PHRASE_TOKENS]
+    + [r"0", r"[1-9][0-9]{0,2}", r"[\s\S]"]
 )
 MODEL_MAX_LENGTH = 512
 
@@ -174,10 +172,21 @@ class NanoRecipe:
     log_every: int = 100
 
     @classmethod
-    def quick(cls, **overrides) -> "NanoRecipe":
+    def quick(cls, **overrides) -> NanoRecipe:
         """A small variant (under a minute) for the slow test: it learns the format, not the task."""
-        base = dict(n_train_problems=3000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=128, steps=300, batch_size=32, eval_n=64, eval_n_four=0, log_every=50)
+        base = dict(
+            n_train_problems=3000,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            steps=300,
+            batch_size=32,
+            eval_n=64,
+            eval_n_four=0,
+            log_every=50,
+        )
         base.update(overrides)
         return cls(**base)
 
@@ -211,13 +220,25 @@ def training_problems(recipe: NanoRecipe) -> list[dict]:
     from perl.data.countdown import generate_problems
 
     n4 = round(recipe.n_train_problems * recipe.four_number_share)
-    problems = generate_problems(recipe.n_train_problems - n4, seed=recipe.seed, min_numbers=3,
-                                 max_numbers=3, max_number=recipe.max_number,
-                                 max_target=recipe.max_target, split="train")
+    problems = generate_problems(
+        recipe.n_train_problems - n4,
+        seed=recipe.seed,
+        min_numbers=3,
+        max_numbers=3,
+        max_number=recipe.max_number,
+        max_target=recipe.max_target,
+        split="train",
+    )
     if n4:
-        problems += generate_problems(n4, seed=recipe.seed + 1, min_numbers=4, max_numbers=4,
-                                      max_number=recipe.max_number, max_target=recipe.max_target,
-                                      split="train")
+        problems += generate_problems(
+            n4,
+            seed=recipe.seed + 1,
+            min_numbers=4,
+            max_numbers=4,
+            max_number=recipe.max_number,
+            max_target=recipe.max_target,
+            split="train",
+        )
     return problems
 
 
@@ -267,13 +288,16 @@ def train_model(recipe: NanoRecipe, tokenizer, problems: Sequence[dict], log=pri
     model = AutoModelForCausalLM.from_config(model_config(recipe, tokenizer), attn_implementation="sdpa")
     model.float().train()
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[nano] model: Qwen2, {recipe.num_layers} layers, hidden {recipe.hidden_size}, "
-        f"{n_params / 1e6:.2f}M parameters")
+    log(
+        f"[nano] model: Qwen2, {recipe.num_layers} layers, hidden {recipe.hidden_size}, "
+        f"{n_params / 1e6:.2f}M parameters"
+    )
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.learning_rate, betas=(0.9, 0.98),
+        lr=recipe.learning_rate,
+        betas=(0.9, 0.98),
     )
     rng = random.Random(recipe.seed + 12345)
     t0 = time.time()
@@ -295,9 +319,11 @@ def train_model(recipe: NanoRecipe, tokenizer, problems: Sequence[dict], log=pri
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
             elapsed = time.time() - t0
-            log(f"[nano] step {step + 1}/{recipe.steps}  loss {running:.3f}  "
+            log(
+                f"[nano] step {step + 1}/{recipe.steps}  loss {running:.3f}  "
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  {elapsed:.0f}s "
-                f"({(step + 1) / elapsed:.2f} steps/s)")
+                f"({(step + 1) / elapsed:.2f} steps/s)"
+            )
             if on_log is not None:
                 on_log(step + 1, model)
     model.eval()
@@ -306,8 +332,15 @@ def train_model(recipe: NanoRecipe, tokenizer, problems: Sequence[dict], log=pri
 
 # ---------------------------------------------------------------------------------- build / CLI
 RECIPE_FILE = "recipe.json"
-_OUR_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-              "tokenizer_config.json", "special_tokens_map.json", RECIPE_FILE}
+_OUR_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    RECIPE_FILE,
+}
 
 
 def save_model(model, tokenizer, out_dir: str | Path, recipe: NanoRecipe) -> None:

@@ -29,4 +29,3 @@ def __getattr__(name):
     value = getattr(import_module(module, __name__), attr)
     globals()[name] = value
     return value
-

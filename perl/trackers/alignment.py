@@ -46,20 +46,45 @@ from .. import __version__
 from . import alignment_math as am
 from . import sharding
 from .alignment_base import _BaseSubspaces
-from .alignment_schema import (ALIGNMENT_ATTRS, ALIGNMENT_DIR, BASE_SVD_NAME, EXTRA_DIM, FINAL_NAME, INIT_STATE_NAME,
-                               INTRUDER_VARS, STATIC, STORE_NAME, _DW)
+from .alignment_schema import (
+    _DW,
+    ALIGNMENT_ATTRS,
+    ALIGNMENT_DIR,
+    BASE_SVD_NAME,
+    EXTRA_DIM,
+    FINAL_NAME,
+    INIT_STATE_NAME,
+    INTRUDER_VARS,
+    STATIC,
+    STORE_NAME,
+)
 from .callbacks import SpectralTrackingCallback
-from .discovery import (FACTORED_KINDS, AdapterModule, _derive_peft_type, discover_adapters, materialized,
-                        peft_config_of, target_modules_of, walk)
+from .discovery import (
+    FACTORED_KINDS,
+    AdapterModule,
+    _derive_peft_type,
+    discover_adapters,
+    materialized,
+    peft_config_of,
+    target_modules_of,
+    walk,
+)
 from .sharding import _is_rank_zero
 from .spectral import MODULE_ORDER, STEP_CONVENTION
 from .store import RunStore
 
 logger = logging.getLogger("perl")
 
-__all__ = ["AlignmentTracker", "AlignmentTrackingCallback", "ALIGNMENT_DIR", "STORE_NAME", "FINAL_NAME",
-           "BASE_SVD_NAME", "INIT_STATE_NAME", "ALIGNMENT_ATTRS"]
-
+__all__ = [
+    "AlignmentTracker",
+    "AlignmentTrackingCallback",
+    "ALIGNMENT_DIR",
+    "STORE_NAME",
+    "FINAL_NAME",
+    "BASE_SVD_NAME",
+    "INIT_STATE_NAME",
+    "ALIGNMENT_ATTRS",
+]
 
 
 @dataclass
@@ -74,7 +99,7 @@ class _Group:
     k: int
     n_angle: int
     randomized: bool
-    U_top: torch.Tensor | None = None        # (G, m, k) float32, CPU
+    U_top: torch.Tensor | None = None  # (G, m, k) float32, CPU
     V_top: torch.Tensor | None = None
     U_bottom: torch.Tensor | None = None
     V_bottom: torch.Tensor | None = None
@@ -117,12 +142,25 @@ class AlignmentTracker(_BaseSubspaces):
         rtol (float, defaults to 1e-6): numerical rank of dW, relative to its sigma_1.
     """
 
-    def __init__(self, model, log_frequency: int = 100, save_dir: str | os.PathLike = ".", top_k: int | None = None,
-                 intruder_log_frequency: int | None = None, intruder_epsilon: float = am.DEFAULT_EPSILON,
-                 full_svd_max_dim: int = 4096, randomized_niter: int = 6, intruder_cache_mb: float = 4096.0,
-                 save_base_svd: bool = True, peft_type: str | None = None, max_layers_to_track: int | None = None,
-                 run_attrs: dict | None = None, is_world_process_zero: bool | None = None,
-                 adapter_name: str | None = None, rtol: float = am.DEFAULT_RTOL):
+    def __init__(
+        self,
+        model,
+        log_frequency: int = 100,
+        save_dir: str | os.PathLike = ".",
+        top_k: int | None = None,
+        intruder_log_frequency: int | None = None,
+        intruder_epsilon: float = am.DEFAULT_EPSILON,
+        full_svd_max_dim: int = 4096,
+        randomized_niter: int = 6,
+        intruder_cache_mb: float = 4096.0,
+        save_base_svd: bool = True,
+        peft_type: str | None = None,
+        max_layers_to_track: int | None = None,
+        run_attrs: dict | None = None,
+        is_world_process_zero: bool | None = None,
+        adapter_name: str | None = None,
+        rtol: float = am.DEFAULT_RTOL,
+    ):
         if int(log_frequency) < 1:
             raise ValueError(f"log_frequency must be a positive integer, got {log_frequency}.")
         if top_k is not None and int(top_k) < 1:
@@ -133,8 +171,9 @@ class AlignmentTracker(_BaseSubspaces):
             raise ValueError(f"intruder_epsilon is a cosine threshold in (0, 1], got {intruder_epsilon}.")
         self.model = getattr(model, "module", model)
         self.log_frequency = int(log_frequency)
-        self.intruder_log_frequency = (10 * self.log_frequency if intruder_log_frequency is None
-                                       else int(intruder_log_frequency))
+        self.intruder_log_frequency = (
+            10 * self.log_frequency if intruder_log_frequency is None else int(intruder_log_frequency)
+        )
         self.save_dir = Path(save_dir)
         self.top_k = None if top_k is None else int(top_k)
         self.epsilon = float(intruder_epsilon)
@@ -158,9 +197,12 @@ class AlignmentTracker(_BaseSubspaces):
         # note: sharded parameters (ZeRO-3, FSDP2) are gathered one module at a time at snapshots
         self.enabled = bool(self._tracked)
         if not self._tracked:
-            logger.warning("Alignment tracking needs low-rank adapter factors (LoRA family, AdaLoRA, VeRA, MiSS, "
-                           "HRA, SliceFine); "
-                           "this model has none (%s): nothing will be recorded.", self.adapters[0].kind)
+            logger.warning(
+                "Alignment tracking needs low-rank adapter factors (LoRA family, AdaLoRA, VeRA, MiSS, "
+                "HRA, SliceFine); "
+                "this model has none (%s): nothing will be recorded.",
+                self.adapters[0].kind,
+            )
         with materialized(self._tracked):
             self._capture_init()
         self.peft_type = peft_type or _derive_peft_type(self.model, self.adapter_name)
@@ -168,8 +210,9 @@ class AlignmentTracker(_BaseSubspaces):
         self.store = RunStore(self.save_dir / ALIGNMENT_DIR / STORE_NAME, attrs=self.attrs)
 
     @classmethod
-    def from_config(cls, tracker_config, model, save_dir, peft_type: str | None = None,
-                    run_attrs: dict | None = None) -> AlignmentTracker:
+    def from_config(
+        cls, tracker_config, model, save_dir, peft_type: str | None = None, run_attrs: dict | None = None
+    ) -> AlignmentTracker:
         """Build from ``config.tracker`` (knobs read with getattr defaults, see the class Args)."""
         tc = tracker_config
 
@@ -177,13 +220,20 @@ class AlignmentTracker(_BaseSubspaces):
             value = getattr(tc, name, default)
             return default if value is None and default is not None else value
 
-        return cls(model, log_frequency=knob("alignment_log_frequency", 100), save_dir=save_dir,
-                   top_k=knob("alignment_top_k", None), intruder_log_frequency=knob("intruder_log_frequency", None),
-                   intruder_epsilon=knob("intruder_epsilon", am.DEFAULT_EPSILON),
-                   full_svd_max_dim=knob("alignment_full_svd_max_dim", 4096),
-                   intruder_cache_mb=knob("intruder_cache_mb", 4096.0),
-                   save_base_svd=knob("alignment_save_base_svd", True), peft_type=peft_type,
-                   max_layers_to_track=getattr(tc, "max_layers_to_track", None), run_attrs=run_attrs)
+        return cls(
+            model,
+            log_frequency=knob("alignment_log_frequency", 100),
+            save_dir=save_dir,
+            top_k=knob("alignment_top_k", None),
+            intruder_log_frequency=knob("intruder_log_frequency", None),
+            intruder_epsilon=knob("intruder_epsilon", am.DEFAULT_EPSILON),
+            full_svd_max_dim=knob("alignment_full_svd_max_dim", 4096),
+            intruder_cache_mb=knob("intruder_cache_mb", 4096.0),
+            save_base_svd=knob("alignment_save_base_svd", True),
+            peft_type=peft_type,
+            max_layers_to_track=getattr(tc, "max_layers_to_track", None),
+            run_attrs=run_attrs,
+        )
 
     # ---------------------------------------------------------------- initial state
     def _capture_init(self) -> None:
@@ -196,8 +246,11 @@ class AlignmentTracker(_BaseSubspaces):
                 b, a_, s = a.factors()
                 self._scale[a.name] = float(s)
                 self._shapes[a.name] = (tuple(b.shape), tuple(a_.shape))
-                self._init[a.name] = ({} if not (b.any() and a_.any())
-                                      else {"B0": b.detach().cpu().clone(), "A0": a_.detach().cpu().clone()})
+                self._init[a.name] = (
+                    {}
+                    if not (b.any() and a_.any())
+                    else {"B0": b.detach().cpu().clone(), "A0": a_.detach().cpu().clone()}
+                )
         self._reset_base()
 
     def _reset_base(self) -> None:
@@ -216,8 +269,18 @@ class AlignmentTracker(_BaseSubspaces):
         groups = []
         for (m, r, n, k, zero), members in by_key.items():
             width = min(m, n, r if zero else 2 * r)
-            groups.append(_Group(members, [self._cell[x.name] for x in members], zero, m, n, k, min(k, width),
-                                 min(m, n) > self.full_svd_max_dim))
+            groups.append(
+                _Group(
+                    members,
+                    [self._cell[x.name] for x in members],
+                    zero,
+                    m,
+                    n,
+                    k,
+                    min(k, width),
+                    min(m, n) > self.full_svd_max_dim,
+                )
+            )
         return groups
 
     @property
@@ -252,14 +315,18 @@ class AlignmentTracker(_BaseSubspaces):
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 name, _, part = key.rpartition("::")
                 if name not in restored:
-                    raise ValueError(f"{path} holds initial factors for {name!r}, which this model does not have; "
-                                     "resume with the model and adapter config of the original run.")
+                    raise ValueError(
+                        f"{path} holds initial factors for {name!r}, which this model does not have; "
+                        "resume with the model and adapter config of the original run."
+                    )
                 restored[name][part] = f.get_tensor(key)
         shapes = self._shapes
         for name, parts in restored.items():
             if parts and (tuple(parts["B0"].shape), tuple(parts["A0"].shape)) != shapes[name]:
-                raise ValueError(f"{path}: initial factors of {name!r} do not match the model's shapes "
-                                 f"{shapes[name]}; resume with the adapter config of the original run.")
+                raise ValueError(
+                    f"{path}: initial factors of {name!r} do not match the model's shapes "
+                    f"{shapes[name]}; resume with the adapter config of the original run."
+                )
         self._init = restored
         self._reset_base()
         return True
@@ -267,8 +334,12 @@ class AlignmentTracker(_BaseSubspaces):
     def resume(self, step: int, checkpoint_dir: str | os.PathLike | None = None) -> None:
         """Continue after resuming from checkpoint-``step``: restore B_0, A_0 and drop stored steps > step."""
         if checkpoint_dir is not None and not self.load_init_state(checkpoint_dir):
-            logger.warning("No %s in %s: the update since init (and, for PiSSA/MiLoRA, W0) is measured from the "
-                           "weights at tracker creation.", INIT_STATE_NAME, checkpoint_dir)
+            logger.warning(
+                "No %s in %s: the update since init (and, for PiSSA/MiLoRA, W0) is measured from the "
+                "weights at tracker creation.",
+                INIT_STATE_NAME,
+                checkpoint_dir,
+            )
         if self.is_world_process_zero:
             self.store.truncate_after(int(step))
 
@@ -277,8 +348,11 @@ class AlignmentTracker(_BaseSubspaces):
         if not self.is_world_process_zero:
             return
         if self.store.steps:
-            logger.warning("Replacing the alignment store %s of an earlier run (%d steps).", self.store.path,
-                           len(self.store.steps))
+            logger.warning(
+                "Replacing the alignment store %s of an earlier run (%d steps).",
+                self.store.path,
+                len(self.store.steps),
+            )
             self.store.clear()
         (self.store.path.parent / BASE_SVD_NAME).unlink(missing_ok=True)
 
@@ -312,8 +386,9 @@ class AlignmentTracker(_BaseSubspaces):
         if not self.enabled:
             return None
         step = int(step)
-        if not sharding.writes_snapshot(self.is_world_process_zero, lambda: step in self.store.steps, self._params,
-                                        self._take_part):
+        if not sharding.writes_snapshot(
+            self.is_world_process_zero, lambda: step in self.store.steps, self._params, self._take_part
+        ):
             return None
         snapshot = self.snapshot(step, intruders=self.should_log_intruders(step, final))
         self.store.append(snapshot)
@@ -343,8 +418,11 @@ class AlignmentTracker(_BaseSubspaces):
     def _snapshot(self, step: int, intruders: bool) -> xr.Dataset:
         L, M = len(self.layers), len(self.modules)
         shapes = {"principal_angle_cosines": (self._n_angle,), "intruder_max_cosine": (self._k_max,)}
-        names = [n for n in ALIGNMENT_ATTRS if n not in STATIC
-                 and (self.intruder_log_frequency > 0 or n not in INTRUDER_VARS)]
+        names = [
+            n
+            for n in ALIGNMENT_ATTRS
+            if n not in STATIC and (self.intruder_log_frequency > 0 or n not in INTRUDER_VARS)
+        ]
         values = {n: np.full((L, M, *shapes.get(n, ())), np.nan) for n in names}
         for g in self._groups:
             self._group_values(g, values, intruders)
@@ -383,10 +461,13 @@ class AlignmentTracker(_BaseSubspaces):
                     values[name][cell] = v[j]
             if int(up.rank[j]) > 0:
                 W0V = self._w0_times(a, up.V[j])
-                values["amplification_factor"][cell] = float(am.amplification_factor(W0V, up.U[j], up.S[j], up.rank[j]))
+                values["amplification_factor"][cell] = float(
+                    am.amplification_factor(W0V, up.U[j], up.S[j], up.rank[j])
+                )
             if intruders and not g.randomized:
-                count, cos = self._intruders(a, g, bool(up.finite[j]), float(up.S[j, 0]) if up.S.shape[-1] else 0.0,
-                                             facs[j])
+                count, cos = self._intruders(
+                    a, g, bool(up.finite[j]), float(up.S[j, 0]) if up.S.shape[-1] else 0.0, facs[j]
+                )
                 values["intruder_dimensions"][cell] = count
                 values["intruder_max_cosine"][cell][: cos.size] = cos
 
@@ -399,7 +480,9 @@ class AlignmentTracker(_BaseSubspaces):
             out = out + self._scale[a.name] * (init["B0"].double() @ (init["A0"].double() @ V.double()))
         return out
 
-    def _intruders(self, a: AdapterModule, g: _Group, finite: bool, sigma1: float, factors) -> tuple[float, np.ndarray]:
+    def _intruders(
+        self, a: AdapterModule, g: _Group, finite: bool, sigma1: float, factors
+    ) -> tuple[float, np.ndarray]:
         if not finite:
             return math.nan, np.full(g.k, np.nan)
         if sigma1 == 0.0:  # the tuned weight is W0: each of its vectors matches itself
@@ -418,10 +501,13 @@ class AlignmentTracker(_BaseSubspaces):
         for name, array in self._static.items():
             dims = ("layer", "module") + ((EXTRA_DIM[name],) if name in EXTRA_DIM else ())
             data_vars[name] = (dims, array, self._var_attrs(name))
-        coords = {"step": [step], "layer": np.array(self.layers, dtype=np.int64),
-                  "module": np.array(self.modules, dtype=object),
-                  "angle": np.arange(self._n_angle, dtype=np.int64),
-                  "base_sv": np.arange(self._k_max, dtype=np.int64)}
+        coords = {
+            "step": [step],
+            "layer": np.array(self.layers, dtype=np.int64),
+            "module": np.array(self.modules, dtype=object),
+            "angle": np.arange(self._n_angle, dtype=np.int64),
+            "base_sv": np.arange(self._k_max, dtype=np.int64),
+        }
         if self.intruder_log_frequency > 0:
             coords["intruder_sv"] = np.arange(self._k_max, dtype=np.int64)
         ds = xr.Dataset(data_vars, coords=coords, attrs=self.attrs)
@@ -429,10 +515,13 @@ class AlignmentTracker(_BaseSubspaces):
         ds["layer"].attrs.update(long_name="transformer block index", units="1")
         ds["module"].attrs.update(long_name="module type within the block")
         ds["angle"].attrs.update(long_name="principal angle index (0 = smallest angle, largest cosine)", units="1")
-        ds["base_sv"].attrs.update(long_name="index into W0's top-k (0 = largest) or bottom-k (0 = smallest) values",
-                                   units="1")
+        ds["base_sv"].attrs.update(
+            long_name="index into W0's top-k (0 = largest) or bottom-k (0 = smallest) values", units="1"
+        )
         if "intruder_sv" in ds.coords:
-            ds["intruder_sv"].attrs.update(long_name="top singular vector of the tuned weight (0 = largest)", units="1")
+            ds["intruder_sv"].attrs.update(
+                long_name="top singular vector of the tuned weight (0 = largest)", units="1"
+            )
         return ds
 
     def _var_attrs(self, name: str) -> dict:
@@ -458,11 +547,13 @@ class AlignmentTracker(_BaseSubspaces):
             "perl_version": __version__,
             "step_convention": STEP_CONVENTION,
             "base_weight": "W0 = W_base + s B_0 A_0, the layer's weight at initialisation (for PiSSA/MiLoRA the "
-                           "weight before the residual split); its SVD is taken once per run",
+            "weight before the residual split); its SVD is taken once per run",
             "update": _DW + "; for DoRA the LoRA direction update (magnitude rescaling not included)",
-            "base_svd_method": (f"full float64 SVD (torch.linalg.svd) where min(m, n) <= {self.full_svd_max_dim}; "
-                                f"else torch.svd_lowrank (top-k only, niter={self.randomized_niter}, "
-                                "oversample max(k, 8), seed 0)"),
+            "base_svd_method": (
+                f"full float64 SVD (torch.linalg.svd) where min(m, n) <= {self.full_svd_max_dim}; "
+                f"else torch.svd_lowrank (top-k only, niter={self.randomized_niter}, "
+                "oversample max(k, 8), seed 0)"
+            ),
             "alignment_top_k": self.top_k if self.top_k is not None else "2r",
             "intruder_epsilon": self.epsilon,
             "intruder_log_frequency": self.intruder_log_frequency,
@@ -471,7 +562,7 @@ class AlignmentTracker(_BaseSubspaces):
             "max_layers_to_track": max_layers,
             "not_tracked": self.not_tracked or None,
             "missing_values": "NaN: module without a low-rank adapter, undefined (zero update), bottom-k/intruders "
-                              "of a randomized SVD, or intruders at a step without an intruder snapshot",
+            "of a randomized SVD, or intruders at a step without an intruder snapshot",
         }
         attrs.update(run_attrs)
         return {k: v for k, v in attrs.items() if v is not None}
@@ -479,8 +570,13 @@ class AlignmentTracker(_BaseSubspaces):
     def _scalars(self, snapshot: xr.Dataset) -> dict[str, float]:
         """Means over modules for the Trainer's logs (``alignment/energy_fraction_top_left_mean``, ...)."""
         out = {"alignment/step": float(snapshot.step.values[0])}
-        for name in ("energy_fraction_top_left", "energy_fraction_bottom_left", "energy_fraction_top_right",
-                     "amplification_factor", "intruder_dimensions"):
+        for name in (
+            "energy_fraction_top_left",
+            "energy_fraction_bottom_left",
+            "energy_fraction_top_right",
+            "amplification_factor",
+            "intruder_dimensions",
+        ):
             if name in snapshot:
                 vals = np.asarray(snapshot[name].values, dtype=float)
                 vals = vals[np.isfinite(vals)]
@@ -498,7 +594,6 @@ class AlignmentTracker(_BaseSubspaces):
     def data(self) -> xr.Dataset:
         """The whole history as an xarray Dataset (read from the store)."""
         return self.store.read()
-
 
 
 # -------------------------------------------------------------------- the callback

@@ -49,12 +49,20 @@ class _BaseSubspaces:
                 W0 = self.base_weight(a)
                 fp = _fingerprint(W0)
                 hit = saved.get(a.name)
-                if hit is not None and hit["meta"] == {"k": g.k, "randomized": g.randomized, "shape": [g.m, g.n]} \
-                        and _same_fingerprint(hit["fp"], fp):
+                if (
+                    hit is not None
+                    and hit["meta"] == {"k": g.k, "randomized": g.randomized, "shape": [g.m, g.n]}
+                    and _same_fingerprint(hit["fp"], fp)
+                ):
                     svd = hit["svd"]
                 else:
-                    svd = am.base_svd(W0, g.k, randomized=g.randomized, niter=self.randomized_niter,
-                                      keep_full_left=self.intruder_log_frequency > 0)
+                    svd = am.base_svd(
+                        W0,
+                        g.k,
+                        randomized=g.randomized,
+                        niter=self.randomized_niter,
+                        keep_full_left=self.intruder_log_frequency > 0,
+                    )
                     computed += 1
                     if svd.U_full is not None:
                         self._cache_basis(a.name, svd.U_full)
@@ -77,8 +85,13 @@ class _BaseSubspaces:
         self.base_svd_seconds = time.perf_counter() - start
         if computed and self.save_base_svd:
             self._write_base_file(to_save)
-        logger.info("Alignment tracker: base SVD of %d weights (%d computed, %d reloaded) in %.1f s.",
-                    len(to_save), computed, len(to_save) - computed, self.base_svd_seconds)
+        logger.info(
+            "Alignment tracker: base SVD of %d weights (%d computed, %d reloaded) in %.1f s.",
+            len(to_save),
+            computed,
+            len(to_save) - computed,
+            self.base_svd_seconds,
+        )
 
     def _cache_basis(self, name: str, U_full: torch.Tensor) -> None:
         size = U_full.numel() * 4
@@ -110,10 +123,20 @@ class _BaseSubspaces:
                 modules = json.loads(meta["modules"])
                 keys = set(f.keys())
                 for name, info in modules.items():
-                    get = {p: (f.get_tensor(f"{name}::{p}").double() if f"{name}::{p}" in keys else None)
-                           for p in ("U_top", "S_top", "V_top", "U_bottom", "S_bottom", "V_bottom")}
-                    svd = am.BaseSVD(get["U_top"], get["S_top"], get["V_top"], get["U_bottom"], get["S_bottom"],
-                                     get["V_bottom"], None, bool(info["meta"]["randomized"]))
+                    get = {
+                        p: (f.get_tensor(f"{name}::{p}").double() if f"{name}::{p}" in keys else None)
+                        for p in ("U_top", "S_top", "V_top", "U_bottom", "S_bottom", "V_bottom")
+                    }
+                    svd = am.BaseSVD(
+                        get["U_top"],
+                        get["S_top"],
+                        get["V_top"],
+                        get["U_bottom"],
+                        get["S_bottom"],
+                        get["V_bottom"],
+                        None,
+                        bool(info["meta"]["randomized"]),
+                    )
                     out[name] = {"svd": svd, "fp": info["fp"], "meta": info["meta"]}
         except Exception as err:  # noqa: BLE001 - a damaged or foreign cache is recomputed, never trusted
             logger.warning("Ignoring %s (%s): the base SVD is recomputed.", path, err)
@@ -135,9 +158,17 @@ class _BaseSubspaces:
             modules[name] = {"fp": fp, "meta": meta}
         path = self.store.path.parent / BASE_SVD_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, save(tensors, metadata={"format": BASE_SVD_FORMAT, "modules": json.dumps(modules),
-                                                         "W0": "W_base + s B_0 A_0 (the weight at initialisation)"}))
-
+        atomic_write_bytes(
+            path,
+            save(
+                tensors,
+                metadata={
+                    "format": BASE_SVD_FORMAT,
+                    "modules": json.dumps(modules),
+                    "W0": "W_base + s B_0 A_0 (the weight at initialisation)",
+                },
+            ),
+        )
 
 
 def _fingerprint(W: torch.Tensor) -> list[float]:
@@ -146,4 +177,3 @@ def _fingerprint(W: torch.Tensor) -> list[float]:
 
 def _same_fingerprint(a, b, rtol: float = 1e-9) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-30) for x, y in zip(a, b))
-

@@ -41,10 +41,21 @@ import torch
 
 from .spectral_math import DEFAULT_RTOL
 
-__all__ = ["BaseSVD", "UpdateSVD", "base_svd", "full_left_basis", "update_factors", "factored_update_svd",
-           "subspace_energy_fraction", "principal_angle_cosines", "amplification_factor", "intruder_dimensions",
-           "top_left_singular_vectors",
-           "DEFAULT_EPSILON", "DEFAULT_RTOL"]
+__all__ = [
+    "BaseSVD",
+    "UpdateSVD",
+    "base_svd",
+    "full_left_basis",
+    "update_factors",
+    "factored_update_svd",
+    "subspace_energy_fraction",
+    "principal_angle_cosines",
+    "amplification_factor",
+    "intruder_dimensions",
+    "top_left_singular_vectors",
+    "DEFAULT_EPSILON",
+    "DEFAULT_RTOL",
+]
 
 DEFAULT_EPSILON = 0.5
 _GRAM_RTOL = 1e-8  # sigma_k^2 / sigma_1^2 below which the Gram route hands over to the SVD
@@ -74,8 +85,15 @@ class BaseSVD:
     randomized: bool
 
 
-def base_svd(W: torch.Tensor, k: int, randomized: bool = False, niter: int = 6, oversample: int | None = None,
-             seed: int = 0, keep_full_left: bool = False) -> BaseSVD:
+def base_svd(
+    W: torch.Tensor,
+    k: int,
+    randomized: bool = False,
+    niter: int = 6,
+    oversample: int | None = None,
+    seed: int = 0,
+    keep_full_left: bool = False,
+) -> BaseSVD:
     """The top-k and (full SVD only) bottom-k singular triplets of a dense weight.
 
     Full: ``torch.linalg.svd`` in float64 (O(m n p); wide weights through their transpose); gives
@@ -105,8 +123,16 @@ def base_svd(W: torch.Tensor, k: int, randomized: bool = False, niter: int = 6, 
         return BaseSVD(U[:, :k], S[:k], V[:, :k], None, None, None, None, True)
     U, S, V = _thin_svd(W)
     low = slice(p - k, p)
-    return BaseSVD(U[:, :k], S[:k], V[:, :k], U[:, low].flip(-1), S[low].flip(-1), V[:, low].flip(-1),
-                   U if keep_full_left else None, False)
+    return BaseSVD(
+        U[:, :k],
+        S[:k],
+        V[:, :k],
+        U[:, low].flip(-1),
+        S[low].flip(-1),
+        V[:, low].flip(-1),
+        U if keep_full_left else None,
+        False,
+    )
 
 
 def full_left_basis(W: torch.Tensor) -> torch.Tensor:
@@ -148,8 +174,9 @@ class UpdateSVD:
         return torch.sqrt((self.S * self.S).sum(-1))
 
 
-def update_factors(B_t: torch.Tensor, A_t: torch.Tensor, B_0: torch.Tensor | None = None,
-                   A_0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def update_factors(
+    B_t: torch.Tensor, A_t: torch.Tensor, B_0: torch.Tensor | None = None, A_0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L, R)`` with ``B_t A_t - B_0 A_0 = L @ R``, the differences taken on the factors (float64).
 
     ``L = [B_t - B_0, B_0]``, ``R = [A_t; A_t - A_0]``; just ``(B_t, A_t)`` when B_0 or A_0 is None.
@@ -160,8 +187,9 @@ def update_factors(B_t: torch.Tensor, A_t: torch.Tensor, B_0: torch.Tensor | Non
     return torch.cat([B_t - B_0, B_0], dim=-1), torch.cat([A_t, A_t - A_0], dim=-2)
 
 
-def factored_update_svd(L: torch.Tensor, R: torch.Tensor, scale: float | torch.Tensor = 1.0,
-                        rtol: float = DEFAULT_RTOL) -> UpdateSVD:
+def factored_update_svd(
+    L: torch.Tensor, R: torch.Tensor, scale: float | torch.Tensor = 1.0, rtol: float = DEFAULT_RTOL
+) -> UpdateSVD:
     """Compact SVD of ``scale * L @ R`` without forming it (see the module docstring).
 
     Args:
@@ -201,7 +229,7 @@ def subspace_energy_fraction(basis: torch.Tensor, U: torch.Tensor, S: torch.Tens
         Tensor (...): in [0, 1]; NaN for a zero update (0/0) or non-finite S.
     """
     S = S.double()
-    proj = basis.double().mT @ U.double()                      # (..., k, w)
+    proj = basis.double().mT @ U.double()  # (..., k, w)
     energy = (proj * proj * (S * S).unsqueeze(-2)).sum((-2, -1))
     total = (S * S).sum(-1)
     nan = torch.full_like(total, float("nan"))
@@ -220,7 +248,7 @@ def principal_angle_cosines(basis: torch.Tensor, U: torch.Tensor, rank: torch.Te
     """
     w = U.shape[-1]
     rank = torch.as_tensor(rank, device=U.device)
-    keep = torch.arange(w, device=U.device) < rank.unsqueeze(-1)          # (..., w)
+    keep = torch.arange(w, device=U.device) < rank.unsqueeze(-1)  # (..., w)
     cos = torch.linalg.svdvals(basis.double().mT @ (U.double() * keep.unsqueeze(-2))).clamp(0.0, 1.0)
     n_valid = torch.minimum(rank, torch.tensor(basis.shape[-1], device=U.device))
     valid = torch.arange(cos.shape[-1], device=U.device) < n_valid.unsqueeze(-1)
@@ -244,11 +272,11 @@ def amplification_factor(W0V: torch.Tensor, U: torch.Tensor, S: torch.Tensor, ra
     w = U.shape[-1]
     rank = torch.as_tensor(rank, device=U.device)
     keep = (torch.arange(w, device=U.device) < rank.unsqueeze(-1)).double()
-    core = U.double().mT @ W0V.double()                                   # (..., w, w)
+    core = U.double().mT @ W0V.double()  # (..., w, w)
     core = core * keep.unsqueeze(-1) * keep.unsqueeze(-2)
     projected = torch.linalg.matrix_norm(core)
     norm = torch.sqrt((S.double() ** 2).sum(-1))
-    out = norm / projected                                                 # x/0 -> inf, as documented
+    out = norm / projected  # x/0 -> inf, as documented
     return torch.where((rank > 0) & torch.isfinite(norm), out, float("nan"))
 
 
@@ -275,8 +303,9 @@ def top_left_singular_vectors(W: torch.Tensor, k: int) -> torch.Tensor:
     return _thin_svd(W)[0][:, :k]
 
 
-def intruder_dimensions(W_t: torch.Tensor, U0: torch.Tensor, k: int,
-                        epsilon: float = DEFAULT_EPSILON) -> tuple[torch.Tensor, torch.Tensor]:
+def intruder_dimensions(
+    W_t: torch.Tensor, U0: torch.Tensor, k: int, epsilon: float = DEFAULT_EPSILON
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Intruder dimensions of a tuned weight against the base weight's left singular vectors.
 
     Args:

@@ -152,7 +152,7 @@ class GradientFlowCallback(TrainerCallback):
         self._warned_uncaptured = False
         self._pending_logs: dict[str, float] = {}
 
-    def bind_trainer(self, trainer) -> "GradientFlowCallback":
+    def bind_trainer(self, trainer) -> GradientFlowCallback:
         """Give the callback the Trainer whose clipping it must observe; returns self."""
         self._trainer = trainer
         return self
@@ -173,7 +173,9 @@ class GradientFlowCallback(TrainerCallback):
             self.tracker.rebind()  # note: fully_shard registered new (DTensor) parameters
         engine = _deepspeed_engine(self._trainer)
         # note: with an engine or sharded parameters every rank computes its share (collectives)
-        self._collective = engine is not None or (sharding.distributed() and sharding.any_sharded(self.tracker._params))
+        self._collective = engine is not None or (
+            sharding.distributed() and sharding.any_sharded(self.tracker._params)
+        )
         self._wrap(accelerator)
         if engine is not None:
             self._hook_engine(engine)
@@ -194,8 +196,10 @@ class GradientFlowCallback(TrainerCallback):
         if captured is None:
             # the Trainer clipped by a path we cannot observe (sagemaker / mixed device meshes)
             if not self._warned_uncaptured and state.is_world_process_zero:
-                logger.warning("Gradient tracker could not observe the Trainer's gradient clipping; pre-clip "
-                               "norms are stored as NaN, post-clip totals are measured.")
+                logger.warning(
+                    "Gradient tracker could not observe the Trainer's gradient clipping; pre-clip "
+                    "norms are stored as NaN, post-clip totals are measured."
+                )
                 self._warned_uncaptured = True
             clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
             total = float("nan") if clip is not None else None
@@ -257,8 +261,11 @@ class GradientFlowCallback(TrainerCallback):
         original = engine.step
 
         def step(*args, **kwargs):
-            if (self._active and engine.is_gradient_accumulation_boundary()
-                    and self.tracker.should_log(self._trainer.state.global_step + 1)):
+            if (
+                self._active
+                and engine.is_gradient_accumulation_boundary()
+                and self.tracker.should_log(self._trainer.state.global_step + 1)
+            ):
                 self.tracker.capture_gradients()  # every rank: safe_get_full_grad is a collective
             return original(*args, **kwargs)
 

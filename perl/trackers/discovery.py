@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -53,8 +53,19 @@ from torch import nn
 from . import sharding
 from .sharding import resolve as _r
 
-__all__ = ["AdapterModule", "discover_adapters", "discover_full_weights", "active_adapter_name", "peft_config_of",
-           "select_layers", "adalora_rank_budget", "adalora_importance_scores", "DiscoveryError", "materialized", "walk"]
+__all__ = [
+    "AdapterModule",
+    "discover_adapters",
+    "discover_full_weights",
+    "active_adapter_name",
+    "peft_config_of",
+    "select_layers",
+    "adalora_rank_budget",
+    "adalora_importance_scores",
+    "DiscoveryError",
+    "materialized",
+    "walk",
+]
 
 # kinds, in the order they are tested (AdaLoraLayer subclasses LoraLayer: test it first)
 KINDS = ("adalora", "lora", "vera", "ia3", "ln_tuning", "miss", "hra", "slicefine")
@@ -144,7 +155,7 @@ class AdapterModule:
             change = m.slice_change(ad).detach()
             start, width = m.slicefine_start[ad], m.slicefine_r[ad]
             n = m.in_features if m.slicefine_mode[ad] == "column" else m.out_features
-            select = torch.eye(n, dtype=change.dtype, device=change.device)[start:start + width]
+            select = torch.eye(n, dtype=change.dtype, device=change.device)[start : start + width]
             if m.slicefine_mode[ad] == "column":
                 return change, select, 1.0
             return select.T, change, 1.0
@@ -168,7 +179,7 @@ class AdapterModule:
                 # change at init is exactly 0 instead of rounding noise with noise "ranks"
                 i -= 2
                 continue
-            ui = u[:, i:i + 1]
+            ui = u[:, i : i + 1]
             hq = hq - 2.0 * ui @ (ui.T @ hq)
             i -= 1
         return self.base_weight().double() @ (hq - q), q.T, 1.0
@@ -268,17 +279,25 @@ def materialized(adapters: list[AdapterModule], keep: bool = True) -> Iterator[N
 # -------------------------------------------------------------------- discovery
 def _layer_types():
     from peft.tuners.adalora import AdaLoraLayer
+    from peft.tuners.hra import HRALayer
     from peft.tuners.ia3 import IA3Layer
     from peft.tuners.ln_tuning.layer import LNTuningLayer
     from peft.tuners.lora import LoraLayer
     from peft.tuners.miss import MissLayer
-    from peft.tuners.hra import HRALayer
     from peft.tuners.vera import VeraLayer
 
     from perl.adapters.slicefine import SliceFineLayer
 
-    return {"adalora": AdaLoraLayer, "lora": LoraLayer, "vera": VeraLayer, "ia3": IA3Layer,
-            "ln_tuning": LNTuningLayer, "miss": MissLayer, "hra": HRALayer, "slicefine": SliceFineLayer}
+    return {
+        "adalora": AdaLoraLayer,
+        "lora": LoraLayer,
+        "vera": VeraLayer,
+        "ia3": IA3Layer,
+        "ln_tuning": LNTuningLayer,
+        "miss": MissLayer,
+        "hra": HRALayer,
+        "slicefine": SliceFineLayer,
+    }
 
 
 def peft_config_of(model: nn.Module) -> dict:
@@ -314,7 +333,7 @@ _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 def _clean_name(name: str) -> str:
     for prefix in _PREFIXES:
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name
 
 
@@ -322,7 +341,7 @@ def _layer_and_rest(name: str) -> tuple[int, str]:
     match = _INDEX.search(name)
     if match is None:
         return -1, name.split(".")[-1]
-    return int(match.group(1)), name[match.end():]
+    return int(match.group(1)), name[match.end() :]
 
 
 def _components(kind: str, m: nn.Module, ad: str) -> dict[str, list[torch.Tensor]]:
@@ -354,8 +373,15 @@ def _components(kind: str, m: nn.Module, ad: str) -> dict[str, list[torch.Tensor
 def _holds_adapter(kind: str, m: nn.Module, ad: str) -> bool:
     if kind == "lora":
         return ad in m.lora_A or ad in m.lora_embedding_A
-    attr = {"adalora": "lora_A", "vera": "vera_lambda_b", "ia3": "ia3_l", "ln_tuning": "ln_tuning_layers",
-            "miss": "miss_block", "hra": "hra_u", "slicefine": "slicefine_slice"}[kind]
+    attr = {
+        "adalora": "lora_A",
+        "vera": "vera_lambda_b",
+        "ia3": "ia3_l",
+        "ln_tuning": "ln_tuning_layers",
+        "miss": "miss_block",
+        "hra": "hra_u",
+        "slicefine": "slicefine_slice",
+    }[kind]
     return ad in getattr(m, attr)
 
 
@@ -371,8 +397,9 @@ def _rank(kind: str, m: nn.Module, ad: str) -> int | None:
     return None
 
 
-def discover_adapters(model: nn.Module, adapter_name: str | None = None,
-                      max_layers_to_track: int | None = None) -> list[AdapterModule]:
+def discover_adapters(
+    model: nn.Module, adapter_name: str | None = None, max_layers_to_track: int | None = None
+) -> list[AdapterModule]:
     """Every module of the active adapter, sorted by (layer, module).
 
     Usage:
@@ -400,9 +427,19 @@ def discover_adapters(model: nn.Module, adapter_name: str | None = None,
             continue
         name = _clean_name(raw_name)
         layer, rest = _layer_and_rest(name)
-        found.append(AdapterModule(name=name, layer=layer, module=rest, kind=kind, adapter=adapter,
-                                   peft_module=m, rank=_rank(kind, m, adapter), components=_components(kind, m, adapter),
-                                   is_dora=kind == "lora" and adapter in m.lora_magnitude_vector))
+        found.append(
+            AdapterModule(
+                name=name,
+                layer=layer,
+                module=rest,
+                kind=kind,
+                adapter=adapter,
+                peft_module=m,
+                rank=_rank(kind, m, adapter),
+                components=_components(kind, m, adapter),
+                is_dora=kind == "lora" and adapter in m.lora_magnitude_vector,
+            )
+        )
     if not found:
         raise DiscoveryError(
             f"No adapter layers for adapter {adapter!r} in {type(model).__name__}: expected a peft model with "
@@ -420,8 +457,9 @@ def _finish(found: list[AdapterModule], max_layers_to_track: int | None) -> list
     return sorted(found, key=lambda a: (a.layer, a.name))
 
 
-def discover_full_weights(model: nn.Module, target_modules=None,
-                          max_layers_to_track: int | None = None) -> list[AdapterModule]:
+def discover_full_weights(
+    model: nn.Module, target_modules=None, max_layers_to_track: int | None = None
+) -> list[AdapterModule]:
     """The weights full fine-tuning is tracked on: every ``nn.Linear`` that ``target_modules`` names.
 
     The modules an adapter with the same ``target_modules`` would adapt (peft's rule: the module path
@@ -456,11 +494,22 @@ def discover_full_weights(model: nn.Module, target_modules=None,
         if targets is not None and not any(name == t or name.endswith("." + t) for t in targets):
             continue
         layer, rest = _layer_and_rest(name)
-        found.append(AdapterModule(name=name, layer=layer, module=rest, kind="full", adapter="", peft_module=m,
-                                   components={"weight": [m.weight]}))
+        found.append(
+            AdapterModule(
+                name=name,
+                layer=layer,
+                module=rest,
+                kind="full",
+                adapter="",
+                peft_module=m,
+                components={"weight": [m.weight]},
+            )
+        )
     if not found:
-        raise DiscoveryError(f"No nn.Linear of {type(model).__name__} matches target_modules {target_modules}; "
-                             "list the module names to track, e.g. [q_proj, v_proj].")
+        raise DiscoveryError(
+            f"No nn.Linear of {type(model).__name__} matches target_modules {target_modules}; "
+            "list the module names to track, e.g. [q_proj, v_proj]."
+        )
     return _finish(found, max_layers_to_track)
 
 

@@ -68,12 +68,11 @@ import torch
 import xarray as xr
 from torch import nn
 
-from . import sharding
 from .. import __version__
 from ..fileio import atomic_write_text
+from . import sharding
 from .discovery import peft_config_of
-from .gradient_history import (FINAL_NAME, GRADIENT_DIR, STEP_CONVENTION, STORE_NAME, SUMMARY_NAME,
-                               GradientFlowHistory)
+from .gradient_history import FINAL_NAME, GRADIENT_DIR, STEP_CONVENTION, STORE_NAME, SUMMARY_NAME, GradientFlowHistory
 from .gradient_tensors import TrackedTensor, _ordered, tracked_tensors
 from .store import RunStore
 
@@ -84,8 +83,21 @@ logger = logging.getLogger("perl")
 
 # display order; components outside this list (extra trainable tensors) follow in order of appearance
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-COMPONENT_ORDER = ("A", "B", "magnitude", "E", "lambda_b", "lambda_d", "ia3", "ln", "miss", "u", "slice", "weight",
-                   "bias")
+COMPONENT_ORDER = (
+    "A",
+    "B",
+    "magnitude",
+    "E",
+    "lambda_b",
+    "lambda_d",
+    "ia3",
+    "ln",
+    "miss",
+    "u",
+    "slice",
+    "weight",
+    "bias",
+)
 
 LAYER_CONVENTION = "transformer block index; -1: tensors outside the numbered blocks (embeddings, final norm, lm_head)"
 
@@ -94,9 +106,9 @@ _VARIABLE_ATTRS = {
         "long_name": "L2 norm of the accumulated pre-clip gradient",
         "units": "1",
         "description": "||g||_2 of the gradient summed over gradient-accumulation micro-batches, before "
-                       "max_grad_norm clipping (post-clip norm / clip_coef); several tensors in one cell "
-                       "(e.g. LayerNorm weight and bias) are combined as the norm of their concatenation. "
-                       "NaN: cell not tracked, no gradient, or pre-clip value unrecoverable (non-finite total).",
+        "max_grad_norm clipping (post-clip norm / clip_coef); several tensors in one cell "
+        "(e.g. LayerNorm weight and bias) are combined as the norm of their concatenation. "
+        "NaN: cell not tracked, no gradient, or pre-clip value unrecoverable (non-finite total).",
     },
     "weight_norm": {
         "long_name": "L2 norm of the parameter before the optimizer step",
@@ -107,14 +119,14 @@ _VARIABLE_ATTRS = {
         "long_name": "gradient-to-weight ratio",
         "units": "1",
         "description": "grad_norm / weight_norm; +inf where the weight is exactly 0 (LoRA's B at init) and the "
-                       "gradient is not, NaN for 0/0",
+        "gradient is not, NaN for 0/0",
     },
     "update_ratio": {
         "long_name": "relative update size",
         "units": "1",
         "description": "||p_after - p_before||_2 / weight_norm, measured after optimizer.step() and the "
-                       "on_optimizer_step callbacks registered before the tracker (AdaLoRA's allocator masks E "
-                       "there); +inf/NaN conventions as grad_to_weight_ratio; NaN when not measured",
+        "on_optimizer_step callbacks registered before the tracker (AdaLoRA's allocator masks E "
+        "there); +inf/NaN conventions as grad_to_weight_ratio; NaN when not measured",
     },
     "numel": {
         "long_name": "number of scalar parameters in the cell",
@@ -125,7 +137,7 @@ _VARIABLE_ATTRS = {
         "long_name": "total pre-clip gradient norm",
         "units": "1",
         "description": "L2 norm of the accumulated gradient over all trainable parameters before clipping; "
-                       "the Trainer's logged grad_norm",
+        "the Trainer's logged grad_norm",
     },
     "clip_coef": {
         "long_name": "clip coefficient applied",
@@ -179,11 +191,20 @@ class GradientFlowTracker(GradientFlowHistory):
             tracked with ``track_adapter_only=True``; default every ``nn.Linear`` but the output head.
     """
 
-    def __init__(self, model: nn.Module | None, log_frequency: int = 100, save_dir: str | os.PathLike = ".",
-                 track_adapter_only: bool = True, peft_type: str | None = None, run_attrs: dict | None = None,
-                 target_modules=None):
+    def __init__(
+        self,
+        model: nn.Module | None,
+        log_frequency: int = 100,
+        save_dir: str | os.PathLike = ".",
+        track_adapter_only: bool = True,
+        peft_type: str | None = None,
+        run_attrs: dict | None = None,
+        target_modules=None,
+    ):
         if not isinstance(log_frequency, int) or isinstance(log_frequency, bool) or log_frequency < 1:
-            raise ValueError(f"log_frequency must be a positive integer (log every N optimizer steps), got {log_frequency!r}.")
+            raise ValueError(
+                f"log_frequency must be a positive integer (log every N optimizer steps), got {log_frequency!r}."
+            )
         self.model = model
         self.log_frequency = log_frequency
         self.save_dir = Path(save_dir)
@@ -219,8 +240,12 @@ class GradientFlowTracker(GradientFlowHistory):
         # squares of large norms overflow float32; MPS has no float64
         self._acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
 
-        cell = [np.ravel_multi_index((self.layers.index(t.layer), self.modules.index(t.module),
-                                      self.components.index(t.component)), shape) for t in tracked]
+        cell = [
+            np.ravel_multi_index(
+                (self.layers.index(t.layer), self.modules.index(t.module), self.components.index(t.component)), shape
+            )
+            for t in tracked
+        ]
         self._cell_index = torch.tensor(cell, dtype=torch.long, device=self.device)
         numel = np.zeros(int(np.prod(shape)), dtype=np.int64)
         np.add.at(numel, cell, [_full_numel(t.param) for t in tracked])
@@ -261,8 +286,10 @@ class GradientFlowTracker(GradientFlowHistory):
         model = self.model if model is None else model
         tracked = tracked_tensors(model, self.track_adapter_only)
         if [t.name for t in tracked] != [t.name for t in self.tracked]:
-            raise RuntimeError("The model's trainable tensors changed after the gradient tracker was made; "
-                               "build the tracker from the model the Trainer trains.")
+            raise RuntimeError(
+                "The model's trainable tensors changed after the gradient tracker was made; "
+                "build the tracker from the model the Trainer trains."
+            )
         ids = {id(t.param) for t in tracked}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         self._params = [t.param for t in tracked] + others
@@ -287,8 +314,9 @@ class GradientFlowTracker(GradientFlowHistory):
         out = torch.full((n,), float("nan"), dtype=acc, device=self.device)
         if not any(split) or not sharding.distributed():
             if pieces:
-                out[torch.tensor(idx, device=self.device)] = self._stack(
-                    torch._foreach_norm(pieces, dtype=torch.float32)).to(acc).square()
+                out[torch.tensor(idx, device=self.device)] = (
+                    self._stack(torch._foreach_norm(pieces, dtype=torch.float32)).to(acc).square()
+                )
             return out
         both = torch.zeros((2, n), dtype=acc, device=self.device)
         if pieces:
@@ -322,12 +350,16 @@ class GradientFlowTracker(GradientFlowHistory):
             grad_sq = self._norms_sq(grads, whole=True)
         else:
             grad_sq = self._norms_sq([p.grad for p in params])
-        self._captured = {"grad_sq": grad_sq, "weight_sq": self._norms_sq(list(params[: self._n_tracked])),
-                          "before": self._local_copies()}
+        self._captured = {
+            "grad_sq": grad_sq,
+            "weight_sq": self._norms_sq(list(params[: self._n_tracked])),
+            "before": self._local_copies(),
+        }
 
     @torch.no_grad()
-    def log_step(self, step: int, total_grad_norm: torch.Tensor | float | None = None,
-                 max_grad_norm: float | None = None) -> None:
+    def log_step(
+        self, step: int, total_grad_norm: torch.Tensor | float | None = None, max_grad_norm: float | None = None
+    ) -> None:
         """Record the gradients present now (accumulated, maybe clipped), before ``optimizer.step()``.
 
         The row is written by :meth:`log_update` (after the step, with update ratios) or, if that
@@ -363,8 +395,9 @@ class GradientFlowTracker(GradientFlowHistory):
             norms = torch.full((len(self._params),), float("nan"), dtype=acc, device=self.device)
             post_total = torch.zeros((), dtype=acc, device=self.device)
             if present:
-                found = self._stack(torch._foreach_norm([self._params[i].grad for i in present],
-                                                        dtype=torch.float32)).to(acc)
+                found = self._stack(
+                    torch._foreach_norm([self._params[i].grad for i in present], dtype=torch.float32)
+                ).to(acc)
                 norms[torch.tensor(present, device=self.device)] = found
                 post_total = found.square().sum().sqrt()
 
@@ -452,15 +485,21 @@ class GradientFlowTracker(GradientFlowHistory):
         if update_sq is None:
             update_sq = torch.full((n,), float("nan"), dtype=self._acc_dtype, device=self.device)
         # the one host transfer of the step
-        row = torch.cat([pending["grad_sq"], pending["weight_sq"], update_sq, pending["totals"]]).cpu().double().numpy()
-        grad, weight, upd = (np.sqrt(row[i * n:(i + 1) * n]).reshape(self._shape) for i in range(3))
-        total, coef, post = row[3 * n:]
+        row = (
+            torch.cat([pending["grad_sq"], pending["weight_sq"], update_sq, pending["totals"]]).cpu().double().numpy()
+        )
+        grad, weight, upd = (np.sqrt(row[i * n : (i + 1) * n]).reshape(self._shape) for i in range(3))
+        total, coef, post = row[3 * n :]
         for arr in (grad, weight, upd):
             arr[self._empty] = np.nan
         self.store.append(self._snapshot(pending["step"], grad, weight, upd, total, coef, post))
         self.last_scalars = self._log_scalars(pending["step"], grad, total, coef, post)
         if not math.isfinite(total):
-            lost = "; the clip destroyed the per-tensor values, stored as NaN" if not (math.isfinite(coef) and coef > 0) else ""
+            lost = (
+                "; the clip destroyed the per-tensor values, stored as NaN"
+                if not (math.isfinite(coef) and coef > 0)
+                else ""
+            )
             logger.warning("Gradient tracker: total gradient norm at step %d is %s%s.", pending["step"], total, lost)
 
     def _log_scalars(self, step, grad, total, coef, post) -> dict[str, float]:
@@ -491,17 +530,23 @@ class GradientFlowTracker(GradientFlowHistory):
             "clip_coef": (("step",), [coef]),
             "post_clip_grad_norm": (("step",), [post]),
         }
-        ds = xr.Dataset(data, coords={"step": np.array([step], dtype=np.int64),
-                                      "layer": np.array(self.layers, dtype=np.int64),
-                                      "module": np.array(self.modules, dtype=object),
-                                      "component": np.array(self.components, dtype=object)})
+        ds = xr.Dataset(
+            data,
+            coords={
+                "step": np.array([step], dtype=np.int64),
+                "layer": np.array(self.layers, dtype=np.int64),
+                "module": np.array(self.modules, dtype=object),
+                "component": np.array(self.components, dtype=object),
+            },
+        )
         for name, attrs in _VARIABLE_ATTRS.items():
             ds[name].attrs.update(attrs)
         ds["step"].attrs.update({"long_name": "optimizer step", "description": STEP_CONVENTION})
         ds["layer"].attrs.update({"long_name": "transformer block", "description": LAYER_CONVENTION})
         ds["module"].attrs["long_name"] = "module type within the block"
-        ds["component"].attrs["long_name"] = ("adapter component (A, B, magnitude, E, lambda_b, lambda_d, ia3, ln, miss, "
-                                              "u, slice, weight, bias)")
+        ds["component"].attrs["long_name"] = (
+            "adapter component (A, B, magnitude, E, lambda_b, lambda_d, ia3, ln, miss, u, slice, weight, bias)"
+        )
         return ds
 
     # ------------------------------------------------------------------------ saving
@@ -511,12 +556,17 @@ class GradientFlowTracker(GradientFlowHistory):
         if self.store is None:
             return
         if self.store.steps:
-            logger.warning("Replacing the gradient store %s of an earlier run (%d steps).", self.store.path,
-                           len(self.store.steps))
+            logger.warning(
+                "Replacing the gradient store %s of an earlier run (%d steps).", self.store.path, len(self.store.steps)
+            )
         self.store.clear()
         folder = self.store.path.parent
-        stale = [self.save_dir / FINAL_NAME, folder / SUMMARY_NAME, folder / "gradient_layer_comparison.png",
-                 *folder.glob("gradient_heatmap_*.png")]
+        stale = [
+            self.save_dir / FINAL_NAME,
+            folder / SUMMARY_NAME,
+            folder / "gradient_layer_comparison.png",
+            *folder.glob("gradient_heatmap_*.png"),
+        ]
         for path in stale:
             path.unlink(missing_ok=True)
 
@@ -545,8 +595,11 @@ class GradientFlowTracker(GradientFlowHistory):
         Returns the final file, or None (with a warning) when no step was recorded.
         """
         if self.save() is None:
-            logger.warning("Gradient tracker recorded no step (log_frequency=%d): %s was not written.",
-                           self.log_frequency, self.save_dir / FINAL_NAME)
+            logger.warning(
+                "Gradient tracker recorded no step (log_frequency=%d): %s was not written.",
+                self.log_frequency,
+                self.save_dir / FINAL_NAME,
+            )
             return None
         final = self.store.finalize(self.save_dir / FINAL_NAME)
         self.save_plots()
@@ -575,4 +628,3 @@ def _peft_type_of(model: nn.Module, tracked: list[TrackedTensor]) -> str:
 def _full_numel(p: torch.Tensor) -> int:
     # note: a ZeRO-3 parameter's own numel is its empty placeholder's
     return int(getattr(p, "ds_numel", p.numel()))
-

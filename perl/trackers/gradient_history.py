@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
 
 from .store import RunStore
+
+if TYPE_CHECKING:  # the subclass that `load` returns
+    from .gradient import GradientFlowTracker
 
 GRADIENT_DIR = "gradient_logs"
 STORE_NAME = "gradient_flow.nc"
@@ -34,7 +38,7 @@ class GradientFlowHistory:
     """
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "GradientFlowTracker":
+    def load(cls, path: str | os.PathLike) -> GradientFlowTracker:
         """A read-only tracker over a stored gradient Dataset.
 
         Args:
@@ -51,15 +55,22 @@ class GradientFlowHistory:
             if found is None:
                 raise FileNotFoundError(
                     f"No gradient data in {path}: expected {FINAL_NAME} or {GRADIENT_DIR}/{STORE_NAME}; "
-                    "was the run trained with gradient tracking enabled?")
+                    "was the run trained with gradient tracking enabled?"
+                )
             path = found
         ds = RunStore.open(path)
         missing = [v for v in ("grad_norm", "total_grad_norm") if v not in ds]
         if missing:
-            raise ValueError(f"{path} is not a gradient flow store (missing {missing}); "
-                             "expected a file written by GradientFlowTracker.")
-        tracker = cls(None, log_frequency=int(ds.attrs.get("log_frequency", 1)), save_dir=path.parent,
-                      peft_type=ds.attrs.get("peft_type"))
+            raise ValueError(
+                f"{path} is not a gradient flow store (missing {missing}); "
+                "expected a file written by GradientFlowTracker."
+            )
+        tracker = cls(
+            None,
+            log_frequency=int(ds.attrs.get("log_frequency", 1)),
+            save_dir=path.parent,
+            peft_type=ds.attrs.get("peft_type"),
+        )
         tracker._loaded = ds
         return tracker
 
@@ -103,7 +114,9 @@ class GradientFlowHistory:
                 for name in ("grad_norm", "grad_to_weight_ratio", "update_ratio")
             }
             per_layer = module_aggregate(ds["grad_norm"].sel(component=component)).mean("step", skipna=True)
-            summary["layers"][str(component)] = {str(int(l)): _num(v) for l, v in zip(per_layer["layer"].values, per_layer.values)}
+            summary["layers"][str(component)] = {
+                str(int(l)): _num(v) for l, v in zip(per_layer["layer"].values, per_layer.values)
+            }
         summary.update(_original_summary_keys(ds, steps))
         return summary
 
@@ -131,8 +144,9 @@ class GradientFlowHistory:
             raise ValueError(f"Layer {layer_idx} was not tracked; tracked layers are {layers}.")
         return ds.sel(layer=layer_idx)
 
-    def create_heatmap(self, component: str = "B", save_path: str | os.PathLike | None = None,
-                       module_type: str | None = None):
+    def create_heatmap(
+        self, component: str = "B", save_path: str | os.PathLike | None = None, module_type: str | None = None
+    ):
         """A layers x steps heatmap of ``grad_norm`` (log colour scale, NaN blank); returns the Figure.
 
         Args:
@@ -147,8 +161,9 @@ class GradientFlowHistory:
             save_figure(fig, save_path)
         return fig
 
-    def create_layer_comparison_plot(self, layers: list[int] | None = None, component: str = "B",
-                                     save_path: str | os.PathLike | None = None):
+    def create_layer_comparison_plot(
+        self, layers: list[int] | None = None, component: str = "B", save_path: str | os.PathLike | None = None
+    ):
         """``grad_norm`` of one component over steps for a few layers; returns the Figure.
 
         Args:
@@ -175,8 +190,12 @@ def _stats(values: np.ndarray) -> dict:
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return {"mean": None, "min": None, "max": None, "nonfinite": int(values.size)}
-    return {"mean": _num(finite.mean()), "min": _num(finite.min()), "max": _num(finite.max()),
-            "nonfinite": int(values.size - finite.size)}
+    return {
+        "mean": _num(finite.mean()),
+        "min": _num(finite.min()),
+        "max": _num(finite.max()),
+        "nonfinite": int(values.size - finite.size),
+    }
 
 
 def _original_summary_keys(ds: xr.Dataset, steps: list[int]) -> dict:
@@ -194,14 +213,29 @@ def _original_summary_keys(ds: xr.Dataset, steps: list[int]) -> dict:
     components = [str(c) for k, c in enumerate(ds["component"].values) if tracked[..., k].any()]
     grads = ds["grad_norm"].transpose("step", "layer", "module", "component").values[:, tracked]
     finite = grads[np.isfinite(grads)]
-    overall = ({"mean": float(finite.mean()), "std": float(finite.std()), "min": float(finite.min()),
-                "max": float(finite.max())} if finite.size else {"mean": None, "std": None, "min": None, "max": None})
+    overall = (
+        {
+            "mean": float(finite.mean()),
+            "std": float(finite.std()),
+            "min": float(finite.min()),
+            "max": float(finite.max()),
+        }
+        if finite.size
+        else {"mean": None, "std": None, "min": None, "max": None}
+    )
     final = {}
     for component in components:
         per_layer = module_aggregate(ds["grad_norm"].sel(component=component)).isel(step=-1).values
         per_layer = per_layer[np.isfinite(per_layer)]
         if per_layer.size:
             final[component] = {"mean": float(per_layer.mean()), "max": float(per_layer.max())}
-    return {"total_steps_logged": len(steps), "step_range": [steps[0], steps[-1]], "num_layers": len(layers),
-            "layer_range": [layers[0], layers[-1]] if layers else None, "components_tracked": components,
-            "overall_stats": overall, "component_stats_final": final, "layer_aggregation": MODULE_AGGREGATION}
+    return {
+        "total_steps_logged": len(steps),
+        "step_range": [steps[0], steps[-1]],
+        "num_layers": len(layers),
+        "layer_range": [layers[0], layers[-1]] if layers else None,
+        "components_tracked": components,
+        "overall_stats": overall,
+        "component_stats_final": final,
+        "layer_aggregation": MODULE_AGGREGATION,
+    }

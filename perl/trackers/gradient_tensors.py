@@ -8,8 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .discovery import (DiscoveryError, _clean_name, _layer_and_rest, discover_adapters, discover_full_weights,
-                        peft_config_of)
+from .discovery import (
+    DiscoveryError,
+    _clean_name,
+    _layer_and_rest,
+    discover_adapters,
+    discover_full_weights,
+    peft_config_of,
+)
 
 
 # ------------------------------------------------------------------------------------ what is tracked
@@ -59,8 +65,9 @@ def tracked_tensors(model: nn.Module, track_adapter_only: bool = True, target_mo
     try:
         if not peft_config_of(model):
             # note: full fine-tuning: the weights of the modules an adapter would adapt
-            adapters = [w for w in discover_full_weights(model, target_modules)
-                        if w.components["weight"][0].requires_grad]
+            adapters = [
+                w for w in discover_full_weights(model, target_modules) if w.components["weight"][0].requires_grad
+            ]
             if not adapters:
                 raise DiscoveryError(f"No trainable weight among the target modules {target_modules}.")
         else:

@@ -21,10 +21,20 @@ import xarray as xr
 
 from ..fileio import atomic_write_bytes
 
-__all__ = ["module_aggregate", "gradient_matrix", "gradient_heatmap", "layer_comparison", "heatmap_figure",
-           "layer_comparison_figure", "save_gradient_pngs", "save_figure"]
+__all__ = [
+    "module_aggregate",
+    "gradient_matrix",
+    "gradient_heatmap",
+    "layer_comparison",
+    "heatmap_figure",
+    "layer_comparison_figure",
+    "save_gradient_pngs",
+    "save_figure",
+]
 
-MODULE_AGGREGATION = "sqrt(sum over modules of grad_norm^2): the L2 norm of the component's gradient over the whole layer"
+MODULE_AGGREGATION = (
+    "sqrt(sum over modules of grad_norm^2): the L2 norm of the component's gradient over the whole layer"
+)
 _COMBINED = "modules combined per layer: √(Σ ‖g_module‖²)"
 
 ZERO_COLOR = "0.55"
@@ -40,13 +50,14 @@ def module_aggregate(da: xr.DataArray) -> xr.DataArray:
     Args:
         da (xr.DataArray): a norm with a ``module`` dimension.
     """
-    combined = np.sqrt((da ** 2).sum("module", skipna=True, min_count=1))
+    combined = np.sqrt((da**2).sum("module", skipna=True, min_count=1))
     combined.attrs = dict(da.attrs)
     return combined
 
 
-def gradient_matrix(gds: xr.Dataset, component: str = "B", module: str | None = None,
-                    variable: str = "grad_norm") -> xr.DataArray:
+def gradient_matrix(
+    gds: xr.Dataset, component: str = "B", module: str | None = None, variable: str = "grad_norm"
+) -> xr.DataArray:
     """``variable`` of one component as a (layer, step) DataArray.
 
     Args:
@@ -76,8 +87,11 @@ def gradient_matrix(gds: xr.Dataset, component: str = "B", module: str | None = 
 def heatmap_figure(gds: xr.Dataset, component: str = "B", module: str | None = None):
     """The layers x steps heatmap of ``grad_norm`` of one component (the PNG training writes)."""
     where = f"module {module}" if module else _COMBINED
-    return gradient_heatmap(gradient_matrix(gds, component, module),
-                            title=f"Pre-clip gradient norm of {component}\n{where}", peft_type=gds.attrs.get("peft_type"))
+    return gradient_heatmap(
+        gradient_matrix(gds, component, module),
+        title=f"Pre-clip gradient norm of {component}\n{where}",
+        peft_type=gds.attrs.get("peft_type"),
+    )
 
 
 def layer_comparison_figure(gds: xr.Dataset, component: str = "B", layers: list[int] | None = None):
@@ -90,7 +104,9 @@ def layer_comparison_figure(gds: xr.Dataset, component: str = "B", layers: list[
     unknown = [l for l in layers if l not in available]
     if unknown:
         raise ValueError(f"Layers {unknown} were not tracked; tracked layers are {available}.")
-    return layer_comparison(matrix.sel(layer=layers), title=f"Pre-clip gradient norm of {component} by layer\n{_COMBINED}")
+    return layer_comparison(
+        matrix.sel(layer=layers), title=f"Pre-clip gradient norm of {component} by layer\n{_COMBINED}"
+    )
 
 
 def save_gradient_pngs(gds: xr.Dataset, folder: str | os.PathLike) -> list[Path]:
@@ -121,8 +137,9 @@ def _tick_positions(n: int, max_ticks: int = 12) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, max_ticks).round().astype(int))
 
 
-def gradient_heatmap(matrix: xr.DataArray, title: str, peft_type: str | None = None,
-                     value_label: str = "pre-clip gradient norm"):
+def gradient_heatmap(
+    matrix: xr.DataArray, title: str, peft_type: str | None = None, value_label: str = "pre-clip gradient norm"
+):
     """Layers x steps heatmap on a log colour scale; returns a ``matplotlib.figure.Figure``.
 
     Args:
@@ -158,8 +175,14 @@ def gradient_heatmap(matrix: xr.DataArray, title: str, peft_type: str | None = N
     fig = _figure((width, height))
     ax = fig.add_subplot()
     ax.set_facecolor("white")
-    mesh = ax.pcolormesh(np.arange(len(steps) + 1), np.arange(len(layers) + 1), masked,
-                         norm=LogNorm(vmin=vmin, vmax=vmax), cmap=cmap, shading="flat")
+    mesh = ax.pcolormesh(
+        np.arange(len(steps) + 1),
+        np.arange(len(layers) + 1),
+        masked,
+        norm=LogNorm(vmin=vmin, vmax=vmax),
+        cmap=cmap,
+        shading="flat",
+    )
     xt = _tick_positions(len(steps))
     ax.set_xticks(xt + 0.5, [str(steps[i]) for i in xt])
     yt = _tick_positions(len(layers), max_ticks=30)
@@ -168,7 +191,8 @@ def gradient_heatmap(matrix: xr.DataArray, title: str, peft_type: str | None = N
     ax.set_ylabel("layer (transformer block)")
     ax.set_title(f"{title}{f' [{peft_type}]' if peft_type else ''}", fontsize=10)
     extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[
-        (bool((values == 0).any()), bool(np.isposinf(values).any()))]
+        (bool((values == 0).any()), bool(np.isposinf(values).any()))
+    ]
     cbar = fig.colorbar(mesh, ax=ax, extend=extend)
     cbar.set_label(f"{value_label} (log scale)")
     fig.text(0.01, 0.01, FOOTNOTE, fontsize=7, color="0.3")
@@ -191,8 +215,13 @@ def layer_comparison(matrix: xr.DataArray, title: str, value_label: str = "pre-c
     ax = fig.add_subplot()
     marker = "o" if len(steps) <= 50 else None
     for layer in matrix["layer"].values:
-        ax.plot(steps, matrix.sel(layer=layer).values, marker=marker, markersize=3,
-                label=f"layer {_layer_label(int(layer))}")
+        ax.plot(
+            steps,
+            matrix.sel(layer=layer).values,
+            marker=marker,
+            markersize=3,
+            label=f"layer {_layer_label(int(layer))}",
+        )
     values = np.asarray(matrix.values, dtype=float)
     if (np.isfinite(values) & (values > 0)).any():
         ax.set_yscale("log", nonpositive="mask")

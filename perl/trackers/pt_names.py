@@ -30,11 +30,17 @@ def resolve_pt_name(path: str | Path) -> Path:
         return path
     store = path.with_suffix(".nc")
     if store.exists():  # a final .nc file or a live store folder
-        print(f"note: {path.name} is {store} in this workbench (netCDF, read with xarray; nothing is unpickled).",
-              file=sys.stderr)
+        print(
+            f"note: {path.name} is {store} in this workbench (netCDF, read with xarray; nothing is unpickled).",
+            file=sys.stderr,
+        )
         return store
     if path.is_file():
-        raise ValueError(f"{path} is a PyTorch pickle (the original PeRL's format), which this workbench never "
-                         f"unpickles; open a run of this workbench (its folder or its {store.name}) instead.")
-    raise FileNotFoundError(f"{path} does not exist, nor {store.name} beside it, where this workbench stores what "
-                            f"the PeRL tracking docs call {path.name}; pass the run folder or its .nc store.")
+        raise ValueError(
+            f"{path} is a PyTorch pickle (the original PeRL's format), which this workbench never "
+            f"unpickles; open a run of this workbench (its folder or its {store.name}) instead."
+        )
+    raise FileNotFoundError(
+        f"{path} does not exist, nor {store.name} beside it, where this workbench stores what "
+        f"the PeRL tracking docs call {path.name}; pass the run folder or its .nc store."
+    )

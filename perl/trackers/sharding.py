@@ -27,12 +27,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-__all__ = ["is_zero3", "is_dtensor", "is_sharded", "any_sharded", "distributed", "rank", "world_size",
-           "gathered", "resolve", "local_piece", "all_reduce_sum", "broadcast_flag"]
+__all__ = [
+    "is_zero3",
+    "is_dtensor",
+    "is_sharded",
+    "any_sharded",
+    "distributed",
+    "rank",
+    "world_size",
+    "gathered",
+    "resolve",
+    "local_piece",
+    "all_reduce_sum",
+    "broadcast_flag",
+]
 
 # id(parameter) -> its full tensor, while inside `gathered` (DTensors only; ZeRO-3 gathers in place)
 _FULL: dict[int, torch.Tensor] = {}
@@ -62,8 +74,11 @@ def any_sharded(tensors: Iterable) -> bool:
 
 def distributed() -> bool:
     """A process group with more than one process is up."""
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def rank() -> int:
@@ -109,8 +124,10 @@ def resolve(t: torch.Tensor) -> torch.Tensor:
     if full is not None:
         return full
     if is_dtensor(t):
-        raise RuntimeError("A sharded (DTensor) parameter was read outside perl.trackers.sharding.gathered(); "
-                           "the trackers gather each module before reading it.")
+        raise RuntimeError(
+            "A sharded (DTensor) parameter was read outside perl.trackers.sharding.gathered(); "
+            "the trackers gather each module before reading it."
+        )
     return t
 
 
@@ -157,8 +174,9 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def writes_snapshot(is_writer: bool, stored: Callable[[], bool], params: Iterable,
-                    take_part: Callable[[], None]) -> bool:
+def writes_snapshot(
+    is_writer: bool, stored: Callable[[], bool], params: Iterable, take_part: Callable[[], None]
+) -> bool:
     """Whether this process computes and stores a tracker's snapshot of a step; every rank calls it.
 
     With sharded ``params`` every rank takes the same branch, since the gathers of a snapshot are

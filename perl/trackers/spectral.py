@@ -40,17 +40,33 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import sharding
-from . import spectral_math as sm
-from .discovery import (FACTORED_KINDS, AdapterModule, _derive_peft_type, adalora_importance_scores,
-                        adalora_rank_budget, discover_adapters, discover_full_weights, materialized, peft_config_of,
-                        target_modules_of, walk)
 from .. import __version__
 from ..fileio import atomic_write_text
+from . import sharding
+from . import spectral_math as sm
+from .discovery import (
+    FACTORED_KINDS,
+    AdapterModule,
+    _derive_peft_type,
+    adalora_importance_scores,
+    adalora_rank_budget,
+    discover_adapters,
+    discover_full_weights,
+    materialized,
+    peft_config_of,
+    target_modules_of,
+    walk,
+)
 from .sharding import _is_rank_zero
 from .spectral_history import FINAL_NAME, SPECTRAL_DIR, STORE_NAME, SUMMARY_NAME, SpectralHistory, _jsonable
-from .spectral_schema import (EXTRA_ATTRS, FULL_SVD_FORMULA, FULL_SVD_NITER, FULL_SVD_SEED, SPECTRUM_ATTRS,
-                              STEP_CONVENTION)
+from .spectral_schema import (
+    EXTRA_ATTRS,
+    FULL_SVD_FORMULA,
+    FULL_SVD_NITER,
+    FULL_SVD_SEED,
+    SPECTRUM_ATTRS,
+    STEP_CONVENTION,
+)
 from .store import RunStore
 
 logger = logging.getLogger("perl")
@@ -59,8 +75,18 @@ __all__ = ["SpectralTracker", "SPECTRAL_DIR", "STORE_NAME", "SUMMARY_NAME", "FIN
 
 INIT_STATE_NAME = "spectral_tracker_init.safetensors"
 
-MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                "input_layernorm", "post_attention_layernorm", "norm")
+MODULE_ORDER = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "norm",
+)
 
 
 @dataclass
@@ -69,8 +95,8 @@ class _Group:
 
     members: list[AdapterModule]
     cells: list[tuple[int, int]]
-    init_zero: bool            # B_0 A_0 = 0 for every member: the update is the product
-    dtype: torch.dtype = torch.float64   # of the QRs: float32 for float32 (or narrower) factors
+    init_zero: bool  # B_0 A_0 = 0 for every member: the update is the product
+    dtype: torch.dtype = torch.float64  # of the QRs: float32 for float32 (or narrower) factors
     init: tuple | None = None  # stacked B_0, A_0 and their QR bases (sm.init_bases), when init_zero is False
 
 
@@ -109,11 +135,22 @@ class SpectralTracker(SpectralHistory):
             kept per module (``perl.train`` passes 2r).
     """
 
-    def __init__(self, model, log_frequency: int = 100, save_dir: str | os.PathLike = ".", peft_type: str | None = None,
-                 compute_full_svd: bool = True, max_layers_to_track: int | None = None, top_k: int = 8,
-                 run_attrs: dict | None = None, is_world_process_zero: bool | None = None,
-                 adapter_name: str | None = None, rtol: float = sm.DEFAULT_RTOL, target_modules=None,
-                 full_top_k: int = 16):
+    def __init__(
+        self,
+        model,
+        log_frequency: int = 100,
+        save_dir: str | os.PathLike = ".",
+        peft_type: str | None = None,
+        compute_full_svd: bool = True,
+        max_layers_to_track: int | None = None,
+        top_k: int = 8,
+        run_attrs: dict | None = None,
+        is_world_process_zero: bool | None = None,
+        adapter_name: str | None = None,
+        rtol: float = sm.DEFAULT_RTOL,
+        target_modules=None,
+        full_top_k: int = 16,
+    ):
         if int(log_frequency) < 1:
             raise ValueError(f"log_frequency must be a positive integer, got {log_frequency}.")
         if int(top_k) < 1:
@@ -157,8 +194,13 @@ class SpectralTracker(SpectralHistory):
             self.peft_type = peft_type or ("full" if self._full else _derive_peft_type(self.model, self.adapter_name))
             self.attrs = self._global_attrs(run_attrs or {}, max_layers_to_track)
         # note: spectra of float32 (or narrower) weights are stored as float32: the rest is rounding noise
-        narrow = all(t.dtype.itemsize <= 4 for a in tracked for ts in a.components.values() for t in ts
-                     if torch.is_tensor(t) and t.is_floating_point())
+        narrow = all(
+            t.dtype.itemsize <= 4
+            for a in tracked
+            for ts in a.components.values()
+            for t in ts
+            if torch.is_tensor(t) and t.is_floating_point()
+        )
         self.store = RunStore(self.save_dir / SPECTRAL_DIR / STORE_NAME, attrs=self.attrs, float32=narrow)
 
     # ---------------------------------------------------------------- initial state
@@ -196,8 +238,12 @@ class SpectralTracker(SpectralHistory):
         groups = []
         for key, members in by_shape.items():
             # note: float32 QRs are ~10x faster on a CPU than float64 ones, within 1e-6 of sigma_1 (measured)
-            g = _Group(members, [self._cell[m.name] for m in members], key[-1],
-                       torch.float32 if key[2].itemsize <= 4 else torch.float64)
+            g = _Group(
+                members,
+                [self._cell[m.name] for m in members],
+                key[-1],
+                torch.float32 if key[2].itemsize <= 4 else torch.float64,
+            )
             if not g.init_zero:
                 B0 = _column_major([self._init[m.name]["B0"] for m in members])
                 A0 = torch.stack([self._init[m.name]["A0"] for m in members])
@@ -213,11 +259,19 @@ class SpectralTracker(SpectralHistory):
             return None
         from safetensors.torch import save_file
 
-        tensors = {f"{name}::{key}": t.detach().contiguous().cpu() for name, d in self._init.items() for key, t in d.items()}
+        tensors = {
+            f"{name}::{key}": t.detach().contiguous().cpu() for name, d in self._init.items() for key, t in d.items()
+        }
         path = Path(directory) / INIT_STATE_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"format": "perl-spectral-init-1",
-                                                "zero_init": json.dumps(sorted(n for n, d in self._init.items() if not d))})
+        save_file(
+            tensors,
+            str(path),
+            metadata={
+                "format": "perl-spectral-init-1",
+                "zero_init": json.dumps(sorted(n for n, d in self._init.items() if not d)),
+            },
+        )
         return path
 
     def load_init_state(self, directory: str | os.PathLike) -> bool:
@@ -235,16 +289,20 @@ class SpectralTracker(SpectralHistory):
             for key in f.keys():
                 name, _, part = key.rpartition("::")
                 if name not in restored:
-                    raise ValueError(f"{path} holds initial factors for {name!r}, which this model does not have; "
-                                     "resume with the model and adapter config of the original run.")
+                    raise ValueError(
+                        f"{path} holds initial factors for {name!r}, which this model does not have; "
+                        "resume with the model and adapter config of the original run."
+                    )
                 restored[name][part] = f.get_tensor(key)
         for name, parts in restored.items():
             for part, tensor in parts.items():
                 current = self._init[name].get(part)
                 shape = current.shape if current is not None else None
                 if shape is not None and tuple(tensor.shape) != tuple(shape):
-                    raise ValueError(f"{path}: initial {part} of {name!r} has shape {tuple(tensor.shape)}, the model "
-                                     f"has {tuple(shape)}; resume with the adapter config of the original run.")
+                    raise ValueError(
+                        f"{path}: initial {part} of {name!r} has shape {tuple(tensor.shape)}, the model "
+                        f"has {tuple(shape)}; resume with the adapter config of the original run."
+                    )
         device_of = {a.name: next(iter(a.components.values()))[0].device for a in self.adapters}
         self._init = {name: {k: t.to(device_of[name]) for k, t in parts.items()} for name, parts in restored.items()}
         self._groups = self._make_groups()
@@ -253,16 +311,20 @@ class SpectralTracker(SpectralHistory):
     def resume(self, step: int, checkpoint_dir: str | os.PathLike | None = None) -> None:
         """Continue the store after resuming from checkpoint-``step``: drop steps > step, restore B_0, A_0."""
         if checkpoint_dir is not None and not self.load_init_state(checkpoint_dir):
-            logger.warning("No %s in %s: the update since init is measured from the weights at tracker creation.",
-                           INIT_STATE_NAME, checkpoint_dir)
+            logger.warning(
+                "No %s in %s: the update since init is measured from the weights at tracker creation.",
+                INIT_STATE_NAME,
+                checkpoint_dir,
+            )
         if self.is_world_process_zero:
             self.store.truncate_after(int(step))
 
     def start_fresh(self) -> None:
         """Remove a store left by an earlier run in the same folder (a new run starting at step 0)."""
         if self.is_world_process_zero and self.store.steps:
-            logger.warning("Replacing the spectral store %s of an earlier run (%d steps).", self.store.path,
-                           len(self.store.steps))
+            logger.warning(
+                "Replacing the spectral store %s of an earlier run (%d steps).", self.store.path, len(self.store.steps)
+            )
             self.store.clear()
 
     # ---------------------------------------------------------------- logging
@@ -290,8 +352,9 @@ class SpectralTracker(SpectralHistory):
         if not self.enabled:
             return None
         step = int(step)
-        if not sharding.writes_snapshot(self.is_world_process_zero, lambda: step in self.store.steps, self._params,
-                                        self._take_part):
+        if not sharding.writes_snapshot(
+            self.is_world_process_zero, lambda: step in self.store.steps, self._params, self._take_part
+        ):
             return None
         snapshot = self.snapshot(step)
         self.store.append(snapshot)
@@ -390,11 +453,14 @@ class SpectralTracker(SpectralHistory):
         # full fine-tuning: the update since init is the weight change; top-k by randomized SVD on the device
         cell = self._cell[a.name]
         if "W0" not in self._init[a.name]:
-            raise RuntimeError(f"No initial weight of {a.name} on this process: build the SpectralTracker with "
-                               "is_world_process_zero=True on the process that logs.")
+            raise RuntimeError(
+                f"No initial weight of {a.name} on this process: build the SpectralTracker with "
+                "is_world_process_zero=True on the process that logs."
+            )
         delta = a.components["weight"][0].detach() - self._init[a.name]["W0"]
-        values = sm.lowrank_singular_values(delta.reshape(delta.shape[0], -1), sv.shape[-1],
-                                            niter=FULL_SVD_NITER, seed=FULL_SVD_SEED)
+        values = sm.lowrank_singular_values(
+            delta.reshape(delta.shape[0], -1), sv.shape[-1], niter=FULL_SVD_NITER, seed=FULL_SVD_SEED
+        )
         numbers = values.cpu().numpy()
         for name, value in sm.spectrum_metrics(values, self.rtol).items():
             metrics[name][cell] = up_metrics[name][cell] = float(value)
@@ -441,20 +507,28 @@ class SpectralTracker(SpectralHistory):
                 data_vars[name] = (("layer", "module", *extra), array, self._var_attrs(name))
             else:
                 data_vars[name] = (("step", "layer", "module", *extra), array[None], self._var_attrs(name))
-        coords = {"step": [step], "layer": np.array(self.layers, dtype=np.int64),
-                  "module": np.array(self.modules, dtype=object)}
+        coords = {
+            "step": [step],
+            "layer": np.array(self.layers, dtype=np.int64),
+            "module": np.array(self.modules, dtype=object),
+        }
         if self._spectral:
             coords["sv"] = np.arange(self._n_sv, dtype=np.int64)
             coords["sv_update"] = np.arange(self._n_update, dtype=np.int64)
         ds = xr.Dataset(data_vars, coords=coords, attrs=self.attrs)
         ds["step"].attrs.update(long_name="optimizer steps done", units="1", convention=STEP_CONVENTION)
-        ds["layer"].attrs.update(long_name="transformer block index", units="1",
-                                 description="-1: adapted modules outside the numbered blocks (e.g. the final norm)")
+        ds["layer"].attrs.update(
+            long_name="transformer block index",
+            units="1",
+            description="-1: adapted modules outside the numbered blocks (e.g. the final norm)",
+        )
         ds["module"].attrs.update(long_name="module type within the block")
         if "sv" in ds.coords:
             ds["sv"].attrs.update(long_name="singular value index (0 = largest)", units="1")
         if "sv_update" in ds.coords:
-            ds["sv_update"].attrs.update(long_name="singular value index of the update since init (0 = largest)", units="1")
+            ds["sv_update"].attrs.update(
+                long_name="singular value index of the update since init (0 = largest)", units="1"
+            )
         return ds
 
     def _var_attrs(self, name: str) -> dict:
@@ -465,7 +539,7 @@ class SpectralTracker(SpectralHistory):
         elif name in EXTRA_ATTRS:
             attrs = dict(EXTRA_ATTRS[name])
         else:
-            base = name[len("update_"):] if name.startswith("update_") else name
+            base = name[len("update_") :] if name.startswith("update_") else name
             attrs = dict(sm.METRIC_ATTRS[base])
             which = "the update since init" if name.startswith("update_") else "the adapter product s*B*A"
             attrs["long_name"] = f"{attrs['long_name']} of {which}"
@@ -477,10 +551,14 @@ class SpectralTracker(SpectralHistory):
     def _full_var_attrs(self, name: str) -> dict:
         what = f"top {self.full_top_k} singular values of the full fine-tuning update since init W_t - W_0"
         if name in SPECTRUM_ATTRS:
-            return {"long_name": what, "units": "weight units", "formula": FULL_SVD_FORMULA,
-                    "description": "W_t - W_0 is full rank: only the top values are kept; singular_values and "
-                                   "update_singular_values are the same (the weight change is the update)"}
-        base = name[len("update_"):] if name.startswith("update_") else name
+            return {
+                "long_name": what,
+                "units": "weight units",
+                "formula": FULL_SVD_FORMULA,
+                "description": "W_t - W_0 is full rank: only the top values are kept; singular_values and "
+                "update_singular_values are the same (the weight change is the update)",
+            }
+        base = name[len("update_") :] if name.startswith("update_") else name
         attrs = dict(sm.METRIC_ATTRS[base])
         attrs["long_name"] = f"{attrs['long_name']} of the update since init W_t - W_0"
         attrs["rtol"] = self.rtol
@@ -515,8 +593,11 @@ class SpectralTracker(SpectralHistory):
             "missing_values": "NaN: module not adapted by this method, index past the module's rank, or quantity undefined",
         }
         if self._full:
-            attrs.update(full_finetuning_top_k=self.full_top_k, full_finetuning_svd=FULL_SVD_FORMULA,
-                         full_finetuning_target_modules=sorted({a.module for a in self._full}))
+            attrs.update(
+                full_finetuning_top_k=self.full_top_k,
+                full_finetuning_svd=FULL_SVD_FORMULA,
+                full_finetuning_target_modules=sorted({a.module for a in self._full}),
+            )
         attrs.update(run_attrs)
         return {k: v for k, v in attrs.items() if v is not None}
 
@@ -535,14 +616,24 @@ class SpectralTracker(SpectralHistory):
             da = snapshot[metric].isel(step=0)
             vals = finite(da)
             if vals.size:
-                out.update({f"spectral/{metric}/mean": float(vals.mean()), f"spectral/{metric}/min": float(vals.min()),
-                            f"spectral/{metric}/max": float(vals.max())})
+                out.update(
+                    {
+                        f"spectral/{metric}/mean": float(vals.mean()),
+                        f"spectral/{metric}/min": float(vals.min()),
+                        f"spectral/{metric}/max": float(vals.max()),
+                    }
+                )
             for module in self.modules:
                 vals = finite(da.sel(module=module))
                 if vals.size:
                     out[f"spectral/{metric}/{module}"] = float(vals.mean())
-        for metric in ("update_frobenius_norm", "update_effective_rank", "magnitude_direction_ratio",
-                       "vector_distance_from_init", "rank_budget"):
+        for metric in (
+            "update_frobenius_norm",
+            "update_effective_rank",
+            "magnitude_direction_ratio",
+            "vector_distance_from_init",
+            "rank_budget",
+        ):
             if metric in snapshot:
                 vals = finite(snapshot[metric])
                 if vals.size:
@@ -562,6 +653,7 @@ class SpectralTracker(SpectralHistory):
         summary_path = self.store.path.with_name(SUMMARY_NAME)
         atomic_write_text(summary_path, json.dumps(_jsonable(summary), indent=2))
         return self.store.finalize(Path(path) if path else self.save_dir / FINAL_NAME)
+
 
 @contextlib.contextmanager
 def _one_cpu_thread():
@@ -584,4 +676,3 @@ def _column_major(matrices: list[torch.Tensor]) -> torch.Tensor:
     """Stack m x k matrices with each one in column-major order, the layout LAPACK's QR works in:
     2.4x faster QR than the row-major stack of peft's lora_B weights (benchmarks/spectral_snapshot.py)."""
     return torch.stack([x.mT for x in matrices]).mT
-

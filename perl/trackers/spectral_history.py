@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 import os
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
 
 from .store import RunStore
+
+if TYPE_CHECKING:  # the subclass that `load` returns
+    from .spectral import SpectralTracker
 
 SPECTRAL_DIR = "spectral_logs"
 STORE_NAME = "spectral_history.nc"
@@ -29,7 +33,7 @@ class SpectralHistory:
     """
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SpectralTracker":
+    def load(cls, path: str | os.PathLike) -> SpectralTracker:
         """A read-only tracker over a stored history: a ``.nc`` file (final or live) or a run folder.
 
         The returned object has ``.data`` and the analysis methods; it cannot log. The names of the
@@ -45,8 +49,10 @@ class SpectralHistory:
                     path = candidate
                     break
             else:
-                raise FileNotFoundError(f"No spectral history in {path}: expected {FINAL_NAME} or "
-                                        f"{SPECTRAL_DIR}/{STORE_NAME}; was spectral tracking enabled for this run?")
+                raise FileNotFoundError(
+                    f"No spectral history in {path}: expected {FINAL_NAME} or "
+                    f"{SPECTRAL_DIR}/{STORE_NAME}; was spectral tracking enabled for this run?"
+                )
         obj = cls.__new__(cls)
         obj._data = RunStore.open(path)
         obj.model = None
@@ -73,8 +79,10 @@ class SpectralHistory:
         modules = [str(m) for m in ds.module.values]
         module = rest if rest in modules else rest.rsplit(".", 1)[-1]
         if layer not in ds.layer.values or module not in modules:
-            raise KeyError(f"No tracked module {layer_name!r}: tracked layers are {[int(x) for x in ds.layer.values]} "
-                           f"and modules {modules}, e.g. 'model.layers.{int(ds.layer.values[-1])}.self_attn.{modules[0]}'.")
+            raise KeyError(
+                f"No tracked module {layer_name!r}: tracked layers are {[int(x) for x in ds.layer.values]} "
+                f"and modules {modules}, e.g. 'model.layers.{int(ds.layer.values[-1])}.self_attn.{modules[0]}'."
+            )
         return ds.sel(layer=layer, module=module)
 
     def get_metric_across_layers(self, metric: str, step_idx: int = -1) -> xr.DataArray:
@@ -110,8 +118,16 @@ class SpectralHistory:
             for label, idx in (("first", 0), ("last", -1)):
                 vals = da.isel(step=idx).values
                 finite = vals[np.isfinite(vals)]
-                entry[label] = ({"step": steps[idx], "mean": float(finite.mean()), "min": float(finite.min()),
-                                 "max": float(finite.max())} if finite.size else {"step": steps[idx]})
+                entry[label] = (
+                    {
+                        "step": steps[idx],
+                        "mean": float(finite.mean()),
+                        "min": float(finite.min()),
+                        "max": float(finite.max()),
+                    }
+                    if finite.size
+                    else {"step": steps[idx]}
+                )
             last = da.isel(step=-1)
             entry["last_by_module"] = {str(m): _finite_mean(last.sel(module=m).values) for m in ds.module.values}
             summary["metrics"][name] = entry
@@ -125,8 +141,9 @@ def _original_summary_keys(ds: xr.Dataset, steps: list[int]) -> dict:
     not recorded here. Definitions differ where README.md, "Coming from PeRL", says so."""
     out: dict = {"total_steps_logged": len(steps), "step_range": [steps[0], steps[-1]] if steps else None}
     if "singular_values" in ds and steps:
-        adapted = np.isfinite(ds["singular_values"].values).any(axis=tuple(
-            i for i, d in enumerate(ds["singular_values"].dims) if d in ("step", "sv")))
+        adapted = np.isfinite(ds["singular_values"].values).any(
+            axis=tuple(i for i, d in enumerate(ds["singular_values"].dims) if d in ("step", "sv"))
+        )
         out["num_layers"] = int(adapted.sum())
     for metric in ("effective_rank", "condition_number", "spectral_gap", "frobenius_norm"):
         if metric not in ds or not steps or "step" not in ds[metric].dims:
@@ -134,8 +151,12 @@ def _original_summary_keys(ds: xr.Dataset, steps: list[int]) -> dict:
         vals = ds[metric].isel(step=-1).values
         finite = vals[np.isfinite(vals)]
         if finite.size:
-            out[f"{metric}_latest"] = {"mean": float(finite.mean()), "std": float(finite.std()),
-                                       "min": float(finite.min()), "max": float(finite.max())}
+            out[f"{metric}_latest"] = {
+                "mean": float(finite.mean()),
+                "std": float(finite.std()),
+                "min": float(finite.min()),
+                "max": float(finite.max()),
+            }
     return out
 
 

@@ -35,67 +35,99 @@ import math
 import torch
 
 __all__ = [
-    "factored_singular_values", "update_singular_values", "init_bases", "product_and_update_singular_values",
-    "topk_singular_values", "dense_singular_values",
-    "top_singular_values", "spectrum_metrics", "vector_metrics", "dora_metrics", "METRIC_NAMES",
-    "METRIC_ATTRS", "DEFAULT_RTOL", "lowrank_singular_values",
+    "factored_singular_values",
+    "update_singular_values",
+    "init_bases",
+    "product_and_update_singular_values",
+    "topk_singular_values",
+    "dense_singular_values",
+    "top_singular_values",
+    "spectrum_metrics",
+    "vector_metrics",
+    "dora_metrics",
+    "METRIC_NAMES",
+    "METRIC_ATTRS",
+    "DEFAULT_RTOL",
+    "lowrank_singular_values",
 ]
 
 DEFAULT_RTOL = 1e-6
 
 METRIC_ATTRS: dict[str, dict[str, str]] = {
     "spectral_gap": {
-        "long_name": "spectral gap", "units": "weight units",
+        "long_name": "spectral gap",
+        "units": "weight units",
         "formula": "sigma_1 - sigma_min, sigma_min = smallest singular value above rtol*sigma_1",
         "zero_matrix": "0",
     },
     "condition_number": {
-        "long_name": "condition number on the numerical support", "units": "1",
+        "long_name": "condition number on the numerical support",
+        "units": "1",
         "formula": "sigma_1 / sigma_min, sigma_min = smallest singular value above rtol*sigma_1 (in [1, 1/rtol])",
         "zero_matrix": "NaN (0/0 undefined)",
     },
     "effective_rank": {
-        "long_name": "effective rank (PeRL)", "units": "1",
-        "formula": "(sum sigma)^2 / sum sigma^2", "zero_matrix": "0",
+        "long_name": "effective rank (PeRL)",
+        "units": "1",
+        "formula": "(sum sigma)^2 / sum sigma^2",
+        "zero_matrix": "0",
     },
     "entropy_effective_rank": {
-        "long_name": "entropy effective rank (Roy & Vetterli 2007)", "units": "1",
-        "formula": "exp(-sum p log p), p = sigma / sum sigma", "zero_matrix": "0",
+        "long_name": "entropy effective rank (Roy & Vetterli 2007)",
+        "units": "1",
+        "formula": "exp(-sum p log p), p = sigma / sum sigma",
+        "zero_matrix": "0",
     },
     "stable_rank": {
-        "long_name": "stable rank", "units": "1", "formula": "sum sigma^2 / sigma_1^2", "zero_matrix": "0",
+        "long_name": "stable rank",
+        "units": "1",
+        "formula": "sum sigma^2 / sigma_1^2",
+        "zero_matrix": "0",
     },
     "nuclear_norm": {
-        "long_name": "nuclear norm", "units": "weight units", "formula": "sum sigma", "zero_matrix": "0",
+        "long_name": "nuclear norm",
+        "units": "weight units",
+        "formula": "sum sigma",
+        "zero_matrix": "0",
     },
     "frobenius_norm": {
-        "long_name": "Frobenius norm", "units": "weight units", "formula": "sqrt(sum sigma^2)", "zero_matrix": "0",
+        "long_name": "Frobenius norm",
+        "units": "weight units",
+        "formula": "sqrt(sum sigma^2)",
+        "zero_matrix": "0",
     },
     "top1_sv_ratio": {
-        "long_name": "energy in the top singular value", "units": "1",
-        "formula": "sigma_1^2 / sum sigma^2", "zero_matrix": "NaN (0/0 undefined)",
+        "long_name": "energy in the top singular value",
+        "units": "1",
+        "formula": "sigma_1^2 / sum sigma^2",
+        "zero_matrix": "NaN (0/0 undefined)",
     },
     "top5_sv_ratio": {
-        "long_name": "energy in the top 5 singular values", "units": "1",
+        "long_name": "energy in the top 5 singular values",
+        "units": "1",
         "formula": "sum_{i<=5} sigma_i^2 / sum sigma^2 (1 when there are at most 5 values)",
         "zero_matrix": "NaN (0/0 undefined)",
     },
     "top10_sv_ratio": {
-        "long_name": "energy in the top 10 singular values", "units": "1",
+        "long_name": "energy in the top 10 singular values",
+        "units": "1",
         "formula": "sum_{i<=10} sigma_i^2 / sum sigma^2 (1 when there are at most 10 values)",
         "zero_matrix": "NaN (0/0 undefined)",
     },
     "numerical_rank": {
-        "long_name": "numerical rank", "units": "1",
-        "formula": "count of sigma_i > rtol * sigma_1", "zero_matrix": "0",
+        "long_name": "numerical rank",
+        "units": "1",
+        "formula": "count of sigma_i > rtol * sigma_1",
+        "zero_matrix": "0",
     },
 }
 METRIC_NAMES = tuple(METRIC_ATTRS)
 
 
 # -------------------------------------------------------------------- singular values
-def factored_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor = 1.0,
-                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def factored_singular_values(
+    B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor = 1.0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Singular values of ``scale * B @ A`` without forming it, descending, float64.
 
     Args:
@@ -111,8 +143,8 @@ def factored_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | to
         Tensor (..., min(m, n, k)). A batch entry whose factors hold NaN/Inf gives NaN values.
     """
     B, A = B.to(dtype), A.to(dtype)
-    r_b = torch.linalg.qr(B, mode="r").R                  # (..., min(m,k), k)
-    r_a = torch.linalg.qr(A.mT, mode="r").R               # (..., min(n,k), k)
+    r_b = torch.linalg.qr(B, mode="r").R  # (..., min(m,k), k)
+    r_a = torch.linalg.qr(A.mT, mode="r").R  # (..., min(n,k), k)
     core = r_b.double() @ r_a.double().mT
     # a NaN/Inf anywhere in a factor poisons its R (column norms): checking the small core is enough
     bad = ~torch.isfinite(core).flatten(-2).all(-1)
@@ -125,8 +157,9 @@ def factored_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | to
     return sv
 
 
-def update_singular_values(B_t: torch.Tensor, A_t: torch.Tensor, B_0: torch.Tensor, A_0: torch.Tensor,
-                           scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+def update_singular_values(
+    B_t: torch.Tensor, A_t: torch.Tensor, B_0: torch.Tensor, A_0: torch.Tensor, scale: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """Singular values of the update since init ``scale * (B_t A_t - B_0 A_0)``, rank <= 2k, factored.
 
     Written as ``[B_t - B_0, B_0] @ [A_t; A_t - A_0]`` (equal to ``[B_t, -B_0] @ [A_t; A_0]``)
@@ -161,9 +194,15 @@ def init_bases(B_0: torch.Tensor, A_0: torch.Tensor, dtype: torch.dtype = torch.
     return q_b.mT.contiguous().mT, r_b, q_a.mT.contiguous().mT, r_a
 
 
-def product_and_update_singular_values(B_t: torch.Tensor, A_t: torch.Tensor, B_0: torch.Tensor, A_0: torch.Tensor,
-                                       scale: float | torch.Tensor = 1.0, bases: tuple | None = None,
-                                       dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def product_and_update_singular_values(
+    B_t: torch.Tensor,
+    A_t: torch.Tensor,
+    B_0: torch.Tensor,
+    A_0: torch.Tensor,
+    scale: float | torch.Tensor = 1.0,
+    bases: tuple | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values of ``scale * B_t A_t`` and of ``scale * (B_t A_t - B_0 A_0)`` at once.
 
     Reuses the QR of ``B_0`` (``Q_b R_b``, from :func:`init_bases`): the moved part ``D = B_t - B_0``
@@ -191,8 +230,7 @@ def product_and_update_singular_values(B_t: torch.Tensor, A_t: torch.Tensor, B_0
     """
     m, k, n = B_t.shape[-2], B_t.shape[-1], A_t.shape[-1]
     if m < 2 * k or n < 2 * k:
-        return (factored_singular_values(B_t, A_t, scale, dtype),
-                update_singular_values(B_t, A_t, B_0, A_0, scale))
+        return (factored_singular_values(B_t, A_t, scale, dtype), update_singular_values(B_t, A_t, B_0, A_0, scale))
     q_b, r_b0, q_a, r_a0 = bases if bases is not None else init_bases(B_0, A_0, dtype)
     x_d, x_0 = _split(B_t.to(dtype) - B_0.to(dtype), q_b, r_b0)
     y_d, y_0 = _split(A_t.mT.to(dtype) - A_0.mT.to(dtype), q_a, r_a0)
@@ -232,7 +270,9 @@ def _split(D: torch.Tensor, Q: torch.Tensor, R0: torch.Tensor) -> tuple[torch.Te
     return x_d, x_0
 
 
-def topk_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor = 1.0, k: int = 8) -> torch.Tensor:
+def topk_singular_values(
+    B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor = 1.0, k: int = 8
+) -> torch.Tensor:
     """The top ``k`` singular values of ``scale * B @ A`` (``compute_full_svd=False``).
 
     The factored path costs the same for k values as for all of them (the SVD of the small core
@@ -250,8 +290,9 @@ def dense_singular_values(W: torch.Tensor) -> torch.Tensor:
     return sv
 
 
-def top_singular_values(W: torch.Tensor, k: int, oversample: int | None = None, max_iter: int = 60,
-                        tol: float = 1e-10, seed: int = 0) -> torch.Tensor:
+def top_singular_values(
+    W: torch.Tensor, k: int, oversample: int | None = None, max_iter: int = 60, tol: float = 1e-10, seed: int = 0
+) -> torch.Tensor:
     """Top ``k`` singular values of a dense matrix by randomized subspace iteration (float64).
 
     Converges geometrically at rate sigma_{k+p+1}/sigma_k per iteration and stops once the top k
@@ -287,8 +328,9 @@ def top_singular_values(W: torch.Tensor, k: int, oversample: int | None = None, 
     return estimate
 
 
-def lowrank_singular_values(W: torch.Tensor, k: int, oversample: int | None = None, niter: int = 6,
-                            seed: int = 0) -> torch.Tensor:
+def lowrank_singular_values(
+    W: torch.Tensor, k: int, oversample: int | None = None, niter: int = 6, seed: int = 0
+) -> torch.Tensor:
     """Top ``k`` singular values of a dense matrix by ``torch.svd_lowrank`` on W's device.
 
     The full fine-tuning update ``W_t - W_0`` is full rank, so only its top ``k`` values are kept.
@@ -345,7 +387,7 @@ def spectrum_metrics(sv: torch.Tensor, rtol: float = DEFAULT_RTOL) -> dict[str, 
     x = torch.sort(x, dim=-1, descending=True).values
     s1 = x[..., 0] if x.shape[-1] else torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
     zero = s1 == 0
-    u = x / torch.where(zero, 1.0, s1).unsqueeze(-1)          # relative to sigma_1: scale-free
+    u = x / torch.where(zero, 1.0, s1).unsqueeze(-1)  # relative to sigma_1: scale-free
     sum_u, sum_u2 = u.sum(-1), (u * u).sum(-1)
     safe_u2 = torch.where(zero, 1.0, sum_u2)
     p = u / torch.where(zero, 1.0, sum_u).unsqueeze(-1)
@@ -382,8 +424,15 @@ def vector_metrics(v: torch.Tensor, v0: torch.Tensor) -> dict[str, torch.Tensor]
     return {"vector_norm": torch.linalg.vector_norm(v), "vector_distance_from_init": torch.linalg.vector_norm(v - v0)}
 
 
-def dora_metrics(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, magnitude: torch.Tensor,
-                 k: int, full: bool = False) -> dict[str, torch.Tensor]:
+def dora_metrics(
+    W0: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor,
+    k: int,
+    full: bool = False,
+) -> dict[str, torch.Tensor]:
     """DoRA's magnitude and direction, and the spectrum of its effective weight change.
 
     DoRA's weight is ``W' = diag(m / n) V`` with the direction ``V = W0 + s B A`` and ``n`` the
@@ -406,7 +455,7 @@ def dora_metrics(W0: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: floa
     """
     dtype = W0.dtype
     lora = (B.to(dtype) @ A.to(dtype)) * scale
-    row_norm = torch.linalg.norm(W0 + lora, dim=1)           # as peft's DoraLinearLayer.get_weight_norm
+    row_norm = torch.linalg.norm(W0 + lora, dim=1)  # as peft's DoraLinearLayer.get_weight_norm
     factor = (magnitude.to(dtype) / row_norm).double()
     change = (factor - 1.0).unsqueeze(1) * W0.double() + factor.unsqueeze(1) * (B.double() @ A.double()) * scale
     magnitude_norm = torch.linalg.vector_norm(magnitude.double())

@@ -55,11 +55,37 @@ import numpy as np
 import xarray as xr
 
 from .store_format import _READ_RETRIES, BLOCK, MERGE, PART, STEP, StoreError
-from .store_read import (_FileVariable, _Stacked, _check_header, _combine, _decode_attrs, _decoded, _equal_attr,
-                         _n_steps_hint, _open_file, _open_files_lazily, _parts, _precision_note, _same_layout, _stack,
-                         _static_part)
-from .store_write import (CELL, SMALL, _append_into, _as_step_dataset, _check_schema, _clean_attrs,
-                          _fsync_and_replace, _pid_alive, _read_steps, _set_global_attrs, _unlink_quietly, _write_file)
+from .store_read import (
+    _check_header,
+    _combine,
+    _decode_attrs,
+    _decoded,
+    _equal_attr,
+    _FileVariable,
+    _n_steps_hint,
+    _open_file,
+    _open_files_lazily,
+    _parts,
+    _precision_note,
+    _same_layout,
+    _stack,
+    _Stacked,
+    _static_part,
+)
+from .store_write import (
+    CELL,
+    SMALL,
+    _append_into,
+    _as_step_dataset,
+    _check_schema,
+    _clean_attrs,
+    _fsync_and_replace,
+    _pid_alive,
+    _read_steps,
+    _set_global_attrs,
+    _unlink_quietly,
+    _write_file,
+)
 
 __all__ = ["RunStore", "StoreError", "BLOCK", "MERGE"]
 
@@ -132,8 +158,10 @@ class RunStore:
             for attempt in range(_READ_RETRIES):
                 files = [p for _, _, p in _parts(path)]
                 if not files:
-                    raise FileNotFoundError(f"The run store {path} holds no snapshots yet (no steps_*.nc files); "
-                                            "check the run folder, or wait for the first snapshot.")
+                    raise FileNotFoundError(
+                        f"The run store {path} holds no snapshots yet (no steps_*.nc files); "
+                        "check the run folder, or wait for the first snapshot."
+                    )
                 try:
                     if lazy:
                         joined = _open_files_lazily(files)
@@ -143,10 +171,14 @@ class RunStore:
                 except FileNotFoundError:
                     continue  # the writer replaced a file between listing and opening: list again
                 return _decode_attrs(_combine(parts))
-            raise StoreError(f"The run store {path} changed at every one of {_READ_RETRIES} attempts to read it; try again.")
+            raise StoreError(
+                f"The run store {path} changed at every one of {_READ_RETRIES} attempts to read it; try again."
+            )
         if not path.is_file():
-            raise FileNotFoundError(f"No run store at {path}: expected a store folder or a .nc file written by a tracker; "
-                                    "check the run folder.")
+            raise FileNotFoundError(
+                f"No run store at {path}: expected a store folder or a .nc file written by a tracker; "
+                "check the run folder."
+            )
         return _decode_attrs(_open_file(path, lazy=lazy, decode=decode))
 
     @staticmethod
@@ -176,7 +208,9 @@ class RunStore:
                 try:
                     nc = netCDF4.Dataset(path, "r")  # note: stays open while the dask arrays below live
                 except OSError as err:
-                    raise StoreError(f"Cannot read run store {path} ({err}); expected a netCDF4 file written by a tracker.") from err
+                    raise StoreError(
+                        f"Cannot read run store {path} ({err}); expected a netCDF4 file written by a tracker."
+                    ) from err
                 files.append(nc)
                 nc.set_auto_maskandscale(False)
                 if first is None:
@@ -197,8 +231,12 @@ class RunStore:
                 dtype, attrs_ = _decoded(raw)
                 stacked = _Stacked([_FileVariable(p, name) for p in paths], raw.shape, dtype)
                 chunks = (1, *(max(1, n) for n in raw.shape))
-                array = dsa.from_array(stacked, chunks=chunks, name=f"perl-stacked-{abs(hash(token))}-{name}",
-                                       meta=np.empty((0,) * stacked.ndim, dtype=dtype))
+                array = dsa.from_array(
+                    stacked,
+                    chunks=chunks,
+                    name=f"perl-stacked-{abs(hash(token))}-{name}",
+                    meta=np.empty((0,) * stacked.ndim, dtype=dtype),
+                )
                 data[name] = ((dim, *raw.dimensions), array, attrs_)
         finally:
             # note: no handle stays open: closing one of two netCDF handles on a file while reading
@@ -256,7 +294,9 @@ class RunStore:
             _unlink_quietly(last[2])
         elif staging is not None:
             # the first file is written in a hidden folder renamed into place: a store that exists has a snapshot
-            _write_file(staging / self._name(new_steps[0], new_steps[-1]).name, ds, attrs, layout=SMALL, float32=self.float32)
+            _write_file(
+                staging / self._name(new_steps[0], new_steps[-1]).name, ds, attrs, layout=SMALL, float32=self.float32
+            )
             _fsync_and_replace(staging, self.path)
         else:
             _write_file(self._name(new_steps[0], new_steps[-1]), ds, attrs, layout=SMALL, float32=self.float32)

@@ -57,7 +57,9 @@ def _open_file(path: Path, lazy: bool, decode: bool = True) -> xr.Dataset:
         if not path.exists():  # note: HDF5 reports a file removed while it opened it as an "HDF error"
             raise FileNotFoundError(str(path)) from err
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise StoreError(f"Cannot read run store {path} ({reason}); expected a netCDF4 file written by a tracker.") from err
+        raise StoreError(
+            f"Cannot read run store {path} ({reason}); expected a netCDF4 file written by a tracker."
+        ) from err
 
 
 def _combine(parts: list[xr.Dataset]) -> xr.Dataset:
@@ -67,8 +69,15 @@ def _combine(parts: list[xr.Dataset]) -> xr.Dataset:
     last = parts[-1]
     static = [name for name in last.data_vars if STEP not in last[name].dims]
     stepped = [ds.drop_vars([n for n in ds.data_vars if STEP not in ds[n].dims]) for ds in parts]
-    combined = xr.concat(stepped, dim=STEP, data_vars="minimal", coords="minimal", compat="override",
-                         join="override", combine_attrs="override")
+    combined = xr.concat(
+        stepped,
+        dim=STEP,
+        data_vars="minimal",
+        coords="minimal",
+        compat="override",
+        join="override",
+        combine_attrs="override",
+    )
     combined = combined.assign({name: last[name] for name in static})
     combined.attrs = dict(last.attrs)
     return combined
@@ -99,8 +108,11 @@ def _stack(parts: list[xr.Dataset]) -> xr.Dataset:
     index = {d: last.variables[d] for d in last.dims if d in last.variables and d != STEP}
     index[STEP] = xr.Variable((STEP,), np.concatenate([d[STEP].values for d in parts]), last[STEP].attrs)
     coords = [n for n in names if n in last.coords or any(n in d.coords for d in parts)]
-    ds = xr.Dataset({n: v for n, v in variables.items() if n not in coords},
-                    coords={**index, **{n: variables[n] for n in coords}}, attrs=dict(last.attrs))
+    ds = xr.Dataset(
+        {n: v for n, v in variables.items() if n not in coords},
+        coords={**index, **{n: variables[n] for n in coords}},
+        attrs=dict(last.attrs),
+    )
     return ds
 
 
@@ -122,7 +134,9 @@ def _open_files_lazily(files: list[Path]) -> xr.Dataset | None:
             except OSError as err:
                 if not file.exists():
                     raise FileNotFoundError(str(file)) from err
-                raise StoreError(f"Cannot read run store {file} ({err}); expected a netCDF4 file written by a tracker.") from err
+                raise StoreError(
+                    f"Cannot read run store {file} ({err}); expected a netCDF4 file written by a tracker."
+                ) from err
             nc.set_auto_maskandscale(False)
             handles.append(nc)
         last = handles[-1]
@@ -142,14 +156,25 @@ def _open_files_lazily(files: list[Path]) -> xr.Dataset | None:
             if STEP not in dims or name in tail.variables:
                 continue  # static variables and coordinates: read above
             dtype, attrs_ = _decoded(raw)
-            joined = _Joined([_FileVariable(f, name, st) for f, st in zip(files, steps)], dims.index(STEP), lengths,
-                             raw.shape, dtype)
+            joined = _Joined(
+                [_FileVariable(f, name, st) for f, st in zip(files, steps)],
+                dims.index(STEP),
+                lengths,
+                raw.shape,
+                dtype,
+            )
             # note: one dask chunk per file and layer: selecting one (layer, module) computes only its
             # layer's chunks (dask does not push the selection into a custom reader's read)
-            chunks = tuple(lengths if d == STEP else ((1,) * n if d == "layer" else (max(1, n),))
-                           for d, n in zip(dims, joined.shape))
-            array = dsa.from_array(joined, chunks=chunks, name=f"perl-store-{token}-{name}",
-                                   meta=np.empty((0,) * joined.ndim, dtype=dtype))
+            chunks = tuple(
+                lengths if d == STEP else ((1,) * n if d == "layer" else (max(1, n),))
+                for d, n in zip(dims, joined.shape)
+            )
+            array = dsa.from_array(
+                joined,
+                chunks=chunks,
+                name=f"perl-store-{token}-{name}",
+                meta=np.empty((0,) * joined.ndim, dtype=dtype),
+            )
             data[name] = (dims, array, attrs_)
         tail = tail.assign({STEP: xr.Variable((STEP,), np.concatenate(steps), tail[STEP].attrs)})
         return tail.assign(data)
@@ -221,7 +246,9 @@ class _FileVariable:
                     return np.asarray(nc.variables[self.name][key])
             except (OSError, RuntimeError) as err:
                 if self.steps is None or self.path.exists():
-                    raise StoreError(f"Cannot read run store {self.path} ({err}); expected a netCDF4 file written by a tracker.") from err
+                    raise StoreError(
+                        f"Cannot read run store {self.path} ({err}); expected a netCDF4 file written by a tracker."
+                    ) from err
             # the writer has merged or continued this file since it was listed: read its steps where they are now
             for first, last, path in _parts(self.path.parent):
                 if first <= self.steps[0] and self.steps[-1] <= last:
@@ -237,8 +264,10 @@ class _FileVariable:
                         if np.ndim(sub[axis]):
                             sub[axis] = _as_slice(sub[axis])
                         return np.asarray(var[tuple(sub)])
-        raise StoreError(f"Steps {int(self.steps[0])}..{int(self.steps[-1])} of {self.path.parent} were removed "
-                         "(a resume truncated the store); open it again.")
+        raise StoreError(
+            f"Steps {int(self.steps[0])}..{int(self.steps[-1])} of {self.path.parent} were removed "
+            "(a resume truncated the store); open it again."
+        )
 
 
 def _decoded(raw) -> tuple[np.dtype, dict]:
@@ -297,8 +326,11 @@ def _same_layout(nc: netCDF4.Dataset, ref: netCDF4.Dataset, first: xr.Dataset) -
     for name in first.dims:
         if name in first.variables and nc is not ref:
             var, values = first[name], np.asarray(nc.variables[name][:])
-            same = ([str(v) for v in values] == [str(v) for v in var.values] if var.dtype.kind in "OUS"
-                    else np.array_equal(values, var.values))
+            same = (
+                [str(v) for v in values] == [str(v) for v in var.values]
+                if var.dtype.kind in "OUS"
+                else np.array_equal(values, var.values)
+            )
             if not same:
                 return False
     return True
@@ -324,8 +356,10 @@ def _decode_attrs(ds: xr.Dataset) -> xr.Dataset:
 
 def _precision_note(ds: xr.Dataset, float32: bool) -> str:
     if float32:
-        return ("float32: values computed in float64 from float32 weights, stored as float32 "
-                "(relative rounding <= 6e-8 per value); merged and final files compressed losslessly (zlib + shuffle)")
+        return (
+            "float32: values computed in float64 from float32 weights, stored as float32 "
+            "(relative rounding <= 6e-8 per value); merged and final files compressed losslessly (zlib + shuffle)"
+        )
     kinds = {str(ds[n].dtype) for n in ds.data_vars if ds[n].dtype.kind == "f"}
     return f"{', '.join(sorted(kinds)) or 'float64'} as computed; merged and final files compressed losslessly (zlib + shuffle)"
 

@@ -42,7 +42,9 @@ SMALL = (_block_chunks, 0)
 CELL = (_cell_chunks, 1)
 
 
-def _write_file(path: Path, ds: xr.Dataset, attrs: dict, layout=CELL, replace: bool = True, float32: bool = False) -> None:
+def _write_file(
+    path: Path, ds: xr.Dataset, attrs: dict, layout=CELL, replace: bool = True, float32: bool = False
+) -> None:
     """Create ``path`` holding ``ds`` (step unlimited), via a temporary file and os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp") if replace else path
@@ -66,7 +68,9 @@ def _write_file(path: Path, ds: xr.Dataset, attrs: dict, layout=CELL, replace: b
             tmp.unlink()
 
 
-def _append_into(nc: netCDF4.Dataset, ds: xr.Dataset, layout=CELL, start: int | None = None, float32: bool = False) -> None:
+def _append_into(
+    nc: netCDF4.Dataset, ds: xr.Dataset, layout=CELL, start: int | None = None, float32: bool = False
+) -> None:
     """Write ``ds``'s steps, data variables and non-index coordinates at the end of ``step``."""
     n0 = len(nc.dimensions[STEP]) if start is None else start
     n = ds.sizes.get(STEP, 0)
@@ -121,7 +125,9 @@ def _create_variable(nc: netCDF4.Dataset, name: str, var: xr.Variable, layout, f
     elif kind in "iu":
         v = nc.createVariable(name, var.dtype, var.dims, **(compressed if name != STEP else {}))
     else:
-        raise StoreError(f"Variable {name!r} has dtype {var.dtype}, which the run store cannot hold; use numbers or strings.")
+        raise StoreError(
+            f"Variable {name!r} has dtype {var.dtype}, which the run store cannot hold; use numbers or strings."
+        )
     for key, value in _clean_attrs(attrs).items():
         v.setncattr(key, value)
     return v

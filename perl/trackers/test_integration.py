@@ -42,8 +42,10 @@ def test_live_and_final_stores_agree(both_trackers_run):
     from perl.trackers import RunStore
 
     out = both_trackers_run.output_dir
-    for live, final in (("spectral_logs/spectral_history.nc", "spectral_history_final.nc"),
-                        ("gradient_logs/gradient_flow.nc", "gradient_flow_final.nc")):
+    for live, final in (
+        ("spectral_logs/spectral_history.nc", "spectral_history_final.nc"),
+        ("gradient_logs/gradient_flow.nc", "gradient_flow_final.nc"),
+    ):
         xr.testing.assert_identical(RunStore.open(out / live), RunStore.open(out / final))
 
 

@@ -68,12 +68,18 @@ FRACTIONS = {
     "principal_right": "energy_fraction_top_right",
     "minor_right": "energy_fraction_bottom_right",
 }
-OTHER = {"amplification": "amplification_factor", "intruders": "intruder_dimensions",
-         "update_norm": "update_frobenius_norm"}
+OTHER = {
+    "amplification": "amplification_factor",
+    "intruders": "intruder_dimensions",
+    "update_norm": "update_frobenius_norm",
+}
 VARIABLES = {**FRACTIONS, **OTHER}
 # methods whose adapter is a vector (or the whole weight): no low-rank update to align
-_NO_LOW_RANK = {"ia3": "vector method: no low-rank update", "layernorm": "vector method: no low-rank update",
-                "full": "full fine-tuning: not tracked"}
+_NO_LOW_RANK = {
+    "ia3": "vector method: no low-rank update",
+    "layernorm": "vector method: no low-rank update",
+    "full": "full fine-tuning: not tracked",
+}
 
 
 # ====================================================================================== reading
@@ -91,8 +97,12 @@ def read_alignment(run: Run | str | os.PathLike) -> xr.Dataset | None:
     run = run if isinstance(run, Run) else Run(run)
     src = alignment_source(run)
     if src is None:
-        warnings.warn(f"Run {run.path} has no alignment data (no {ALIGNMENT_LIVE} or {ALIGNMENT_FINAL}; train with "
-                      "--enable_alignment_tracking to record it).", MissingDataWarning, stacklevel=2)
+        warnings.warn(
+            f"Run {run.path} has no alignment data (no {ALIGNMENT_LIVE} or {ALIGNMENT_FINAL}; train with "
+            "--enable_alignment_tracking to record it).",
+            MissingDataWarning,
+            stacklevel=2,
+        )
         return None
     return read_store(src)
 
@@ -116,8 +126,10 @@ def open_alignment(runs: Runs) -> xr.Dataset:
                 parts.append(ds)
                 keep.append(i)
     if not parts:
-        raise RunError(f"None of the {len(runs.runs)} runs has alignment data ({ALIGNMENT_LIVE} or {ALIGNMENT_FINAL}); "
-                       "train them with --enable_alignment_tracking (config.tracker.enable_alignment_tracking).")
+        raise RunError(
+            f"None of the {len(runs.runs)} runs has alignment data ({ALIGNMENT_LIVE} or {ALIGNMENT_FINAL}); "
+            "train them with --enable_alignment_tracking (config.tracker.enable_alignment_tracking)."
+        )
     return concat_runs(parts, [runs.runs[i] for i in keep], [runs.labels[i] for i in keep])
 
 
@@ -170,7 +182,10 @@ def _vs_chance(align: xr.Dataset, label: str, step: int | None) -> float:
     """Mean over cells of principal_left / (k/m) at ``step``: how many times chance the principal energy is."""
     if step is None or "chance_energy_fraction_left" not in align:
         return math.nan
-    ratio = (align["energy_fraction_top_left"].sel(run=label, step=step) / align["chance_energy_fraction_left"].sel(run=label)).values
+    ratio = (
+        align["energy_fraction_top_left"].sel(run=label, step=step)
+        / align["chance_energy_fraction_left"].sel(run=label)
+    ).values
     return float(np.nanmean(ratio)) if np.isfinite(ratio).any() else math.nan
 
 
@@ -204,8 +219,13 @@ def alignment_table(runs: Runs, align: xr.Dataset | None, last: int = 10):
     labels_with_data = {str(v) for v in align["run"].values} if align is not None else set()
     rows = []
     for label, run in zip(runs.labels, runs.runs):
-        row = {"run": label, "method": run.method, "r": run.r, "seed": run.seed,
-               "final_reward": final_reward(_metrics(run), last)}
+        row = {
+            "run": label,
+            "method": run.method,
+            "r": run.r,
+            "seed": run.seed,
+            "final_reward": final_reward(_metrics(run), last),
+        }
         if label in labels_with_data:
             step = finals["principal_left"][label][1]
             row["step"] = step if step is not None else math.nan
@@ -217,8 +237,20 @@ def alignment_table(runs: Runs, align: xr.Dataset | None, last: int = 10):
         else:
             row["note"] = _NO_LOW_RANK.get(str(run.method), "no alignment data (--enable_alignment_tracking was off)")
         rows.append(row)
-    columns = ["method", "r", "seed", "final_reward", "step", *FRACTIONS, "chance", "x_chance", "amplification",
-               "intruders", "update_norm", "note"]
+    columns = [
+        "method",
+        "r",
+        "seed",
+        "final_reward",
+        "step",
+        *FRACTIONS,
+        "chance",
+        "x_chance",
+        "amplification",
+        "intruders",
+        "update_norm",
+        "note",
+    ]
     table = pd.DataFrame(rows).set_index("run")
     return table.reindex(columns=columns)
 
@@ -230,7 +262,9 @@ def fraction_over_training(align: xr.Dataset, which: str = "principal_left"):
 
 def _final_step_slice(da: xr.DataArray) -> xr.DataArray:
     """Each run at its own last step where any cell is finite (all NaN for a run that has none)."""
-    finite = np.isfinite(da.transpose("run", "step", ...).values).reshape(da.sizes["run"], da.sizes["step"], -1).any(axis=2)
+    finite = (
+        np.isfinite(da.transpose("run", "step", ...).values).reshape(da.sizes["run"], da.sizes["step"], -1).any(axis=2)
+    )
     has_any = finite.any(axis=1)
     last = np.where(has_any, da.sizes["step"] - 1 - np.argmax(finite[:, ::-1], axis=1), 0)
     picked = da.isel(step=xr.DataArray(last, dims="run")).drop_vars("step")
@@ -259,8 +293,11 @@ def intruders_over_training(align: xr.Dataset):
     return table.dropna(how="all")
 
 
-def reward_relation(table, columns=("principal_left", "minor_left", "x_chance", "amplification", "intruders"),
-                    reward: str = "final_reward"):
+def reward_relation(
+    table,
+    columns=("principal_left", "minor_left", "x_chance", "amplification", "intruders"),
+    reward: str = "final_reward",
+):
     """Across runs: Spearman (rank) and Pearson correlation of each column with the final reward.
 
     Only runs where both are finite count (``n``); with fewer than three runs, or a column that
@@ -304,8 +341,7 @@ def _colors(labels) -> dict[str, str]:
     return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
 
 
-def alignment_curves(align: xr.Dataset, metrics: xr.Dataset | None = None,
-                     which=("principal_left", "minor_left")):
+def alignment_curves(align: xr.Dataset, metrics: xr.Dataset | None = None, which=("principal_left", "minor_left")):
     """One panel per quantity (mean over cells, one line per run, chance level dashed), and the reward beside.
 
     A run has the same colour in every panel.
@@ -327,19 +363,30 @@ def alignment_curves(align: xr.Dataset, metrics: xr.Dataset | None = None,
     panels = []
     for key in which:
         mean = _cell_mean(_variable(align, key))
-        curves = [hv.Curve((mean["step"].values, mean.sel(run=label).values), "step", (key, key),
-                           label=str(label)).opts(color=color[str(label)]) for label in mean["run"].values]
+        curves = [
+            hv.Curve((mean["step"].values, mean.sel(run=label).values), "step", (key, key), label=str(label)).opts(
+                color=color[str(label)]
+            )
+            for label in mean["run"].values
+        ]
         overlay = hv.Overlay(curves)
         if key in FRACTIONS:
             side = "left" if key.endswith("left") else "right"
             chance = align.get(f"chance_energy_fraction_{side}")
             if chance is not None and np.isfinite(chance.values).any():
                 overlay = overlay * hv.HLine(float(np.nanmean(chance.values))).opts(color="gray", line_dash="dashed")
-        panels.append(overlay.opts(title=key.replace("_", " "), width=420, height=300, show_legend=not panels,
-                                   legend_position="right"))
+        panels.append(
+            overlay.opts(
+                title=key.replace("_", " "), width=420, height=300, show_legend=not panels, legend_position="right"
+            )
+        )
     if has_reward:
-        curves = [hv.Curve((metrics["step"].values, metrics["reward"].sel(run=label).values), "step", "reward",
-                           label=str(label)).opts(color=color[str(label)]) for label in metrics["run"].values]
+        curves = [
+            hv.Curve(
+                (metrics["step"].values, metrics["reward"].sel(run=label).values), "step", "reward", label=str(label)
+            ).opts(color=color[str(label)])
+            for label in metrics["run"].values
+        ]
         panels.append(hv.Overlay(curves).opts(title="reward", width=420, height=300, show_legend=False))
     return hv.Layout(panels).cols(2)
 
@@ -350,8 +397,10 @@ def reward_scatter(table, x: str = "principal_left", y: str = "final_reward"):
     data = table[[x, y, "method"]].apply(lambda c: c if c.name == "method" else c.astype(float))
     data = data[np.isfinite(data[x]) & np.isfinite(data[y])].reset_index()
     points = hv.Points(data, kdims=[x, y], vdims=["run", "method"]).opts(
-        size=9, tools=["hover"], width=520, height=360, title=f"{y.replace('_', ' ')} vs {x.replace('_', ' ')}")
+        size=9, tools=["hover"], width=520, height=360, title=f"{y.replace('_', ' ')} vs {x.replace('_', ' ')}"
+    )
     span = float(np.ptp(data[y])) if len(data) > 1 else 0.0
     labels = hv.Labels(data, kdims=[x, y], vdims=["method"]).opts(
-        text_font_size="8pt", text_baseline="bottom", yoffset=0.03 * span if span > 0 else 0.01)
+        text_font_size="8pt", text_baseline="bottom", yoffset=0.03 * span if span > 0 else 0.01
+    )
     return points * labels

@@ -40,20 +40,38 @@ class RunComparison(_Explorer):
         self.metric_w = widgets.Dropdown(description="metric", options=self.metric_names)
         self.module_w = widgets.Dropdown(description="module", options=self.modules)
         self.layer_w = widgets.SelectionSlider(description="layer", options=self._layer_options())
-        self.step_w = widgets.SelectionSlider(description="step", options=[(str(v), v) for v in self.steps], layout=widgets.Layout(width="60%"))
-        self.controls = widgets.VBox([widgets.HBox([self.metric_w, self.module_w, self.refresh_button]),
-                                      widgets.HBox([self.layer_w, self.step_w]), self.info])
+        self.step_w = widgets.SelectionSlider(
+            description="step", options=[(str(v), v) for v in self.steps], layout=widgets.Layout(width="60%")
+        )
+        self.controls = widgets.VBox(
+            [
+                widgets.HBox([self.metric_w, self.module_w, self.refresh_button]),
+                widgets.HBox([self.layer_w, self.step_w]),
+                self.info,
+            ]
+        )
         self.over_steps = LinesView("over training", "optimizer step", "value", legend=True, width=520)
         self.over_depth = LinesView("over depth", "layer", "value", legend=True)
-        self.reward = LinesView("reward", "optimizer step", "reward", legend=True, x_range=self.over_steps.figure.x_range, width=520, height=220)
+        self.reward = LinesView(
+            "reward",
+            "optimizer step",
+            "reward",
+            legend=True,
+            x_range=self.over_steps.figure.x_range,
+            width=520,
+            height=220,
+        )
         self.layout = column(row(self.over_steps.figure, self.over_depth.figure), self.reward.figure)
         for w, parts in ((self.module_w, {"steps", "depth"}), (self.layer_w, {"steps"}), (self.step_w, {"depth"})):
             self._observe(w, parts | {"markers", "info"})
         self.metric_w.observe(self._on_metric, names="value")
         with self._hold():
-            self.select(metric=metric if metric in self.metric_names else self.metric_names[0],
-                        module=module if module is not None else self.modules[0], layer=layer,
-                        step=step if step is not None else self.steps[-1])
+            self.select(
+                metric=metric if metric in self.metric_names else self.metric_names[0],
+                module=module if module is not None else self.modules[0],
+                layer=layer,
+                step=step if step is not None else self.steps[-1],
+            )
             self._pending |= {"steps", "depth", "reward", "markers", "info"}
 
     def _extract(self) -> None:
@@ -71,21 +89,31 @@ class RunComparison(_Explorer):
                     for comp in ds["component"].values:
                         self.sources[f"{name}[{comp}]"] = (ds, name, str(comp), kind)
         if not self.sources:
-            raise ValueError("None of these runs has spectral or gradient data to compare; train with --enable_tracking.")
+            raise ValueError(
+                "None of these runs has spectral or gradient data to compare; train with --enable_tracking."
+            )
         first = spectral if spectral is not None else gradients
         self.labels = [str(v) for v in first["run"].values]
         # spectral steps start at 0 (initialisation), gradient steps at 1: each metric slides over its own
-        self.steps_by_kind = {kind: [int(s) for s in ds["step"].values]
-                              for ds, kind in ((spectral, "spectral"), (gradients, "gradients")) if ds is not None}
+        self.steps_by_kind = {
+            kind: [int(s) for s in ds["step"].values]
+            for ds, kind in ((spectral, "spectral"), (gradients, "gradients"))
+            if ds is not None
+        }
         self.layers = sorted({int(v) for ds in (spectral, gradients) if ds is not None for v in ds["layer"].values})
-        self.modules = list(dict.fromkeys(str(m) for ds in (spectral, gradients) if ds is not None for m in ds["module"].values))
+        self.modules = list(
+            dict.fromkeys(str(m) for ds in (spectral, gradients) if ds is not None for m in ds["module"].values)
+        )
         preferred = [m for m in SPECTRAL_HEATMAP_METRICS if m in self.sources]
         self.metric_names = preferred + [m for m in self.sources if m not in preferred]
         self.steps = self.steps_by_kind[self.sources[self.metric_names[0]][3]]
         metrics = _quiet(lambda: self.runs.metrics)
         self.rewards = None
         if metrics is not None and "reward" in metrics:
-            self.rewards = (metrics["step"].values.astype(float), {str(r): metrics["reward"].sel(run=r).values for r in metrics["run"].values})
+            self.rewards = (
+                metrics["step"].values.astype(float),
+                {str(r): metrics["reward"].sel(run=r).values for r in metrics["run"].values},
+            )
 
     def _on_metric(self, change) -> None:
         with self._hold():
@@ -109,11 +137,16 @@ class RunComparison(_Explorer):
             self._cache[metric] = np.asarray(da.transpose("run", "step", "layer", "module").values, dtype=float)
         return self._cache[metric]
 
-    def select(self, metric=None, module=None, layer="keep", step=None) -> "RunComparison":
+    def select(self, metric=None, module=None, layer="keep", step=None) -> RunComparison:
         """Set any of the controls; ``layer=None`` means the mean over layers."""
         layers = [MEAN, *self.layers]
-        self._set({self.metric_w: (self.metric_names, metric, "metric"), self.module_w: (self.modules, module, "module"),
-                   self.layer_w: (layers, MEAN if layer is None else None if layer == "keep" else layer, "layer")})
+        self._set(
+            {
+                self.metric_w: (self.metric_names, metric, "metric"),
+                self.module_w: (self.modules, module, "module"),
+                self.layer_w: (layers, MEAN if layer is None else None if layer == "keep" else layer, "layer"),
+            }
+        )
         # the step slider's options depend on the metric (spectral or gradient steps): set it after
         self._set({self.step_w: (self.steps, step, "step")})
         return self
@@ -132,8 +165,13 @@ class RunComparison(_Explorer):
         values = self._values(self.metric_w.value)
         m, s = self.module_w.index, self.step_w.index
         at = self._at_layer(values, m)[:, s]
-        return {"metric": self.metric_w.value, "module": self.modules[m], "layer": None if self.layer_w.index == 0 else self.layer_w.value,
-                "step": self.steps[s], "values": {lab: float(v) for lab, v in zip(self.labels, at)}}
+        return {
+            "metric": self.metric_w.value,
+            "module": self.modules[m],
+            "layer": None if self.layer_w.index == 0 else self.layer_w.value,
+            "step": self.steps[s],
+            "values": {lab: float(v) for lab, v in zip(self.labels, at)},
+        }
 
     def _draw(self, parts: set[str]) -> None:
         values = self._values(self.metric_w.value)
@@ -147,15 +185,23 @@ class RunComparison(_Explorer):
             self.over_steps.figure.title.text = f"{metric}, {self.modules[m]}, {where}"
             self.over_steps.figure.yaxis.axis_label = metric
         if "depth" in parts:
-            self.over_depth.set_lines([self.layers] * len(self.labels), [values[i, s, :, m] for i in range(len(self.labels))],
-                                      colors=colors, labels=self.labels)
+            self.over_depth.set_lines(
+                [self.layers] * len(self.labels),
+                [values[i, s, :, m] for i in range(len(self.labels))],
+                colors=colors,
+                labels=self.labels,
+            )
             self.over_depth.figure.title.text = f"{metric}, {self.modules[m]} at step {self.steps[s]}"
             self.over_depth.figure.yaxis.axis_label = metric
         if "reward" in parts and self.rewards is not None:
             steps, by_run = self.rewards
             labs = [lab for lab in self.labels if lab in by_run]
-            self.reward.set_lines([steps] * len(labs), [by_run[lab] for lab in labs],
-                                  colors=[colors[self.labels.index(lab)] for lab in labs], labels=labs)
+            self.reward.set_lines(
+                [steps] * len(labs),
+                [by_run[lab] for lab in labs],
+                colors=[colors[self.labels.index(lab)] for lab in labs],
+                labels=labs,
+            )
         if "markers" in parts:
             self.over_steps.set_marker(self.steps[s])
             self.reward.set_marker(self.steps[s])
@@ -163,12 +209,16 @@ class RunComparison(_Explorer):
         if "info" in parts:
             cur = self.current
             vals = "; ".join(f"{html.escape(k)} = {_fmt(v)}" for k, v in cur["values"].items())
-            self.info.value = (f"<span class='perl-info'>{html.escape(metric)} | module <b>{html.escape(cur['module'])}</b> | "
-                               f"{where} | step <b>{cur['step']}</b> | {vals}</span>")
+            self.info.value = (
+                f"<span class='perl-info'>{html.escape(metric)} | module <b>{html.escape(cur['module'])}</b> | "
+                f"{where} | step <b>{cur['step']}</b> | {vals}</span>"
+            )
 
-    def refresh(self) -> "RunComparison":
+    def refresh(self) -> RunComparison:
         """Re-read every run (runs still training)."""
-        keep = dict(metric=self.metric_w.value, module=self.module_w.value, layer=self.layer_w.value, step=self.step_w.value)
+        keep = dict(
+            metric=self.metric_w.value, module=self.module_w.value, layer=self.layer_w.value, step=self.step_w.value
+        )
         at_end = self.step_w.index == len(self.steps) - 1
         self.runs.refresh()
         self._extract()
@@ -179,10 +229,12 @@ class RunComparison(_Explorer):
             self.module_w.options = self.modules
             self.layer_w.options = self._layer_options()
             self.step_w.options = [(str(v), v) for v in self.steps]
-            self.select(metric=metric,
-                        module=keep["module"] if keep["module"] in self.modules else self.modules[0],
-                        layer=keep["layer"] if keep["layer"] in self.layers else None,
-                        step=self.steps[-1] if at_end or keep["step"] not in self.steps else keep["step"])
+            self.select(
+                metric=metric,
+                module=keep["module"] if keep["module"] in self.modules else self.modules[0],
+                layer=keep["layer"] if keep["layer"] in self.layers else None,
+                step=self.steps[-1] if at_end or keep["step"] not in self.steps else keep["step"],
+            )
             self._pending |= {"steps", "depth", "reward", "markers", "info"}
         return self
 

@@ -15,14 +15,26 @@ import numpy as np
 from perl.run import MissingDataWarning, metric_name
 from perl.viz.views import inline_notebook_resources
 
-
 PRODUCT = "product"
 UPDATE = "update since init"
 SPECTRAL_HEATMAP_METRICS = (
-    "effective_rank", "entropy_effective_rank", "stable_rank", "condition_number", "spectral_gap",
-    "nuclear_norm", "frobenius_norm", "top1_sv_ratio", "top5_sv_ratio", "top10_sv_ratio", "numerical_rank",
-    "magnitude_norm", "direction_norm", "magnitude_direction_ratio", "rank_budget",
-    "vector_norm", "vector_distance_from_init",
+    "effective_rank",
+    "entropy_effective_rank",
+    "stable_rank",
+    "condition_number",
+    "spectral_gap",
+    "nuclear_norm",
+    "frobenius_norm",
+    "top1_sv_ratio",
+    "top5_sv_ratio",
+    "top10_sv_ratio",
+    "numerical_rank",
+    "magnitude_norm",
+    "direction_norm",
+    "magnitude_direction_ratio",
+    "rank_budget",
+    "vector_norm",
+    "vector_distance_from_init",
 )
 GRADIENT_VARIABLES = ("grad_norm", "grad_to_weight_ratio", "update_ratio")
 MEAN = "mean"  # RunComparison's layer slider value for the mean over layers
@@ -68,7 +80,9 @@ class _Explorer:
         self._pending: set[str] = set()
         self._pane = None
         self.info = widgets.HTML(layout=widgets.Layout(width="100%"))
-        self.refresh_button = widgets.Button(description="refresh", icon="refresh", tooltip="re-read the run folder (a run still training)")
+        self.refresh_button = widgets.Button(
+            description="refresh", icon="refresh", tooltip="re-read the run folder (a run still training)"
+        )
         self.refresh_button.on_click(lambda _: self.refresh())
 
     # ---- subclasses provide: self.controls (ipywidgets box), self.layout (Bokeh), _draw(parts)
@@ -113,8 +127,8 @@ class _Explorer:
 
     def display(self) -> None:
         """Show the controls, the value line and the figures in the notebook."""
-        from IPython.display import display
         import panel as pn
+        from IPython.display import display
 
         inline_notebook_resources()
         if not pn.extension._loaded:
@@ -138,5 +152,3 @@ class _Explorer:
 
     def _observe(self, widget, parts: set[str]) -> None:
         widget.observe(lambda change: self._changed(parts), names="value")
-
-

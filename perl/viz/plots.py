@@ -17,19 +17,26 @@ from __future__ import annotations
 import warnings
 
 import holoviews as hv
-import numpy as np
-import xarray as xr
-
 import holoviews.plotting.bokeh  # noqa: F401  (registers the Bokeh options used below)
 import holoviews.plotting.mpl  # noqa: F401  (and the matplotlib ones, for static PNGs)
+import numpy as np
+import xarray as xr
 
 from perl.run import metric_name
 from perl.trackers.heatmaps import module_aggregate
 from perl.viz.views import axis_label, inline_notebook_resources
 
 __all__ = [
-    "spectrum", "sv_trajectories", "metric_heatmap", "gradient_heatmap", "ab_ratio",
-    "dora_magnitude_direction", "rank_budget", "training_curves", "with_training", "dimension",
+    "spectrum",
+    "sv_trajectories",
+    "metric_heatmap",
+    "gradient_heatmap",
+    "ab_ratio",
+    "dora_magnitude_direction",
+    "rank_budget",
+    "training_curves",
+    "with_training",
+    "dimension",
 ]
 
 inline_notebook_resources()  # before a notebook's hv.extension("bokeh"): no CDN, figures render offline
@@ -72,7 +79,11 @@ def _sel(da: xr.DataArray, **selection) -> xr.DataArray:
             raise ValueError(f"{da.name!r} has no {dim!r} dimension (dims: {', '.join(da.dims)}).")
         values = da[dim].values
         if not np.any(values == value):
-            listing = f"{values[0]} .. {values[-1]} ({len(values)} values)" if len(values) > 12 else ", ".join(map(str, values))
+            listing = (
+                f"{values[0]} .. {values[-1]} ({len(values)} values)"
+                if len(values) > 12
+                else ", ".join(map(str, values))
+            )
             raise ValueError(f"{dim} {value!r} is not in this run; choose one of {listing}.")
     return da.sel(selection)
 
@@ -96,8 +107,16 @@ def _heatmap(da: xr.DataArray, title: str, logz: bool = False):
     element = (hv.Image if regular else hv.QuadMesh)(data, kdims=kdims, vdims=[vdim])
     return _opts(
         element.relabel(title),
-        bokeh=dict(cmap="viridis", colorbar=True, tools=["hover"], logz=logz, width=520, height=300,
-                   clipping_colors={"NaN": "transparent"}, title=title),
+        bokeh=dict(
+            cmap="viridis",
+            colorbar=True,
+            tools=["hover"],
+            logz=logz,
+            width=520,
+            height=300,
+            clipping_colors={"NaN": "transparent"},
+            title=title,
+        ),
         mpl=dict(cmap="viridis", colorbar=True, logz=logz, aspect=2.2, fig_inches=7, title=title),
     )
 
@@ -127,18 +146,32 @@ def spectrum(ds: xr.Dataset, layer: int, module: str, step: int | None = None, u
     earlier = np.unique(np.linspace(0, i, history + 1).astype(int)[:-1]) if i > 0 and history > 0 else []
     x = da[svdim].values
     faint = [
-        _opts(hv.Curve((x, da.isel(step=j).values), xdim, ydim, label=f"step {int(steps[j])}"),
-              bokeh=dict(color="gray", alpha=a, line_width=1), mpl=dict(color="gray", alpha=a, linewidth=1))
+        _opts(
+            hv.Curve((x, da.isel(step=j).values), xdim, ydim, label=f"step {int(steps[j])}"),
+            bokeh=dict(color="gray", alpha=a, line_width=1),
+            mpl=dict(color="gray", alpha=a, linewidth=1),
+        )
         for j, a in zip(earlier, np.linspace(0.2, 0.6, len(earlier)))
     ]
     y = da.isel(step=i).values
     title = f"{module}, layer {layer}: {'update since init' if update else 's·B·A'} at step {step}"
     current = [
-        _opts(hv.Curve((x, y), xdim, ydim, label=f"step {step}"), bokeh=dict(color="black", line_width=2), mpl=dict(color="black", linewidth=2)),
-        _opts(hv.Scatter((x, y), xdim, ydim, label=f"step {step}"), bokeh=dict(color="black", size=6), mpl=dict(color="black", s=20)),
+        _opts(
+            hv.Curve((x, y), xdim, ydim, label=f"step {step}"),
+            bokeh=dict(color="black", line_width=2),
+            mpl=dict(color="black", linewidth=2),
+        ),
+        _opts(
+            hv.Scatter((x, y), xdim, ydim, label=f"step {step}"),
+            bokeh=dict(color="black", size=6),
+            mpl=dict(color="black", s=20),
+        ),
     ]
-    return _opts(hv.Overlay([*faint, *current]), bokeh=dict(title=title, width=420, height=300, show_legend=False),
-                 mpl=dict(title=title, show_legend=False))
+    return _opts(
+        hv.Overlay([*faint, *current]),
+        bokeh=dict(title=title, width=420, height=300, show_legend=False),
+        mpl=dict(title=title, show_legend=False),
+    )
 
 
 def sv_trajectories(ds: xr.Dataset, layer: int, module: str, update: bool = False, svs=None):
@@ -160,8 +193,11 @@ def sv_trajectories(ds: xr.Dataset, layer: int, module: str, update: bool = Fals
     xdim, ydim = dimension(da["step"], "step"), dimension(da, name)
     curves = {int(k): hv.Curve((da["step"].values, _sel(da, **{svdim: k}).values), xdim, ydim) for k in indices}
     title = f"{module}, layer {layer}: singular values over training"
-    return _opts(hv.NdOverlay(curves, kdims=[dimension(da[svdim], svdim)]),
-                 bokeh=dict(title=title, width=520, height=300, legend_position="right"), mpl=dict(title=title))
+    return _opts(
+        hv.NdOverlay(curves, kdims=[dimension(da[svdim], svdim)]),
+        bokeh=dict(title=title, width=520, height=300, legend_position="right"),
+        mpl=dict(title=title),
+    )
 
 
 def metric_heatmap(ds: xr.Dataset, metric: str, module: str, update: bool = False):
@@ -184,7 +220,9 @@ def metric_heatmap(ds: xr.Dataset, metric: str, module: str, update: bool = Fals
 
 
 # ------------------------------------------------------------------------------ gradients
-def gradient_heatmap(gds: xr.Dataset, component: str, module: str | None = None, variable: str = "grad_norm", logz: bool = True):
+def gradient_heatmap(
+    gds: xr.Dataset, component: str, module: str | None = None, variable: str = "grad_norm", logz: bool = True
+):
     """A gradient variable as a layer x step heatmap for one component and module.
 
     Args:
@@ -245,12 +283,23 @@ def dora_magnitude_direction(ds: xr.Dataset, layer: int, module: str):
     why = "DoRA runs store it (peft type dora)"
     mag = _sel(_need(ds, "magnitude_norm", why), layer=layer, module=module)
     direction = _sel(_need(ds, "direction_norm", why), layer=layer, module=module)
-    table = {"direction_norm": direction.values.astype(float), "magnitude_norm": mag.values.astype(float),
-             "step": mag["step"].values}
+    table = {
+        "direction_norm": direction.values.astype(float),
+        "magnitude_norm": mag.values.astype(float),
+        "step": mag["step"].values,
+    }
     title = f"DoRA magnitude vs direction, {module}, layer {layer}"
-    return _opts(hv.Scatter(table, dimension(direction, "direction_norm"), [dimension(mag, "magnitude_norm"), dimension(mag["step"], "step")]),
-                 bokeh=dict(color="step", cmap="viridis", colorbar=True, size=6, tools=["hover"], title=title, width=420, height=300),
-                 mpl=dict(color="step", cmap="viridis", colorbar=True, title=title))
+    return _opts(
+        hv.Scatter(
+            table,
+            dimension(direction, "direction_norm"),
+            [dimension(mag, "magnitude_norm"), dimension(mag["step"], "step")],
+        ),
+        bokeh=dict(
+            color="step", cmap="viridis", colorbar=True, size=6, tools=["hover"], title=title, width=420, height=300
+        ),
+        mpl=dict(color="step", cmap="viridis", colorbar=True, title=title),
+    )
 
 
 def rank_budget(ds: xr.Dataset, module: str | None = None):
@@ -267,14 +316,22 @@ def rank_budget(ds: xr.Dataset, module: str | None = None):
     xdim, ydim = dimension(da["step"], "step"), dimension(da, "rank_budget")
     if module is None:
         total = da.sum("layer", skipna=True, min_count=1)
-        curves = {str(m): hv.Curve((da["step"].values, total.sel(module=m).values), xdim, ydim) for m in da["module"].values}
+        curves = {
+            str(m): hv.Curve((da["step"].values, total.sel(module=m).values), xdim, ydim) for m in da["module"].values
+        }
         key = hv.Dimension("module")
     else:
         one = _sel(da, module=module)
-        curves = {int(v): hv.Curve((da["step"].values, one.sel(layer=v).values), xdim, ydim) for v in da["layer"].values}
+        curves = {
+            int(v): hv.Curve((da["step"].values, one.sel(layer=v).values), xdim, ydim) for v in da["layer"].values
+        }
         key = dimension(da["layer"], "layer")
     title = f"AdaLoRA rank budget{'' if module is None else ', ' + module}"
-    return _opts(hv.NdOverlay(curves, kdims=[key]), bokeh=dict(title=title, width=520, height=300, legend_position="right"), mpl=dict(title=title))
+    return _opts(
+        hv.NdOverlay(curves, kdims=[key]),
+        bokeh=dict(title=title, width=520, height=300, legend_position="right"),
+        mpl=dict(title=title),
+    )
 
 
 # ------------------------------------------------------------------------------ training
@@ -290,7 +347,9 @@ def training_curves(metrics: xr.Dataset, keys=("reward", "completions/mean_lengt
     for key in keys:
         name = metric_name(key)
         da = _need(metrics, name, "keys are the Trainer's log keys, as in metrics.jsonl")
-        curve = hv.Curve((da["step"].values, da.values.astype(float)), dimension(da["step"], "step"), dimension(da, name))
+        curve = hv.Curve(
+            (da["step"].values, da.values.astype(float)), dimension(da["step"], "step"), dimension(da, name)
+        )
         curves.append(_opts(curve, bokeh=dict(width=360, height=300, title=str(key)), mpl=dict(title=str(key))))
     return hv.Layout(curves).cols(len(curves))
 

@@ -26,7 +26,7 @@ import numpy as np
 from perl.cli_support import OneLineParser, UsageError, fail, positive_int
 from perl.fileio import atomic_write_text
 from perl.run import MissingDataWarning, Run, RunError, metric_name
-from perl.viz.explorers import PRODUCT, SPECTRAL_HEATMAP_METRICS, UPDATE, GRADIENT_VARIABLES
+from perl.viz.explorers import GRADIENT_VARIABLES, PRODUCT, SPECTRAL_HEATMAP_METRICS, UPDATE
 from perl.viz.views import HeatmapView, LinesView, axis_label, category_colors, depth_colors
 
 __all__ = ["write_report", "check_output_path", "main", "subsample", "DEFAULT_MAX_FRAMES"]
@@ -118,8 +118,10 @@ def _subsampled(ds, max_frames: int, what: str, notes: list[str], hint: str = ""
     """``ds`` at most ``max_frames`` steps (evenly, first and last kept); a note says so when it drops any."""
     keep = subsample(ds.sizes["step"], max_frames)
     if len(keep) < ds.sizes["step"]:
-        notes.append(f"{what} steps: showing {len(keep)} of {ds.sizes['step']} stored steps "
-                     f"(evenly subsampled, first and last kept{'; ' + hint if hint else ''}).")
+        notes.append(
+            f"{what} steps: showing {len(keep)} of {ds.sizes['step']} stored steps "
+            f"(evenly subsampled, first and last kept{'; ' + hint if hint else ''})."
+        )
     return ds.isel(step=keep)
 
 
@@ -135,8 +137,9 @@ def check_output_path(run: Run, out_html=None) -> Path:
         raise RunError(f"--output {out} is a folder; name the HTML file to write, e.g. {out / 'report.html'}.")
     if out.suffix.lower() not in (".html", ".htm"):
         # note: so a report can never replace a run's config.yaml, metrics or stores
-        raise RunError(f"--output {out} does not end in .html; name an HTML file (the report never replaces "
-                       "other files).")
+        raise RunError(
+            f"--output {out} does not end in .html; name an HTML file (the report never replaces other files)."
+        )
     probe = out.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -159,8 +162,10 @@ def _inline_panel_stylesheets(doc) -> None:
                 url = sheet.url if isinstance(sheet, ImportedStyleSheet) else ""
                 if url.startswith(CDN_DIST):
                     if url not in inlined:
-                        path = DIST_DIR / url[len(CDN_DIST):].split("?")[0]
-                        inlined[url] = InlineStyleSheet(css=path.read_text(encoding="utf-8")) if path.is_file() else sheet
+                        path = DIST_DIR / url[len(CDN_DIST) :].split("?")[0]
+                        inlined[url] = (
+                            InlineStyleSheet(css=path.read_text(encoding="utf-8")) if path.is_file() else sheet
+                        )
                     sheets[i] = inlined[url]
             if sheets != list(model.stylesheets):
                 model.stylesheets = sheets
@@ -201,21 +206,36 @@ def _spectra_section(sp):
     steps, layers = sp["step"].values, sp["layer"].values
     module_w, kind_w, step_w = _select("module", modules), _select("spectrum", list(kinds)), _slider("step", steps)
     # an image (layer x index) rather than one line per layer: one array per state keeps the page small
-    view = HeatmapView("spectra", "singular value index (0 = largest)", axis_label(sp["layer"], "layer"), width=620, height=340,
-                       x_name="index", y_name="layer")
+    view = HeatmapView(
+        "spectra",
+        "singular value index (0 = largest)",
+        axis_label(sp["layer"], "layer"),
+        width=620,
+        height=340,
+        x_name="index",
+        y_name="layer",
+    )
     view.vspan.visible = view.hspan.visible = False
 
     def update():
         arr = arrays[kind_w.value]
         s, m = int(np.flatnonzero(steps == step_w.value)[0]), modules.index(module_w.value)
-        view.set_data(arr[s, :, m, :], np.arange(arr.shape[-1]), layers, "singular value",
-                      title=f"{module_w.value}: {kind_w.value} singular values of every layer at step {step_w.value}")
+        view.set_data(
+            arr[s, :, m, :],
+            np.arange(arr.shape[-1]),
+            layers,
+            "singular value",
+            title=f"{module_w.value}: {kind_w.value} singular values of every layer at step {step_w.value}",
+        )
 
     _watch(update, module_w, kind_w, step_w)
     controls = [module_w, kind_w, step_w] if len(kinds) > 1 else [module_w, step_w]
     text = "Singular values of the adapter for each layer (rows) at the chosen step"
-    text += (", of the product s·B·A or of the update since initialisation." if len(kinds) > 1 else
-             ". (The update since initialisation equals the product for this run: B·A started at zero.)")
+    text += (
+        ", of the product s·B·A or of the update since initialisation."
+        if len(kinds) > 1
+        else ". (The update since initialisation equals the product for this run: B·A started at zero.)"
+    )
     return _section("Spectra of every layer", text, controls, view.figure)
 
 
@@ -227,8 +247,10 @@ def _update_is_product(sp) -> bool:
         return False
     with np.errstate(invalid="ignore"):
         rest = upd[..., r:]
-        return bool(np.allclose(upd[..., :r], prod, rtol=1e-4, atol=1e-7, equal_nan=True)
-                    and np.all((np.abs(rest) <= 1e-6 * (np.nanmax(np.abs(prod)) or 1)) | np.isnan(rest)))
+        return bool(
+            np.allclose(upd[..., :r], prod, rtol=1e-4, atol=1e-7, equal_nan=True)
+            and np.all((np.abs(rest) <= 1e-6 * (np.nanmax(np.abs(prod)) or 1)) | np.isnan(rest))
+        )
 
 
 def _trajectory_section(sp):
@@ -238,18 +260,34 @@ def _trajectory_section(sp):
     steps = sp["step"].values
     module_w, layer_w = _select("module", modules), _slider("layer", layers)
     layer_w.value = layers[0]
-    view = LinesView("singular values over training", axis_label(sp["step"], "step"), axis_label(sp["singular_values"], "singular_values"),
-                     width=620, height=340)
+    view = LinesView(
+        "singular values over training",
+        axis_label(sp["step"], "step"),
+        axis_label(sp["singular_values"], "singular_values"),
+        width=620,
+        height=340,
+    )
     k = arr.shape[-1]
 
     def update():
         m, l = modules.index(module_w.value), layers.index(layer_w.value)
-        view.set_lines([steps] * k, [arr[:, l, m, i] for i in range(k)], colors=depth_colors(k), labels=[f"σ{i}" for i in range(k)])
-        view.figure.title.text = f"{module_w.value}, layer {layer_w.value}: singular values over training (dark = largest)"
+        view.set_lines(
+            [steps] * k,
+            [arr[:, l, m, i] for i in range(k)],
+            colors=depth_colors(k),
+            labels=[f"σ{i}" for i in range(k)],
+        )
+        view.figure.title.text = (
+            f"{module_w.value}, layer {layer_w.value}: singular values over training (dark = largest)"
+        )
 
     _watch(update, module_w, layer_w)
-    return _section("Singular-value trajectories", "Each singular value of one adapter over the (subsampled) steps.",
-                    [module_w, layer_w], view.figure)
+    return _section(
+        "Singular-value trajectories",
+        "Each singular value of one adapter over the (subsampled) steps.",
+        [module_w, layer_w],
+        view.figure,
+    )
 
 
 def _heatmap_options(ds, names):
@@ -270,17 +308,29 @@ def _spectral_heatmap_section(sp):
     arrays = {n: sp[n].transpose(*order).values for n in names}
     steps, layers = sp["step"].values, sp["layer"].values
     metric_w, module_w = _select("metric", options), _select("module", modules)
-    view = HeatmapView("metric", axis_label(sp["step"], "step"), axis_label(sp["layer"], "layer"), width=620, height=340)
+    view = HeatmapView(
+        "metric", axis_label(sp["step"], "step"), axis_label(sp["layer"], "layer"), width=620, height=340
+    )
 
     def update():
         n, m = metric_w.value, modules.index(module_w.value)
-        view.set_data(arrays[n][:, :, m].T, steps, layers, axis_label(sp[n], n), title=f"{axis_label(sp[n], n)}, {module_w.value}")
+        view.set_data(
+            arrays[n][:, :, m].T,
+            steps,
+            layers,
+            axis_label(sp[n], n),
+            title=f"{axis_label(sp[n], n)}, {module_w.value}",
+        )
 
     view.vspan.visible = view.hspan.visible = False
     _watch(update, metric_w, module_w)
-    return _section("Spectrum metrics, layer x step", "Effective rank (participation ratio and entropy), stable rank, "
-                    "condition number and more, for the product and the update since init. Missing values are blank.",
-                    [metric_w, module_w], view.figure)
+    return _section(
+        "Spectrum metrics, layer x step",
+        "Effective rank (participation ratio and entropy), stable rank, "
+        "condition number and more, for the product and the update since init. Missing values are blank.",
+        [metric_w, module_w],
+        view.figure,
+    )
 
 
 def _rank_budget_section(spectral):
@@ -288,9 +338,19 @@ def _rank_budget_section(spectral):
 
     total = spectral["rank_budget"].sum("layer", skipna=True, min_count=1)
     modules = [str(m) for m in total["module"].values]
-    view = LinesView("AdaLoRA rank budget (sum over layers)", axis_label(spectral["step"], "step"), "rank budget", legend=True, width=620)
-    view.set_lines([spectral["step"].values] * len(modules), [total.sel(module=m).values for m in modules],
-                   colors=category_colors(len(modules)), labels=modules)
+    view = LinesView(
+        "AdaLoRA rank budget (sum over layers)",
+        axis_label(spectral["step"], "step"),
+        "rank budget",
+        legend=True,
+        width=620,
+    )
+    view.set_lines(
+        [spectral["step"].values] * len(modules),
+        [total.sel(module=m).values for m in modules],
+        colors=category_colors(len(modules)),
+        labels=modules,
+    )
     return pn.Column(pn.pane.Markdown("### AdaLoRA rank budget\nEvery stored step."), pn.pane.Bokeh(view.figure))
 
 
@@ -300,19 +360,34 @@ def _gradient_heatmap_section(gr):
     arrays = {n: gr[n].transpose(*order).values for n in names}
     modules, components = [str(m) for m in gr["module"].values], [str(c) for c in gr["component"].values]
     steps, layers = gr["step"].values, gr["layer"].values
-    var_w, comp_w, module_w = _select("variable", _heatmap_options(gr, names)), _select("component", components), _select("module", modules)
-    view = HeatmapView("gradient", axis_label(gr["step"], "step"), axis_label(gr["layer"], "layer"), log=True, width=620, height=340)
+    var_w, comp_w, module_w = (
+        _select("variable", _heatmap_options(gr, names)),
+        _select("component", components),
+        _select("module", modules),
+    )
+    view = HeatmapView(
+        "gradient", axis_label(gr["step"], "step"), axis_label(gr["layer"], "layer"), log=True, width=620, height=340
+    )
     view.vspan.visible = view.hspan.visible = False
 
     def update():
         n, c, m = var_w.value, components.index(comp_w.value), modules.index(module_w.value)
-        view.set_data(arrays[n][:, :, m, c].T, steps, layers, axis_label(gr[n], n),
-                      title=f"{axis_label(gr[n], n)}: {comp_w.value}, {module_w.value} (log colour)")
+        view.set_data(
+            arrays[n][:, :, m, c].T,
+            steps,
+            layers,
+            axis_label(gr[n], n),
+            title=f"{axis_label(gr[n], n)}: {comp_w.value}, {module_w.value} (log colour)",
+        )
 
     _watch(update, var_w, comp_w, module_w)
-    return _section("Gradient flow, layer x step", "Gradient norm (accumulated, before clipping), gradient/weight and "
-                    "update/weight ratios per adapter component. Log colour scale: zero is blank.",
-                    [var_w, comp_w, module_w], view.figure)
+    return _section(
+        "Gradient flow, layer x step",
+        "Gradient norm (accumulated, before clipping), gradient/weight and "
+        "update/weight ratios per adapter component. Log colour scale: zero is blank.",
+        [var_w, comp_w, module_w],
+        view.figure,
+    )
 
 
 def _depth_section(gr):
@@ -320,18 +395,33 @@ def _depth_section(gr):
     arr = gr["grad_norm"].transpose("step", "layer", "module", "component").values
     steps, layers = gr["step"].values, gr["layer"].values
     module_w, step_w = _select("module", modules), _slider("step", steps)
-    view = LinesView("depth profile", axis_label(gr["layer"], "layer"), axis_label(gr["grad_norm"], "grad_norm"), y_log=True,
-                     legend=True, width=620, height=340)
+    view = LinesView(
+        "depth profile",
+        axis_label(gr["layer"], "layer"),
+        axis_label(gr["grad_norm"], "grad_norm"),
+        y_log=True,
+        legend=True,
+        width=620,
+        height=340,
+    )
 
     def update():
         s, m = int(np.flatnonzero(steps == step_w.value)[0]), modules.index(module_w.value)
-        view.set_lines([layers] * len(components), [arr[s, :, m, c] for c in range(len(components))],
-                       colors=category_colors(len(components)), labels=components)
+        view.set_lines(
+            [layers] * len(components),
+            [arr[s, :, m, c] for c in range(len(components))],
+            colors=category_colors(len(components)),
+            labels=components,
+        )
         view.figure.title.text = f"{module_w.value}: gradient norm by layer at step {step_w.value}"
 
     _watch(update, module_w, step_w)
-    return _section("Gradient depth profile", "Gradient norm of every component against depth, at the chosen step.",
-                    [module_w, step_w], view.figure)
+    return _section(
+        "Gradient depth profile",
+        "Gradient norm of every component against depth, at the chosen step.",
+        [module_w, step_w],
+        view.figure,
+    )
 
 
 def _ab_section(gr):
@@ -343,16 +433,25 @@ def _ab_section(gr):
         ratio = np.where(b > 0, a / b, np.nan)
     steps, layers = gr["step"].values, gr["layer"].values
     module_w = _select("module", modules)
-    view = HeatmapView("A/B", axis_label(gr["step"], "step"), axis_label(gr["layer"], "layer"), log=True, width=620, height=340)
+    view = HeatmapView(
+        "A/B", axis_label(gr["step"], "step"), axis_label(gr["layer"], "layer"), log=True, width=620, height=340
+    )
     view.vspan.visible = view.hspan.visible = False
 
     def update():
         m = modules.index(module_w.value)
-        view.set_data(ratio[:, :, m].T, steps, layers, "‖∇A‖ / ‖∇B‖", title=f"‖∇A‖ / ‖∇B‖, {module_w.value} (log colour)")
+        view.set_data(
+            ratio[:, :, m].T, steps, layers, "‖∇A‖ / ‖∇B‖", title=f"‖∇A‖ / ‖∇B‖, {module_w.value} (log colour)"
+        )
 
     _watch(update, module_w)
-    return _section("A/B gradient ratio", "Ratio of the gradient norms of A and B. At LoRA's initialisation B = 0, "
-                    "so A gets no gradient (ratio 0, blank on the log scale) until B has moved.", [module_w], view.figure)
+    return _section(
+        "A/B gradient ratio",
+        "Ratio of the gradient norms of A and B. At LoRA's initialisation B = 0, "
+        "so A gets no gradient (ratio 0, blank on the log scale) until B has moved.",
+        [module_w],
+        view.figure,
+    )
 
 
 def _training_section(metrics):
@@ -364,17 +463,28 @@ def _training_section(metrics):
     rewards = [k for k in metrics.data_vars if k == "reward" or (k.startswith("rewards.") and k.endswith(".mean"))]
     if rewards:
         view = LinesView("reward", axis_label(metrics["step"], "step"), "reward", legend=True, width=460)
-        view.set_lines([steps] * len(rewards), [metrics[k].values for k in rewards], colors=category_colors(len(rewards)),
-                       labels=[metrics[k].attrs.get("long_name", k) for k in rewards])
+        view.set_lines(
+            [steps] * len(rewards),
+            [metrics[k].values for k in rewards],
+            colors=category_colors(len(rewards)),
+            labels=[metrics[k].attrs.get("long_name", k) for k in rewards],
+        )
         figures.append(view.figure)
     for key in ("completions/mean_length", "kl", "entropy", "loss"):
         name = metric_name(key)
         if name in metrics:
-            view = LinesView(key, axis_label(metrics["step"], "step"), axis_label(metrics[name], name), width=300,
-                             x_range=figures[0].x_range if figures else None)
+            view = LinesView(
+                key,
+                axis_label(metrics["step"], "step"),
+                axis_label(metrics[name], name),
+                width=300,
+                x_range=figures[0].x_range if figures else None,
+            )
             view.set_lines([steps], [metrics[name].values], colors="black", labels=[key])
             figures.append(view.figure)
-    return pn.Column(pn.pane.Markdown("### Training\nTrainer logs at every logged step."), pn.pane.Bokeh(row(*figures)))
+    return pn.Column(
+        pn.pane.Markdown("### Training\nTrainer logs at every logged step."), pn.pane.Bokeh(row(*figures))
+    )
 
 
 def _png_section(run: Run):
@@ -394,25 +504,53 @@ def _png_section(run: Run):
 
 
 def _header_html(run: Run, spectral, gradients, notes) -> str:
-    attrs = (spectral if spectral is not None else gradients).attrs if (spectral is not None or gradients is not None) else {}
+    attrs = (
+        (spectral if spectral is not None else gradients).attrs
+        if (spectral is not None or gradients is not None)
+        else {}
+    )
     rows = [
-        ("run", run.path), ("PEFT method", run.method), ("rank r", run.r), ("lora_alpha", attrs.get("lora_alpha")),
-        ("scaling", attrs.get("scaling")), ("model", attrs.get("model_name_or_path") or (run.config.get("model") or {}).get("model_name_or_path")),
+        ("run", run.path),
+        ("PEFT method", run.method),
+        ("rank r", run.r),
+        ("lora_alpha", attrs.get("lora_alpha")),
+        ("scaling", attrs.get("scaling")),
+        ("model", attrs.get("model_name_or_path") or (run.config.get("model") or {}).get("model_name_or_path")),
         ("seed", run.seed),
     ]
     if spectral is not None:
-        rows.append(("spectral steps", f"{int(spectral['step'][0])} .. {int(spectral['step'][-1])} ({spectral.sizes['step']} stored)"))
-        rows.append(("layers x modules", f"{spectral.sizes['layer']} x {spectral.sizes['module']} ({', '.join(map(str, spectral['module'].values))})"))
+        rows.append(
+            (
+                "spectral steps",
+                f"{int(spectral['step'][0])} .. {int(spectral['step'][-1])} ({spectral.sizes['step']} stored)",
+            )
+        )
+        rows.append(
+            (
+                "layers x modules",
+                f"{spectral.sizes['layer']} x {spectral.sizes['module']} ({', '.join(map(str, spectral['module'].values))})",
+            )
+        )
     if gradients is not None:
-        rows.append(("gradient steps", f"{int(gradients['step'][0])} .. {int(gradients['step'][-1])} ({gradients.sizes['step']} stored)"))
-    table = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-                    for k, v in rows if v is not None)
+        rows.append(
+            (
+                "gradient steps",
+                f"{int(gradients['step'][0])} .. {int(gradients['step'][-1])} ({gradients.sizes['step']} stored)",
+            )
+        )
+    table = "".join(
+        f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in rows
+        if v is not None
+    )
     note = "".join(f"<p class='perl-note'><b>Note:</b> {html.escape(n)}</p>" for n in notes)
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    return (f"<h1>perlwb report: {html.escape(run.name)}</h1><table>{table}</table>{note}"
-            f"<p style='color:#666'>Written {stamp} by <code>perlwb report</code>; self-contained (no network, no kernel): "
-            f"the sliders replay precomputed states. Open the run in a notebook "
-            f"(<code>SpectralExplorer(perl.open_run(...))</code>) for every step.</p>")
+    return (
+        f"<h1>perlwb report: {html.escape(run.name)}</h1><table>{table}</table>{note}"
+        f"<p style='color:#666'>Written {stamp} by <code>perlwb report</code>; self-contained (no network, no kernel): "
+        f"the sliders replay precomputed states. Open the run in a notebook "
+        f"(<code>SpectralExplorer(perl.open_run(...))</code>) for every step.</p>"
+    )
 
 
 # ------------------------------------------------------------------------------ command line
@@ -421,8 +559,12 @@ def main(argv=None) -> int:
     parser = OneLineParser(prog="perlwb report", description="Write a self-contained HTML report of a run.")
     parser.add_argument("run_dir", help="the run folder (training.output_dir)")
     parser.add_argument("--output", "-o", default=None, help="HTML file to write (default RUN_DIR/report.html)")
-    parser.add_argument("--max-steps", type=positive_int, default=DEFAULT_MAX_FRAMES,
-                        help=f"most steps per slider; longer runs are subsampled evenly (default {DEFAULT_MAX_FRAMES})")
+    parser.add_argument(
+        "--max-steps",
+        type=positive_int,
+        default=DEFAULT_MAX_FRAMES,
+        help=f"most steps per slider; longer runs are subsampled evenly (default {DEFAULT_MAX_FRAMES})",
+    )
     try:
         args = parser.parse_args(argv)
     except UsageError as err:
@@ -432,8 +574,10 @@ def main(argv=None) -> int:
     except RunError as err:
         return fail(str(err), prog=parser.prog)
     except OSError as err:
-        return fail(f"cannot write {args.output or 'the report'} ({err.strerror or err}); name another --output.",
-                    prog=parser.prog)
+        return fail(
+            f"cannot write {args.output or 'the report'} ({err.strerror or err}); name another --output.",
+            prog=parser.prog,
+        )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -55,8 +55,11 @@ def errorbar_plot(summary: xr.Dataset, quantity: str, configs=None, width: int =
     level = float(summary.attrs.get("ci_level", 0.95))
     points = hv.Scatter((list(configs), m), "configuration", name).opts(size=8, color="black", tools=["hover"])
     has_bar = np.isfinite(low) & np.isfinite(high)
-    bars = hv.ErrorBars(([c for c, b in zip(configs, has_bar) if b], m[has_bar], (m - low)[has_bar], (high - m)[has_bar]),
-                        "configuration", [name, "neg", "pos"])
+    bars = hv.ErrorBars(
+        ([c for c, b in zip(configs, has_bar) if b], m[has_bar], (m - low)[has_bar], (high - m)[has_bar]),
+        "configuration",
+        [name, "neg", "pos"],
+    )
     title = f"{name}: mean over seeds, {level:.0%} {summary.attrs.get('ci_method', 't')} interval"
     return (bars * points).opts(width=width, height=height, xrotation=45, title=title, show_grid=True)
 
@@ -77,9 +80,14 @@ def band_plot(bands: xr.Dataset, ylabel: str | None = None, width: int = 640, he
         sel = bands.sel(config=c)
         label = str(c)
         if np.isfinite(sel["low"].values).any():
-            layers.append(hv.Area((steps, sel["low"].values, sel["high"].values), "step", ["low", "high"],
-                                  label=label).opts(color=color, alpha=0.2, line_alpha=0))
-        layers.append(hv.Curve((steps, sel["mean"].values), "step", ylabel, label=label).opts(color=color, line_width=2))
+            layers.append(
+                hv.Area((steps, sel["low"].values, sel["high"].values), "step", ["low", "high"], label=label).opts(
+                    color=color, alpha=0.2, line_alpha=0
+                )
+            )
+        layers.append(
+            hv.Curve((steps, sel["mean"].values), "step", ylabel, label=label).opts(color=color, line_width=2)
+        )
     smooth = int(bands.attrs.get("smooth", 1))
     title = f"{ylabel}: mean over seeds, 95% t band" + (f" (rolling mean over {smooth} steps)" if smooth > 1 else "")
     return hv.Overlay(layers).opts(width=width, height=height, title=title, legend_position="right", show_grid=True)

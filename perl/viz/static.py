@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 import holoviews as hv
-import xarray as xr
 
 from perl.trackers.heatmaps import save_gradient_pngs  # noqa: F401  (the PNGs training writes: one function)
 from perl.viz import plots
@@ -45,8 +44,14 @@ def save_png(element, path: str | os.PathLike, dpi: int = 150) -> Path:
     return path
 
 
-def save_run_pngs(run, folder: str | os.PathLike, module: str | None = None, layer: int | None = None,
-                  step: int | None = None, dpi: int = 150) -> list[Path]:
+def save_run_pngs(
+    run,
+    folder: str | os.PathLike,
+    module: str | None = None,
+    layer: int | None = None,
+    step: int | None = None,
+    dpi: int = 150,
+) -> list[Path]:
     """One PNG of every plot kind a run supports, for a chosen (module, layer, step).
 
     Args:
@@ -69,20 +74,30 @@ def save_run_pngs(run, folder: str | os.PathLike, module: str | None = None, lay
         module = module if module is not None else str(sp["module"].values[0])
         layer = layer if layer is not None else int(sp["layer"].values[0])
         out.append(save_png(plots.spectrum(sp, layer, module, step), folder / f"spectrum_{module}_L{layer}.png", dpi))
-        out.append(save_png(plots.sv_trajectories(sp, layer, module), folder / f"sv_trajectories_{module}_L{layer}.png", dpi))
+        out.append(
+            save_png(plots.sv_trajectories(sp, layer, module), folder / f"sv_trajectories_{module}_L{layer}.png", dpi)
+        )
         for metric in ("effective_rank", "entropy_effective_rank", "condition_number", "stable_rank"):
             for update in (False, True):
                 name = f"update_{metric}" if update else metric
                 if name in sp:
                     out.append(save_png(plots.metric_heatmap(sp, name, module), folder / f"{name}_{module}.png", dpi))
         if "magnitude_norm" in sp and "direction_norm" in sp:
-            out.append(save_png(plots.dora_magnitude_direction(sp, layer, module), folder / f"dora_{module}_L{layer}.png", dpi))
+            out.append(
+                save_png(
+                    plots.dora_magnitude_direction(sp, layer, module), folder / f"dora_{module}_L{layer}.png", dpi
+                )
+            )
         if "rank_budget" in sp:
             out.append(save_png(plots.rank_budget(sp), folder / "rank_budget.png", dpi))
     if gr is not None:
         gmodule = module if module is not None else str(gr["module"].values[0])
         for comp in gr["component"].values:
-            out.append(save_png(plots.gradient_heatmap(gr, str(comp), gmodule), folder / f"grad_norm_{comp}_{gmodule}.png", dpi))
+            out.append(
+                save_png(
+                    plots.gradient_heatmap(gr, str(comp), gmodule), folder / f"grad_norm_{comp}_{gmodule}.png", dpi
+                )
+            )
         if {"A", "B"} <= {str(c) for c in gr["component"].values}:
             out.append(save_png(plots.ab_ratio(gr, gmodule), folder / f"ab_ratio_{gmodule}.png", dpi))
     if me is not None:

@@ -11,12 +11,26 @@ from __future__ import annotations
 
 import numpy as np
 from bokeh.models import (
-    ColorBar, ColumnDataSource, HoverTool, LinearColorMapper, LogColorMapper, Range1d, Span,
+    ColorBar,
+    ColumnDataSource,
+    HoverTool,
+    LinearColorMapper,
+    LogColorMapper,
+    Range1d,
+    Span,
 )
-from bokeh.palettes import Viridis256, Category10_10
+from bokeh.palettes import Category10_10, Viridis256
 from bokeh.plotting import figure
 
-__all__ = ["HeatmapView", "LinesView", "axis_label", "depth_colors", "regular_grid", "inline_notebook_resources", "MAX_GRID"]
+__all__ = [
+    "HeatmapView",
+    "LinesView",
+    "axis_label",
+    "depth_colors",
+    "regular_grid",
+    "inline_notebook_resources",
+    "MAX_GRID",
+]
 
 MAX_GRID = 2000  # columns of a re-gridded heatmap; more than a screen shows
 NAN_COLOR = (0, 0, 0, 0)  # missing stays missing: transparent, never a colour of the scale
@@ -115,18 +129,38 @@ class HeatmapView:
         x_name, y_name (str, default "step", "layer"): names in the hover tooltip.
     """
 
-    def __init__(self, title: str, x_label: str, y_label: str, log: bool = False, width: int = 520, height: int = 300,
-                 x_name: str = "step", y_name: str = "layer"):
+    def __init__(
+        self,
+        title: str,
+        x_label: str,
+        y_label: str,
+        log: bool = False,
+        width: int = 520,
+        height: int = 300,
+        x_name: str = "step",
+        y_name: str = "layer",
+    ):
         self.log = log
         self.x_name, self.y_name = x_name, y_name
         self.source = ColumnDataSource(dict(image=[np.full((1, 1), np.nan)], x=[0.0], y=[0.0], dw=[1.0], dh=[1.0]))
         mapper_cls = LogColorMapper if log else LinearColorMapper
         self.mapper = mapper_cls(palette=Viridis256, nan_color=NAN_COLOR)
-        self.figure = figure(title=title, width=width, height=height, x_axis_label=x_label, y_axis_label=y_label,
-                             tools="pan,wheel_zoom,box_zoom,reset,save", x_range=Range1d(0, 1), y_range=Range1d(0, 1))
-        renderer = self.figure.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.source,
-                                     color_mapper=self.mapper)
-        self.hover = HoverTool(renderers=[renderer], tooltips=[(x_name, "$x{0}"), (y_name, "$y{0}"), ("value", "@image")])
+        self.figure = figure(
+            title=title,
+            width=width,
+            height=height,
+            x_axis_label=x_label,
+            y_axis_label=y_label,
+            tools="pan,wheel_zoom,box_zoom,reset,save",
+            x_range=Range1d(0, 1),
+            y_range=Range1d(0, 1),
+        )
+        renderer = self.figure.image(
+            image="image", x="x", y="y", dw="dw", dh="dh", source=self.source, color_mapper=self.mapper
+        )
+        self.hover = HoverTool(
+            renderers=[renderer], tooltips=[(x_name, "$x{0}"), (y_name, "$y{0}"), ("value", "@image")]
+        )
         self.figure.add_tools(self.hover)
         self.colorbar = ColorBar(color_mapper=self.mapper, width=10)
         self.figure.add_layout(self.colorbar, "right")
@@ -138,7 +172,14 @@ class HeatmapView:
         self.steps = np.zeros(0)
         self.layers = np.zeros(0)
 
-    def set_data(self, z: np.ndarray, steps: np.ndarray, layers: np.ndarray, value_label: str = "value", title: str | None = None) -> None:
+    def set_data(
+        self,
+        z: np.ndarray,
+        steps: np.ndarray,
+        layers: np.ndarray,
+        value_label: str = "value",
+        title: str | None = None,
+    ) -> None:
         """Draw ``z[layer, step]`` (NaN drawn transparent)."""
         z = np.asarray(z, dtype=float)
         xi, x0, dw = regular_grid(steps)
@@ -200,21 +241,40 @@ class LinesView:
         width, height (int): size in pixels.
     """
 
-    def __init__(self, title: str, x_label: str, y_label: str, y_log: bool = False, legend: bool = False,
-                 x_range=None, width: int = 420, height: int = 300):
+    def __init__(
+        self,
+        title: str,
+        x_label: str,
+        y_label: str,
+        y_log: bool = False,
+        legend: bool = False,
+        x_range=None,
+        width: int = 420,
+        height: int = 300,
+    ):
         self.y_log = y_log
         self.lines = ColumnDataSource(dict(xs=[], ys=[], color=[], alpha=[], label=[], width=[]))
         self.points = ColumnDataSource(dict(x=[], y=[], color=[]))
-        kwargs = dict(title=title, width=width, height=height, x_axis_label=x_label, y_axis_label=y_label,
-                      tools="pan,wheel_zoom,box_zoom,reset,save", y_axis_type="log" if y_log else "linear")
+        kwargs = dict(
+            title=title,
+            width=width,
+            height=height,
+            x_axis_label=x_label,
+            y_axis_label=y_label,
+            tools="pan,wheel_zoom,box_zoom,reset,save",
+            y_axis_type="log" if y_log else "linear",
+        )
         if x_range is not None:
             kwargs["x_range"] = x_range
         self.figure = figure(**kwargs)
         glyph_kwargs = dict(legend_field="label") if legend else {}
-        line_renderer = self.figure.multi_line("xs", "ys", color="color", alpha="alpha", line_width="width",
-                                               source=self.lines, **glyph_kwargs)
+        line_renderer = self.figure.multi_line(
+            "xs", "ys", color="color", alpha="alpha", line_width="width", source=self.lines, **glyph_kwargs
+        )
         self.figure.scatter("x", "y", color="color", size=6, source=self.points)
-        self.figure.add_tools(HoverTool(renderers=[line_renderer], tooltips=[("", "@label"), ("x", "$x{0.[00]}"), ("y", "$y{0.000e}")]))
+        self.figure.add_tools(
+            HoverTool(renderers=[line_renderer], tooltips=[("", "@label"), ("x", "$x{0.[00]}"), ("y", "$y{0.000e}")])
+        )
         if legend:
             self.figure.legend.location = "top_right"
             self.figure.legend.label_text_font_size = "8pt"
@@ -231,7 +291,8 @@ class LinesView:
         """Replace the lines. Only the columns that changed are sent (usually just the y values)."""
         n = len(ys)
         new = dict(
-            xs=[np.asarray(x, dtype=float) for x in xs], ys=[self._clean(y) for y in ys],
+            xs=[np.asarray(x, dtype=float) for x in xs],
+            ys=[self._clean(y) for y in ys],
             color=list(colors) if not isinstance(colors, str) else [colors] * n,
             alpha=list(alphas) if alphas is not None else [1.0] * n,
             label=list(labels) if labels is not None else [""] * n,
@@ -248,7 +309,9 @@ class LinesView:
     def set_points(self, x, y, color="black") -> None:
         """Replace the highlighted points."""
         x = np.asarray(x, dtype=float)
-        self.points.data = dict(x=x, y=self._clean(y), color=[color] * len(x) if isinstance(color, str) else list(color))
+        self.points.data = dict(
+            x=x, y=self._clean(y), color=[color] * len(x) if isinstance(color, str) else list(color)
+        )
 
     def set_marker(self, x) -> None:
         """Move the vertical marker (None hides it)."""

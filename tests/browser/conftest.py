@@ -30,9 +30,16 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 DOCS = ROOT / "docs"
 CHROMIUM = os.environ.get("PERL_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic",
-                  "--disable-dev-shm-usage"]  # note: containers often give /dev/shm 64 MB, too little for Chromium
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+]  # note: containers often give /dev/shm 64 MB, too little for Chromium
 UPDATE_SCREENSHOTS = os.environ.get("PERL_UPDATE_SCREENSHOTS") == "1"
 VIEWPORT = {"width": 1400, "height": 1000}
 TIMEOUT_MS = 60_000  # one browser action or wait; a whole notebook run on a busy 2-core machine fits
@@ -46,13 +53,19 @@ LOCAL_SCHEMES = ("data:", "blob:")
 def chromium():
     """Headless Chromium under Playwright for this folder's tests (stopped before other tests run)."""
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: the browser tests need Debian's chromium "
-                    f"(apt-get install -y chromium) or PERL_CHROMIUM=/path/to/chromium.", pytrace=False)
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: the browser tests need Debian's chromium "
+            f"(apt-get install -y chromium) or PERL_CHROMIUM=/path/to/chromium.",
+            pytrace=False,
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("The Python package playwright is not installed: pip install playwright "
-                    "(its browser download is not needed: the tests drive Debian's chromium).", pytrace=False)
+        pytest.fail(
+            "The Python package playwright is not installed: pip install playwright "
+            "(its browser download is not needed: the tests drive Debian's chromium).",
+            pytrace=False,
+        )
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         yield browser
@@ -162,28 +175,53 @@ class JupyterLab:
         self.log_path = home / "jupyterlab.log"
         settings = home / "settings"
         # no news or update toasts over the screenshots; every cell stays in the DOM
-        for plugin, text in (("@jupyterlab/apputils-extension/notification", '{"fetchNews": "false", "checkForUpdates": false}'),
-                             ("@jupyterlab/notebook-extension/tracker", '{"windowingMode": "none"}')):
+        for plugin, text in (
+            ("@jupyterlab/apputils-extension/notification", '{"fetchNews": "false", "checkForUpdates": false}'),
+            ("@jupyterlab/notebook-extension/tracker", '{"windowingMode": "none"}'),
+        ):
             path = settings / f"{plugin}.jupyterlab-settings"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-        env = dict(os.environ, OMP_NUM_THREADS="1", JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_DATA_DIR=str(home / "data"),
-                   JUPYTER_RUNTIME_DIR=str(home / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(settings),
-                   JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"), IPYTHONDIR=str(home / "ipython"))
-        cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}",
-               "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}",
-               "--ServerApp.allow_root=True", "--LabApp.news_url=None", "--LabApp.extension_manager=readonly",
-               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-               # a server orphaned by a killed test run culls its kernels and exits by itself
-               "--MappingKernelManager.cull_idle_timeout=600", "--MappingKernelManager.cull_interval=60",
-               "--ServerApp.shutdown_no_activity_timeout=600"]
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            JUPYTER_CONFIG_DIR=str(home / "config"),
+            JUPYTER_DATA_DIR=str(home / "data"),
+            JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+            JUPYTERLAB_SETTINGS_DIR=str(settings),
+            JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+            IPYTHONDIR=str(home / "ipython"),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={root}",
+            "--ServerApp.allow_root=True",
+            "--LabApp.news_url=None",
+            "--LabApp.extension_manager=readonly",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            # a server orphaned by a killed test run culls its kernels and exits by itself
+            "--MappingKernelManager.cull_idle_timeout=600",
+            "--MappingKernelManager.cull_interval=60",
+            "--ServerApp.shutdown_no_activity_timeout=600",
+        ]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, cwd=root, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self._wait_ready()
 
     def _get(self, path: str, method: str = "GET"):
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-        request = urllib.request.Request(f"{self.base}{path}", method=method, headers={"Authorization": f"token {self.token}"})
+        request = urllib.request.Request(
+            f"{self.base}{path}", method=method, headers={"Authorization": f"token {self.token}"}
+        )
         with opener.open(request, timeout=5) as response:
             return response.read()
 
@@ -191,14 +229,20 @@ class JupyterLab:
         deadline = time.monotonic() + SERVER_START_S
         while True:
             if self.proc.poll() is not None:
-                pytest.fail(f"JupyterLab exited with code {self.proc.returncode} before serving:\n{self.log_tail()}", pytrace=False)
+                pytest.fail(
+                    f"JupyterLab exited with code {self.proc.returncode} before serving:\n{self.log_tail()}",
+                    pytrace=False,
+                )
             try:
                 self._get("api/status")
                 return
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    pytest.fail(f"JupyterLab did not answer /api/status within {SERVER_START_S} s:\n{self.log_tail()}", pytrace=False)
+                    pytest.fail(
+                        f"JupyterLab did not answer /api/status within {SERVER_START_S} s:\n{self.log_tail()}",
+                        pytrace=False,
+                    )
                 time.sleep(0.3)
 
     def url(self, notebook: str) -> str:
@@ -236,7 +280,9 @@ def prepare_notebooks(run_dir: Path, folder: Path) -> None:
     for name in EXPLORER_NOTEBOOKS:
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-        assert len(cells) == 1, f"notebooks/{name}.ipynb needs exactly one cell tagged 'parameters', found {len(cells)}"
+        assert len(cells) == 1, (
+            f"notebooks/{name}.ipynb needs exactly one cell tagged 'parameters', found {len(cells)}"
+        )
         cells[0].source = f"run_dir = {str(run_dir)!r}"
         for cell in nb.cells:
             if cell.cell_type == "code":
@@ -259,8 +305,16 @@ def prepare_training_notebook(folder: Path, max_steps: int = LIVE_STEPS) -> None
     nb = nbformat.read(NOTEBOOKS / f"{TRAINING_NOTEBOOK}.ipynb", as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(cells) == 1, f"notebooks/{TRAINING_NOTEBOOK}.ipynb needs exactly one cell tagged 'parameters'"
-    cells[0].source = "\n".join([f"output_dir = {LIVE_RUN!r}", "peft_type = 'lora'", "model_name_or_path = 'countdown-nano'",
-                                  f"max_steps = {max_steps}", "tracking_frequency = 10", f"overrides = {LIVE_OVERRIDES!r}"])
+    cells[0].source = "\n".join(
+        [
+            f"output_dir = {LIVE_RUN!r}",
+            "peft_type = 'lora'",
+            "model_name_or_path = 'countdown-nano'",
+            f"max_steps = {max_steps}",
+            "tracking_frequency = 10",
+            f"overrides = {LIVE_OVERRIDES!r}",
+        ]
+    )
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None

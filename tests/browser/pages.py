@@ -65,7 +65,9 @@ class Figure:
 
     def glyph(self, kind: str) -> dict:
         found = [data for glyph, data in self.renderers if glyph == kind]
-        assert len(found) == 1, f"figure {self.title!r} has {len(found)} {kind} renderers; glyphs: {[g for g, _ in self.renderers]}"
+        assert len(found) == 1, (
+            f"figure {self.title!r} has {len(found)} {kind} renderers; glyphs: {[g for g, _ in self.renderers]}"
+        )
         return found[0]
 
 
@@ -79,8 +81,10 @@ def figure(page, pattern: str, timeout: float = 30.0) -> Figure:
             return Figure(found[0])
         if time.monotonic() > deadline:
             titles = [f["title"] for f in page.evaluate(_FIGURES_JS, ".*")]
-            raise AssertionError(f"expected one Bokeh figure titled /{pattern}/ within {timeout:.0f} s, found "
-                                 f"{len(found)}; the page's figures: {titles}")
+            raise AssertionError(
+                f"expected one Bokeh figure titled /{pattern}/ within {timeout:.0f} s, found "
+                f"{len(found)}; the page's figures: {titles}"
+            )
         time.sleep(0.2)
 
 
@@ -94,7 +98,9 @@ def press_to_index(handle, index: int) -> None:
 
 def widget(page, css_class: str, label: str):
     """The ipywidget of this class whose description is exactly ``label`` (e.g. the "step" slider)."""
-    return page.locator(f".{css_class}", has=page.locator(".widget-label", has_text=re.compile(rf"^{re.escape(label)}$")))
+    return page.locator(
+        f".{css_class}", has=page.locator(".widget-label", has_text=re.compile(rf"^{re.escape(label)}$"))
+    )
 
 
 def small_png(src: Path, dst: Path, colors: int = 96) -> Path:
@@ -113,4 +119,6 @@ def assert_close(drawn, stored, what: str, rtol: float = 1e-5) -> None:
     drawn, stored = np.asarray(drawn, dtype=float), np.asarray(stored, dtype=float)
     assert drawn.shape == stored.shape, f"{what}: drew shape {drawn.shape}, the store has {stored.shape}"
     ok = np.allclose(drawn, stored, rtol=rtol, atol=1e-12, equal_nan=True)
-    assert ok, f"{what}: drew {np.array2string(drawn, precision=5)}, the store has {np.array2string(stored, precision=5)}"
+    assert ok, (
+        f"{what}: drew {np.array2string(drawn, precision=5)}, the store has {np.array2string(stored, precision=5)}"
+    )

@@ -90,7 +90,7 @@ def check_spectral_selection(page, sp: xr.Dataset, module: str, layer: int, step
         assert_close(xs, sp["step"].values, f"trajectory σ{i} steps")
         assert_close(ys, sv.isel(sv=i).values, f"trajectory σ{i} at layer {layer}")
     text = info_text(page, rf"layer {layer} \| module {re.escape(module)} \| step {step} \|")
-    sigma = numbers(text[text.index("σ = [") + 5:text.index("]")])
+    sigma = numbers(text[text.index("σ = [") + 5 : text.index("]")])
     assert_close(sigma, sv.sel(step=step).values, "σ in the text line", rtol=1e-3)
     return np.asarray(points["y"])
 
@@ -98,7 +98,11 @@ def check_spectral_selection(page, sp: xr.Dataset, module: str, layer: int, step
 def test_spectral_explorer_in_jupyterlab(jupyterlab, browser_page, tracked_run):
     with xr.open_dataset(tracked_run / "spectral_history_final.nc") as ds:
         sp = ds.load()
-    modules, layers, steps = [str(m) for m in sp["module"].values], [int(v) for v in sp["layer"].values], [int(s) for s in sp["step"].values]
+    modules, layers, steps = (
+        [str(m) for m in sp["module"].values],
+        [int(v) for v in sp["layer"].values],
+        [int(s) for s in sp["step"].values],
+    )
     page = browser_page.open(jupyterlab.url("02_spectral_explorer.ipynb"), allow=(jupyterlab.base,))
     run_all_cells(page)
     assert_no_error_outputs(page)
@@ -135,16 +139,27 @@ def check_gradient_selection(page, gr: xr.Dataset, component: str, module: str, 
     name = gr["grad_norm"].attrs.get("long_name", "grad_norm")
     heatmap = figure(page, rf"^{re.escape(name)}: {re.escape(component)}, {re.escape(module)}$")
     image = heatmap.glyph("Image")["image"][0]
-    assert_close(image, positive(g.sel(component=component).transpose("layer", "step").values),
-                 f"heatmap of {component}, {module} (layer x step)")
+    assert_close(
+        image,
+        positive(g.sel(component=component).transpose("layer", "step").values),
+        f"heatmap of {component}, {module} (layer x step)",
+    )
     depth = figure(page, rf"^{re.escape(module)} at step {step}$").glyph("MultiLine")
-    assert sorted(depth["label"]) == sorted(str(c) for c in gr["component"].values), f"depth profile lines: {depth['label']}"
+    assert sorted(depth["label"]) == sorted(str(c) for c in gr["component"].values), (
+        f"depth profile lines: {depth['label']}"
+    )
     for label, xs, ys in zip(depth["label"], depth["xs"], depth["ys"]):
         assert_close(xs, gr["layer"].values, f"depth profile {label} layers")
-        assert_close(ys, positive(g.sel(component=label, step=step).values), f"depth profile of {label} at step {step}")
-    text = info_text(page, rf"step {step} \| layer {layer} \| module {re.escape(module)} \| component {re.escape(component)} \|")
+        assert_close(
+            ys, positive(g.sel(component=label, step=step).values), f"depth profile of {label} at step {step}"
+        )
+    text = info_text(
+        page, rf"step {step} \| layer {layer} \| module {re.escape(module)} \| component {re.escape(component)} \|"
+    )
     value = numbers(text.split("grad_norm = ")[1].split("|")[0])
-    assert_close(value, [float(g.sel(component=component, layer=layer, step=step))], "grad_norm in the text line", rtol=1e-3)
+    assert_close(
+        value, [float(g.sel(component=component, layer=layer, step=step))], "grad_norm in the text line", rtol=1e-3
+    )
 
 
 def test_gradient_explorer_in_jupyterlab(jupyterlab, browser_page, tracked_run):
@@ -179,8 +194,11 @@ def test_gradient_explorer_in_jupyterlab(jupyterlab, browser_page, tracked_run):
 
 # ================================================================================ live training
 # the short name a line of the live plot has -> the Trainer's log key in metrics.jsonl
-LIVE_KEYS = {"reward": "reward", "format_reward": "rewards/format_reward/mean",
-             "equation_reward": "rewards/equation_reward/mean"}
+LIVE_KEYS = {
+    "reward": "reward",
+    "format_reward": "rewards/format_reward/mean",
+    "equation_reward": "rewards/equation_reward/mean",
+}
 
 
 def read_metrics(path) -> dict[int, dict]:
@@ -222,8 +240,10 @@ def test_training_notebook_draws_while_training(jupyterlab, browser_page):
             browser_page.shot("training_cell_without_plot", training_cell)
             bokehjs = page.evaluate("() => window.Bokeh ? 'BokehJS ' + window.Bokeh.version : 'no BokehJS'")
             shown = training_cell.locator(".jp-OutputArea").inner_text()[:1500]
-            pytest.fail(f"the live reward plot did not draw 3 points within 240 s of Run All; the page has "
-                        f"{bokehjs}, and the training cell shows: {shown!r}")
+            pytest.fail(
+                f"the live reward plot did not draw 3 points within 240 s of Run All; the page has "
+                f"{bokehjs}, and the training cell shows: {shown!r}"
+            )
         time.sleep(0.5)
     # note: the training cell's prompt, not the status bar: the widgets' own comm messages, answered
     # between training steps, flip the status bar to Idle while the cell still runs

@@ -26,8 +26,11 @@ def spectra_at(page, sp: xr.Dataset, module: str, step: int) -> np.ndarray:
     """The 'Spectra of every layer' image at ``step`` is the stored singular values (layer x index)."""
     fig = figure(page, rf"^{re.escape(module)}: product singular values of every layer at step {step}$")
     image = fig.glyph("Image")["image"][0]
-    assert_close(image, sp["singular_values"].sel(module=module, step=step).transpose("layer", "sv").values,
-                 f"spectra of every layer at step {step}")
+    assert_close(
+        image,
+        sp["singular_values"].sel(module=module, step=step).transpose("layer", "sv").values,
+        f"spectra of every layer at step {step}",
+    )
     return image
 
 
@@ -58,9 +61,15 @@ def test_report_in_chromium_offline(tracked_run, browser_page, tmp_path):
     lines = figure(page, rf"^{re.escape(module)}, layer {layer}: singular values over training").glyph("MultiLine")
     assert len(lines["ys"]) == sp.sizes["sv"], f"{len(lines['ys'])} trajectories drawn for rank {sp.sizes['sv']}"
     for i, ys in enumerate(lines["ys"]):
-        assert_close(ys, sp["singular_values"].sel(module=module, layer=layer).isel(sv=i).values, f"trajectory σ{i}, layer {layer}")
+        assert_close(
+            ys,
+            sp["singular_values"].sel(module=module, layer=layer).isel(sv=i).values,
+            f"trajectory σ{i}, layer {layer}",
+        )
     browser_page.shot("report_layer", trajectories)
 
     outside = [u for u in browser_page.requests if not u.startswith(("file://", "data:", "blob:"))]
-    assert outside == [] and browser_page.blocked == [], f"requests left the machine: {outside or browser_page.blocked}"
+    assert outside == [] and browser_page.blocked == [], (
+        f"requests left the machine: {outside or browser_page.blocked}"
+    )
     assert browser_page.page_errors == [], f"JavaScript errors in the report: {browser_page.page_errors}"
