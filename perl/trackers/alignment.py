@@ -541,7 +541,7 @@ class AlignmentTracker(_BaseSubspaces):
             "Conventions": "CF-1.8",
             "peft_type": self.peft_type,
             "adapter_name": self.adapter_name,
-            "r": getattr(config, "r", None),
+            "r": getattr(config, "init_r", None) or getattr(config, "r", None),  # AdaLoRA: init_r
             "lora_alpha": getattr(config, "lora_alpha", None),
             "target_modules": targets,
             "perl_version": __version__,
