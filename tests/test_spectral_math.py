@@ -113,6 +113,7 @@ def test_zero_matrix_metrics_are_defined():
         "frobenius_norm",
         "numerical_rank",
         "spectral_gap",
+        "spectral_gap_12",
     ):
         assert float(m[name]) == 0.0, name
     for name in ("condition_number", "top1_sv_ratio", "top5_sv_ratio", "top10_sv_ratio"):
@@ -136,6 +137,7 @@ def test_metrics_against_direct_formulas():
         "top10_sv_ratio": torch.tensor(1.0),
         "condition_number": torch.tensor(40.0),
         "spectral_gap": sv[0] - sv[-1],
+        "spectral_gap_12": sv[0] - sv[1],
         "numerical_rank": torch.tensor(6.0),
     }
     for name, value in expected.items():
@@ -204,3 +206,9 @@ def test_vector_metrics():
     out = sm.vector_metrics(v, v0)
     assert float(out["vector_norm"]) == pytest.approx(float(torch.linalg.norm(v.double())))
     assert float(out["vector_distance_from_init"]) == pytest.approx(float(torch.linalg.norm(torch.arange(10.0) * 0.1)))
+
+
+def test_spectral_gap_12_of_a_rank_one_matrix_is_sigma_1():
+    """sigma_2 below the numerical support is zero: the usual gap of a rank-1 update is sigma_1."""
+    m = sm.spectrum_metrics(torch.tensor([3.0, 1e-9, 0.0], dtype=torch.float64))
+    assert float(m["spectral_gap_12"]) == 3.0 and float(m["spectral_gap"]) == 0.0

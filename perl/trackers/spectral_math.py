@@ -55,9 +55,17 @@ DEFAULT_RTOL = 1e-6
 
 METRIC_ATTRS: dict[str, dict[str, str]] = {
     "spectral_gap": {
-        "long_name": "spectral gap",
+        "long_name": "spectral gap to the smallest value (PeRL's definition)",
         "units": "weight units",
         "formula": "sigma_1 - sigma_min, sigma_min = smallest singular value above rtol*sigma_1",
+        "description": "the original PeRL trackers' spectral_gap; the usual spectral gap is spectral_gap_12",
+        "zero_matrix": "0",
+    },
+    "spectral_gap_12": {
+        "long_name": "spectral gap (sigma_1 - sigma_2)",
+        "units": "weight units",
+        "formula": "sigma_1 - sigma_2, sigma_2 = 0 when it is at or below rtol*sigma_1 (rank 1)",
+        "description": "the usual spectral gap; spectral_gap holds PeRL's sigma_1 - sigma_min",
         "zero_matrix": "0",
     },
     "condition_number": {
@@ -402,8 +410,10 @@ def spectrum_metrics(sv: torch.Tensor, rtol: float = DEFAULT_RTOL) -> dict[str, 
         return energy[..., min(k, x.shape[-1]) - 1] if x.shape[-1] else torch.zeros_like(s1)
 
     nan = torch.full_like(s1, float("nan"))
+    s2 = torch.where(support[..., 1], x[..., 1], 0.0) if x.shape[-1] > 1 else torch.zeros_like(s1)
     out = {
         "spectral_gap": torch.where(zero, 0.0, s1 - s_min),
+        "spectral_gap_12": torch.where(zero, 0.0, s1 - s2),
         "condition_number": torch.where(zero, nan, s1 / torch.where(zero, 1.0, s_min)),
         "effective_rank": torch.where(zero, 0.0, sum_u * sum_u / safe_u2),
         "entropy_effective_rank": torch.where(zero, 0.0, torch.exp(entropy)),

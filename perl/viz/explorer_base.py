@@ -23,6 +23,7 @@ SPECTRAL_HEATMAP_METRICS = (
     "stable_rank",
     "condition_number",
     "spectral_gap",
+    "spectral_gap_12",
     "nuclear_norm",
     "frobenius_norm",
     "top1_sv_ratio",
