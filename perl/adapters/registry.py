@@ -43,27 +43,13 @@ from perl.adapters.optim import (
     lorafa_optimizer_factory,
     loraplus_optimizer_factory,
 )
+from perl.config.schema import PEFT_TYPES
 
 logger = logging.getLogger("perl")
 
-PEFT_METHODS: tuple[str, ...] = (
-    "lora",
-    "dora",
-    "adalora",
-    "pissa",
-    "milora",
-    "milora_plus",
-    "lora_plus",
-    "rslora",
-    "lorafa",
-    "vera",
-    "ia3",
-    "layernorm",
-    "miss",
-    "hra",
-    "slicefine",
-)
 FULL_FINETUNING = "full"
+# note: one list of method names, the config's; the registry below must have a builder for each
+PEFT_METHODS: tuple[str, ...] = tuple(t for t in PEFT_TYPES if t != FULL_FINETUNING)
 #: every value ``peft.type`` accepts: the fifteen adapters and ``"full"`` (no adapter, all weights train)
 ALL_METHODS: tuple[str, ...] = PEFT_METHODS + (FULL_FINETUNING,)
 
