@@ -22,6 +22,7 @@ import xarray as xr
 import yaml
 
 from perl import sweep as sw
+from perl import sweep_spec
 from perl.config import PEFT_TYPES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -382,7 +383,7 @@ def test_run_names_are_readable_and_exact_enough():
         "milora_plus-r16-s3-lr2.5e-5-beta_0.04-model_name_or_path_DeepSeek-R1-Distill-Qwen-1.5B"
         "-target_modules_q_proj+v_proj"
     )
-    assert [sw._format_number(v, scientific=True) for v in (5e-4, 1e-2, 1.0, 3.14e-6)] == [
+    assert [sweep_spec._format_number(v, scientific=True) for v in (5e-4, 1e-2, 1.0, 3.14e-6)] == [
         "5e-4",
         "1e-2",
         "1e0",
