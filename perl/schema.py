@@ -21,6 +21,7 @@ import numpy as np
 __all__ = [
     "StoredFileError",
     "check_store_file",
+    "check_store_handle",
     "check_metrics_step",
     "MAX_STORE_BYTES",
     "MAX_METRICS_BYTES",
@@ -37,6 +38,7 @@ STEP = "step"
 # dimensions every tracker store has, and those some have (labels may be absent for these)
 _REQUIRED_DIMS = ("step", "layer", "module")
 _KNOWN_DIMS = {"step", "layer", "module", "sv", "sv_update", "component", "angle", "intruder_sv", "base_sv"}
+_EXPECTED = "expected a netCDF store written by a perl tracker"
 _STRING_BYTES = 64  # note: an estimate per variable-length string element
 
 
@@ -55,57 +57,77 @@ def check_store_file(path: str | os.PathLike) -> None:
     Raises:
         StoredFileError: the first problem, in one sentence naming the file.
     """
-    import netCDF4
+    from perl.ncfiles import reading
 
     path = Path(path)
-    expected = "expected a netCDF store written by a perl tracker"
     try:
-        nc = netCDF4.Dataset(path, "r")
+        with reading(path, keep=False) as handle:
+            check_store_handle(handle)
+    except StoredFileError:
+        raise
     except FileNotFoundError:
         raise StoredFileError(f"{path} disappeared while reading; read the run again.") from None
     except Exception as err:  # noqa: BLE001 - netCDF4/HDF5 raise many types for a damaged file
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise StoredFileError(f"Cannot read {path} as a netCDF store ({reason}); {expected}.") from None
+        raise StoredFileError(f"Cannot read {path} as a netCDF store ({_reason(err)}); {_EXPECTED}.") from None
+
+
+def check_store_handle(handle) -> None:
+    """`check_store_file` on an open `perl.ncfiles.Handle`; once per file while it stays open (an
+    open file cannot change under its handle)."""
+    if handle.checked:
+        return
     try:
-        dims = {name: len(d) for name, d in nc.dimensions.items()}
-        missing = [d for d in _REQUIRED_DIMS if d not in dims]
-        if missing:
+        _check_open_file(handle.nc, handle.path)
+    except StoredFileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - netCDF4/HDF5 raise many types for a damaged file
+        raise StoredFileError(f"Cannot read {handle.path} as a netCDF store ({_reason(err)}); {_EXPECTED}.") from None
+    handle.checked = True
+
+
+def _reason(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
+def _check_open_file(nc, path: Path) -> None:
+    """`check_store_file` on an open netCDF4 Dataset."""
+    expected = _EXPECTED
+    dims = {name: len(d) for name, d in nc.dimensions.items()}
+    missing = [d for d in _REQUIRED_DIMS if d not in dims]
+    if missing:
+        raise StoredFileError(
+            f"{path} has no {', '.join(missing)} dimension (it has {', '.join(dims) or 'none'}); {expected}."
+        )
+    labelled = {name for name in dims if name in nc.variables}
+    declared = 0
+    for name, var in nc.variables.items():
+        bad_dims = [d for d in var.dimensions if d not in _KNOWN_DIMS and d not in labelled]
+        if bad_dims:
             raise StoredFileError(
-                f"{path} has no {', '.join(missing)} dimension (it has {', '.join(dims) or 'none'}); {expected}."
+                f"{path}: variable {name!r} is over dimension {bad_dims[0]!r}, which no tracker store has; {expected}."
             )
-        labelled = {name for name in dims if name in nc.variables}
-        declared = 0
-        for name, var in nc.variables.items():
-            bad_dims = [d for d in var.dimensions if d not in _KNOWN_DIMS and d not in labelled]
-            if bad_dims:
-                raise StoredFileError(
-                    f"{path}: variable {name!r} is over dimension {bad_dims[0]!r}, which no tracker "
-                    f"store has; {expected}."
-                )
-            kind = np.dtype(var.dtype).kind if var.dtype is not str else "O"
-            if kind not in "fiuO" and not (kind == "S" and name in labelled):
-                raise StoredFileError(f"{path}: variable {name!r} has type {var.dtype}, not numbers; {expected}.")
-            count = int(np.prod([dims[d] for d in var.dimensions], dtype=object)) if var.dimensions else 1
-            declared += count * (_STRING_BYTES if kind in "OS" else np.dtype(var.dtype).itemsize)
-            if declared > MAX_STORE_BYTES:
-                raise StoredFileError(
-                    f"{path} declares more than {MAX_STORE_BYTES // 2**30} GiB of data (variable {name!r} alone: "
-                    f"{count} values), more than any tracker store holds; {expected}."
-                )
-        step = nc.variables.get(STEP)
-        if step is None or step.dimensions != (STEP,) or np.dtype(step.dtype).kind not in "iu":
-            raise StoredFileError(f"{path} has no integer 'step' coordinate; {expected}.")
-        steps = np.asarray(step[:])
-        if np.ma.isMaskedArray(steps) and np.ma.getmaskarray(steps).any():
-            raise StoredFileError(f"{path} has missing 'step' values; {expected}.")
-        steps = np.asarray(steps, dtype=np.int64)
-        if steps.size and (steps.min() < 0 or steps.max() > MAX_STEP or np.any(np.diff(steps) <= 0)):
+        kind = np.dtype(var.dtype).kind if var.dtype is not str else "O"
+        if kind not in "fiuO" and not (kind == "S" and name in labelled):
+            raise StoredFileError(f"{path}: variable {name!r} has type {var.dtype}, not numbers; {expected}.")
+        count = int(np.prod([dims[d] for d in var.dimensions], dtype=object)) if var.dimensions else 1
+        declared += count * (_STRING_BYTES if kind in "OS" else np.dtype(var.dtype).itemsize)
+        if declared > MAX_STORE_BYTES:
             raise StoredFileError(
-                f"{path}: its steps are not increasing optimizer steps in [0, 2**53] "
-                f"(first {steps[:3].tolist()}); {expected}."
+                f"{path} declares more than {MAX_STORE_BYTES // 2**30} GiB of data (variable {name!r} alone: "
+                f"{count} values), more than any tracker store holds; {expected}."
             )
-    finally:
-        nc.close()
+    step = nc.variables.get(STEP)
+    if step is None or step.dimensions != (STEP,) or np.dtype(step.dtype).kind not in "iu":
+        raise StoredFileError(f"{path} has no integer 'step' coordinate; {expected}.")
+    steps = np.asarray(step[:])
+    if np.ma.isMaskedArray(steps) and np.ma.getmaskarray(steps).any():
+        raise StoredFileError(f"{path} has missing 'step' values; {expected}.")
+    steps = np.asarray(steps, dtype=np.int64)
+    if steps.size and (steps.min() < 0 or steps.max() > MAX_STEP or np.any(np.diff(steps) <= 0)):
+        raise StoredFileError(
+            f"{path}: its steps are not increasing optimizer steps in [0, 2**53] "
+            f"(first {steps[:3].tolist()}); {expected}."
+        )
 
 
 def check_metrics_step(value) -> int:

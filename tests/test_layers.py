@@ -19,6 +19,7 @@ FLOORS = [
         "utilities",
         [
             "perl.schema",
+            "perl.ncfiles",
             "perl.rundir",
             "perl.progress",
             "perl.runcard",

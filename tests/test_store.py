@@ -379,3 +379,56 @@ def test_a_lazy_reader_still_reads_files_the_writer_merged_or_continued_since(tm
     assert not (store.path / "steps_0000000003_0000000004.nc").exists()
     np.testing.assert_array_equal(lazy.singular_values.values, _expected_sv(range(5)))
     assert lazy.effective_rank.sel(layer=0, module="q_proj").values.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_lazy_reader_whose_handles_were_closed_reads_the_steps_where_they_are_now(tmp_path, small_blocks):
+    from perl import ncfiles
+
+    store = RunStore(tmp_path / "h.nc")
+    for step in range(5):
+        store.append(snapshot(step))
+    lazy = RunStore.open(store.path, lazy=True)
+    for step in range(5, 12):  # the files listed above are merged away
+        store.append(snapshot(step))
+    ncfiles.close_all()  # as when more files were read since than stay open
+    np.testing.assert_array_equal(lazy.singular_values.values, _expected_sv(range(5)))
+    store.truncate_after(1)  # a resume removed steps 2..4: a clear error, not old or wrong values
+    ncfiles.close_all()
+    with pytest.raises(StoreError, match="were removed"):
+        lazy.singular_values.load()
+
+
+def test_reading_a_cell_opens_each_file_once(tmp_path, small_blocks, monkeypatch):
+    """A read opens a file once, whatever the number of variables (it opened it per variable and
+    chunk: 95% of the time of one cell of a 10,000-snapshot live store), and never holds two
+    handles on one file (netCDF-C's strong close of one breaks the other)."""
+    import netCDF4
+
+    from perl import ncfiles
+
+    store = RunStore(tmp_path / "h.nc")
+    for step in range(14):
+        store.append(snapshot(step, extra=True))
+    files = _files(store.path)
+    assert len(files) == 3
+    ncfiles.close_all()
+    opened = []
+    real = netCDF4.Dataset
+
+    def counting(path, mode="r", *args, **kwargs):
+        if mode == "r":  # note: not the writer's own new files
+            opened.append(os.path.basename(str(path)))
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(netCDF4, "Dataset", counting)
+    lazy = RunStore.open(store.path, lazy=True)
+    cell = lazy.sel(layer=0, module="q_proj").load()
+    assert cell.effective_rank.values.tolist() == list(map(float, range(14)))
+    assert cell.magnitude_norm.values.tolist() == [-float(s) for s in range(14)]
+    RunStore.open(store.path)  # an eager read and the writer's own reads share the handles too
+    store.append(snapshot(14, extra=True))
+    assert sorted(opened) == sorted(set(opened)) and set(files) <= set(opened)
+    assert ncfiles.open_count() == len(set(opened))
+    lazy.close()  # a lazily opened store holds its files until closed, as xarray's own do
+    assert ncfiles.open_count() == 0
+    np.testing.assert_array_equal(lazy.singular_values.values, _expected_sv(range(14)))  # opened again

@@ -48,20 +48,24 @@ from __future__ import annotations
 import bisect
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import netCDF4
 import numpy as np
 import xarray as xr
 
+from perl.ncfiles import reading, release
+
 from .store_format import _READ_RETRIES, BLOCK, MERGE, PART, STEP, StoreError
 from .store_read import (
-    _check_header,
+    _checked,
     _combine,
     _decode_attrs,
     _decoded,
     _equal_attr,
     _FileVariable,
+    _layout,
     _n_steps_hint,
     _open_file,
     _open_files_lazily,
@@ -142,9 +146,9 @@ class RunStore:
         """Read a store (live folder, final file, or an older single-file store).
 
         ``lazy=False`` reads everything into memory and closes the files at once. ``lazy=True``
-        returns dask-backed variables: a final file reads only the chunks of what is selected; a
-        live folder reads by file and layer, opening the file at each read (no handle is held,
-        and a file the writer has merged or continued since is read where its steps are now).
+        returns dask-backed variables read by file and layer through shared handles that stay
+        open until ``ds.close()`` (:mod:`perl.ncfiles`); a file the writer has merged or continued
+        since is read as it was opened (or, its handle closed, where its steps are now).
 
         Args:
             path (str | Path): a store folder or a ``.nc`` file written by a RunStore.
@@ -185,9 +189,9 @@ class RunStore:
     def open_stacked(paths: list, dim: str = "run") -> xr.Dataset | None:
         """Single-file stores of one layout (a sweep's final files) stacked along ``dim``, lazily, not decoded.
 
-        The first file is opened by xarray; the others only by netCDF4, their variables wrapped in
-        dask arrays directly: opening 100 files through xarray took ~0.3 s each on 2 busy cores,
-        this ~0.03 s (benchmarks/open_runs.py). Returns None when a path is a store folder or a
+        Files are read through netCDF4's shared handles (:mod:`perl.ncfiles`), their variables
+        wrapped in dask arrays directly: opening 100 files through xarray took ~0.3 s each on 2
+        busy cores, this ~0.03 s (benchmarks/open_runs.py). Returns None when a path is a store folder or a
         file's variables, dimensions, dtypes or coordinate values differ from the first's: the
         caller then opens them one by one. Decode the result with ``xr.decode_cf``.
 
@@ -200,51 +204,36 @@ class RunStore:
         paths = [Path(p) for p in paths]
         if not paths or not all(p.is_file() for p in paths):
             return None
+        first, attrs, identities = None, {}, []
         for path in paths:
-            _check_header(path)
-        files, first, attrs, same = [], None, {}, True
-        try:
-            for path in paths:
-                try:
-                    nc = netCDF4.Dataset(path, "r")  # note: stays open while the dask arrays below live
-                except OSError as err:
-                    raise StoreError(
-                        f"Cannot read run store {path} ({err}); expected a netCDF4 file written by a tracker."
-                    ) from err
-                files.append(nc)
-                nc.set_auto_maskandscale(False)
+            with _checked(path) as handle:  # note: shared handles, kept open for the reads (perl.ncfiles)
+                nc = handle.nc
                 if first is None:
+                    layout = _layout(nc)
                     first = _static_part(nc)  # coordinates, static variables, attrs (raw)
                     attrs = dict(first.attrs)
-                same = _same_layout(nc, files[0], first)
-                if not same:
-                    break
+                    raws = {name: (var.shape, var.dimensions, *_decoded(var)) for name, var in nc.variables.items()}
+                elif not _same_layout(nc, layout, first):
+                    return None
                 attrs = {k: v for k, v in attrs.items() if k in nc.ncattrs() and _equal_attr(nc.getncattr(k), v)}
-            if not same:
-                return None
-            token = "-".join(f"{p}:{p.stat().st_mtime_ns}" for p in paths)
-            data = {}
-            for name in files[0].variables:
-                raw = files[0].variables[name]
-                if name in first.coords:
-                    continue  # dimension coordinates: the first file's (checked equal in every file)
-                dtype, attrs_ = _decoded(raw)
-                stacked = _Stacked([_FileVariable(p, name) for p in paths], raw.shape, dtype)
-                chunks = (1, *(max(1, n) for n in raw.shape))
-                array = dsa.from_array(
-                    stacked,
-                    chunks=chunks,
-                    name=f"perl-stacked-{abs(hash(token))}-{name}",
-                    meta=np.empty((0,) * stacked.ndim, dtype=dtype),
-                )
-                data[name] = ((dim, *raw.dimensions), array, attrs_)
-        finally:
-            # note: no handle stays open: closing one of two netCDF handles on a file while reading
-            # through the other crashed the process (segfault); each read opens its file
-            for nc in files:
-                nc.close()
+                identities.append(handle.identity)
+        token = "-".join(map(str, identities))
+        data = {}
+        for name, (shape, dims, dtype, attrs_) in raws.items():
+            if name in first.coords:
+                continue  # dimension coordinates: the first file's (checked equal in every file)
+            stacked = _Stacked([_FileVariable(p, name, opened=i) for p, i in zip(paths, identities)], shape, dtype)
+            chunks = (1, *(max(1, n) for n in shape))
+            array = dsa.from_array(
+                stacked,
+                chunks=chunks,
+                name=f"perl-stacked-{abs(hash(token))}-{name}",
+                meta=np.empty((0,) * stacked.ndim, dtype=dtype),
+            )
+            data[name] = ((dim, *dims), array, attrs_)
         stacked_ds = first.assign(data)
         stacked_ds.attrs = attrs
+        stacked_ds.set_close(partial(release, identities))
         return _decode_attrs(stacked_ds)
 
     # ---------------------------------------------------------------- writing
@@ -275,9 +264,9 @@ class RunStore:
         held = self._count(last[0], last[1]) if last else 0
         previous: dict = {}
         if last is not None:
-            with netCDF4.Dataset(last[2], "r") as nc:
-                _check_schema(nc, ds, self.path)
-                previous = {k: nc.getncattr(k) for k in nc.ncattrs() if k != "coordinates"}
+            with reading(last[2], keep=False) as handle:
+                _check_schema(handle.nc, ds, self.path)
+                previous = {k: handle.nc.getncattr(k) for k in handle.nc.ncattrs() if k != "coordinates"}
         attrs = {**previous, **ds.attrs, **self.attrs}  # global attrs accumulate, the latest value wins
         if last is not None and held + len(new_steps) <= BLOCK:
             # continue the newest small file: copy it (at most BLOCK snapshots), append to the copy (one

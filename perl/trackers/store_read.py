@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import netCDF4
 import numpy as np
 import xarray as xr
+
+from perl.ncfiles import Handle, reading, release
 
 from .store_format import BLOCK, PART, STEP, StoreError
 
@@ -44,15 +49,41 @@ def _n_steps_hint(path: Path) -> int:
 
 
 def _open_file(path: Path, lazy: bool, decode: bool = True) -> xr.Dataset:
-    _check_header(path)
+    """One store file: loaded into memory, or lazily (dask, chunks of one layer), CF-decoded or raw."""
+    ds = _open_files_lazily([path]) if lazy else _load_file(path)
+    return xr.decode_cf(ds) if decode else ds
+
+
+def _load_file(path: Path) -> xr.Dataset:
+    """Every variable of a store file in memory, raw (not CF-decoded); the file is not held open."""
+    with _checked(path, keep=False) as handle:
+        nc = handle.nc
+        ds = _static_part(nc)
+        data = {}
+        for name, var in nc.variables.items():
+            if name not in ds.variables:
+                dtype, attrs = _decoded(var)
+                data[name] = xr.Variable(tuple(var.dimensions), np.asarray(var[...], dtype=dtype), attrs)
+        return ds.assign(data)
+
+
+@contextmanager
+def _checked(path: Path, opened: tuple | None = None, keep: bool = True) -> Iterator[Handle]:
+    """The shared handle on a store file whose header passed `perl.schema.check_store_file`
+    (checked once while it is open). netCDF4/HDF5's errors on a damaged file, opening it or in the
+    body, become one StoreError naming it; FileNotFoundError when it is gone (the writer replaced it)."""
+    from perl.schema import StoredFileError, check_store_handle
+
     try:
-        ds = xr.open_dataset(path, engine="netcdf4", cache=False, chunks=-1 if lazy else None, decode_cf=decode)
-        if not lazy:
-            with ds:
-                ds = ds.load()
-        return ds
-    except FileNotFoundError:
+        with reading(path, opened, keep=keep) as handle:
+            check_store_handle(handle)
+            yield handle
+    except (FileNotFoundError, StoreError):
         raise
+    except StoredFileError as err:
+        if not path.exists():  # note: the writer replaced it between listing and reading: list again
+            raise FileNotFoundError(str(path)) from None
+        raise StoreError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - netCDF4/HDF5 raise many types for a damaged file
         if not path.exists():  # note: HDF5 reports a file removed while it opened it as an "HDF error"
             raise FileNotFoundError(str(path)) from err
@@ -117,70 +148,57 @@ def _stack(parts: list[xr.Dataset]) -> xr.Dataset:
 
 
 def _open_files_lazily(files: list[Path]) -> xr.Dataset | None:
-    """The files of a store folder as one lazy, not decoded Dataset: one dask array per variable
-    whose chunks are the files (a file the writer has since merged or continued is read from the
-    file that now holds its steps). Selecting one (layer, module) reads only its chunks; xr.concat of
-    per-file dask arrays read 86% of a 10,000-snapshot store for one cell (benchmarks/open_runs.py).
-    None when the files do not all hold the same variables (a variable added during the run)."""
+    """The files of a store as one lazy, not decoded Dataset: one dask array per variable whose
+    chunks are the files (each read through the file's shared handle, see :mod:`perl.ncfiles`; a
+    file the writer has since merged or continued is still read as it was listed). Selecting one
+    (layer, module) reads only its layer's chunks; xr.concat of per-file dask arrays read 86% of a
+    10,000-snapshot store for one cell (benchmarks/open_runs.py). None when the files do not all
+    hold the same variables (a variable added during the run)."""
     import dask.array as dsa
 
+    tails, steps, identities, names = [], [], [], None
     for file in files:
-        _check_header(file)
-    handles = []
-    try:
-        for file in files:
-            try:
-                nc = netCDF4.Dataset(file, "r")
-            except OSError as err:
-                if not file.exists():
-                    raise FileNotFoundError(str(file)) from err
-                raise StoreError(
-                    f"Cannot read run store {file} ({err}); expected a netCDF4 file written by a tracker."
-                ) from err
-            nc.set_auto_maskandscale(False)
-            handles.append(nc)
-        last = handles[-1]
-        names = set(last.variables)
-        if any(set(nc.variables) != names for nc in handles):
-            return None
-        # note: never open a file through xarray while a netCDF4 handle on it is open: closing one of
-        # two handles on a file broke later opens in the process ("NetCDF: HDF error")
-        tail = _static_part(last)
-        steps = [np.asarray(nc.variables[STEP][:]) for nc in handles]
-        lengths = tuple(len(s) for s in steps)
-        token = abs(hash(tuple(f"{f}:{f.stat().st_mtime_ns}" for f in files)))
-        data = {}
-        for name in last.variables:
-            raw = last.variables[name]
-            dims = tuple(raw.dimensions)
-            if STEP not in dims or name in tail.variables:
-                continue  # static variables and coordinates: read above
-            dtype, attrs_ = _decoded(raw)
-            joined = _Joined(
-                [_FileVariable(f, name, st) for f, st in zip(files, steps)],
-                dims.index(STEP),
-                lengths,
-                raw.shape,
-                dtype,
-            )
-            # note: one dask chunk per file and layer: selecting one (layer, module) computes only its
-            # layer's chunks (dask does not push the selection into a custom reader's read)
-            chunks = tuple(
-                lengths if d == STEP else ((1,) * n if d == "layer" else (max(1, n),))
-                for d, n in zip(dims, joined.shape)
-            )
-            array = dsa.from_array(
-                joined,
-                chunks=chunks,
-                name=f"perl-store-{token}-{name}",
-                meta=np.empty((0,) * joined.ndim, dtype=dtype),
-            )
-            data[name] = (dims, array, attrs_)
-        tail = tail.assign({STEP: xr.Variable((STEP,), np.concatenate(steps), tail[STEP].attrs)})
-        return tail.assign(data)
-    finally:
-        for nc in handles:  # note: each read opens its file again (see RunStore.open_stacked)
-            nc.close()
+        with _checked(file) as handle:
+            nc = handle.nc
+            if names is None:
+                names = set(nc.variables)
+            elif set(nc.variables) != names:
+                return None
+            steps.append(np.asarray(nc.variables[STEP][:]))
+            identities.append(handle.identity)
+            if file is files[-1]:
+                tails.append(_static_part(nc))
+                raws = {name: (tuple(var.dimensions), var.shape, *_decoded(var)) for name, var in nc.variables.items()}
+    tail = tails[0]
+    lengths = tuple(len(s) for s in steps)
+    token = abs(hash(tuple(identities)))
+    data = {}
+    for name, (dims, shape, dtype, attrs_) in raws.items():
+        if STEP not in dims or name in tail.variables:
+            continue  # static variables and coordinates: read above
+        joined = _Joined(
+            [_FileVariable(f, name, st, ident) for f, st, ident in zip(files, steps, identities)],
+            dims.index(STEP),
+            lengths,
+            shape,
+            dtype,
+        )
+        # note: one dask chunk per file and layer: selecting one (layer, module) computes only its
+        # layer's chunks (dask does not push the selection into a custom reader's read)
+        chunks = tuple(
+            lengths if d == STEP else ((1,) * n if d == "layer" else (max(1, n),)) for d, n in zip(dims, joined.shape)
+        )
+        array = dsa.from_array(
+            joined,
+            chunks=chunks,
+            name=f"perl-store-{token}-{name}",
+            meta=np.empty((0,) * joined.ndim, dtype=dtype),
+        )
+        data[name] = (dims, array, attrs_)
+    tail = tail.assign({STEP: xr.Variable((STEP,), np.concatenate(steps), tail[STEP].attrs)})
+    ds = tail.assign(data)
+    ds.set_close(partial(release, identities))  # note: ds.close() closes its files (a later read opens them again)
+    return ds
 
 
 def _static_part(nc: netCDF4.Dataset) -> xr.Dataset:
@@ -231,43 +249,43 @@ class _Joined:
 
 
 class _FileVariable:
-    """One variable of one store file, opened at every read (no handle is held between reads)."""
+    """One variable of one store file, read through the file's shared handle (:mod:`perl.ncfiles`).
 
-    def __init__(self, path: Path, name: str, steps: np.ndarray | None = None):
-        self.path, self.name, self.steps = path, name, steps
+    ``opened`` is the file's identity when the Dataset was built: its handle reads the file as it
+    was then, even after the writer merged or continued it. When that handle was closed since (more
+    files were read than stay open), the steps are read from the file that holds them now.
+    """
+
+    def __init__(self, path: Path, name: str, steps: np.ndarray | None = None, opened: tuple | None = None):
+        self.path, self.name, self.steps, self.opened = path, name, steps, opened
 
     def __getitem__(self, key):
-        from xarray.backends.locks import HDF5_LOCK
-
-        with HDF5_LOCK:
-            try:
-                with netCDF4.Dataset(self.path, "r") as nc:
-                    nc.set_auto_maskandscale(False)
-                    return np.asarray(nc.variables[self.name][key])
-            except (OSError, RuntimeError) as err:
-                if self.steps is None or self.path.exists():
-                    raise StoreError(
-                        f"Cannot read run store {self.path} ({err}); expected a netCDF4 file written by a tracker."
-                    ) from err
-            # the writer has merged or continued this file since it was listed: read its steps where they are now
-            for first, last, path in _parts(self.path.parent):
-                if first <= self.steps[0] and self.steps[-1] <= last:
-                    with netCDF4.Dataset(path, "r") as nc:
-                        nc.set_auto_maskandscale(False)
-                        var = nc.variables[self.name]
-                        axis = var.dimensions.index(STEP)
-                        where = np.searchsorted(np.asarray(nc.variables[STEP][:]), self.steps)
-                        key = key if isinstance(key, tuple) else (key,)
-                        key = key + (slice(None),) * (len(var.dimensions) - len(key))
-                        sub = list(key)
-                        sub[axis] = where[key[axis]]
-                        if np.ndim(sub[axis]):
-                            sub[axis] = _as_slice(sub[axis])
-                        return np.asarray(var[tuple(sub)])
+        try:
+            return self._read(self.path, key, self.opened)
+        except FileNotFoundError:
+            if self.steps is None:
+                raise StoreError(f"The run store file {self.path} was removed; open the run again.") from None
+        for first, last, path in _parts(self.path.parent):
+            if first <= self.steps[0] and self.steps[-1] <= last:
+                return self._read(path, key, None, self.steps)
         raise StoreError(
             f"Steps {int(self.steps[0])}..{int(self.steps[-1])} of {self.path.parent} were removed "
             "(a resume truncated the store); open it again."
         )
+
+    def _read(self, path: Path, key, opened, steps=None):
+        with _checked(path, opened) as handle:
+            var = handle.nc.variables[self.name]
+            if steps is not None:  # this file holds more steps than the one listed: find ours in it
+                axis = var.dimensions.index(STEP)
+                where = np.searchsorted(np.asarray(handle.nc.variables[STEP][:]), steps)
+                key = key if isinstance(key, tuple) else (key,)
+                key = list(key + (slice(None),) * (len(var.dimensions) - len(key)))
+                key[axis] = where[key[axis]]
+                if np.ndim(key[axis]):
+                    key[axis] = _as_slice(key[axis])
+                key = tuple(key)
+            return np.asarray(var[key])
 
 
 def _decoded(raw) -> tuple[np.dtype, dict]:
@@ -313,18 +331,18 @@ class _Stacked:
         return np.stack([np.asarray(self.variables[int(i)][rest], dtype=self.dtype) for i in runs])
 
 
-def _same_layout(nc: netCDF4.Dataset, ref: netCDF4.Dataset, first: xr.Dataset) -> bool:
-    """Whether an open file has the variables, dimensions and dtypes of ``ref`` and the coordinate values of ``first``."""
-    if set(nc.variables) != set(ref.variables) or set(nc.dimensions) != set(ref.dimensions):
+def _layout(nc: netCDF4.Dataset) -> tuple[dict, dict]:
+    """What `_same_layout` compares: dimension sizes, and each variable's dimensions and dtype."""
+    dims = {name: len(d) for name, d in nc.dimensions.items()}
+    return dims, {name: (tuple(var.dimensions), var.dtype) for name, var in nc.variables.items()}
+
+
+def _same_layout(nc: netCDF4.Dataset, layout: tuple[dict, dict], first: xr.Dataset) -> bool:
+    """Whether an open file has the `_layout` of the first file and the coordinate values of ``first``."""
+    if _layout(nc) != layout:
         return False
-    if any(len(nc.dimensions[d]) != len(ref.dimensions[d]) for d in ref.dimensions):
-        return False
-    for name, mine in ref.variables.items():
-        other = nc.variables[name]
-        if tuple(other.dimensions) != tuple(mine.dimensions) or other.dtype != mine.dtype:
-            return False
     for name in first.dims:
-        if name in first.variables and nc is not ref:
+        if name in first.variables:
             var, values = first[name], np.asarray(nc.variables[name][:])
             same = (
                 [str(v) for v in values] == [str(v) for v in var.values]
@@ -362,14 +380,3 @@ def _precision_note(ds: xr.Dataset, float32: bool) -> str:
         )
     kinds = {str(ds[n].dtype) for n in ds.data_vars if ds[n].dtype.kind == "f"}
     return f"{', '.join(sorted(kinds)) or 'float64'} as computed; merged and final files compressed losslessly (zlib + shuffle)"
-
-
-def _check_header(path: Path) -> None:
-    from perl.schema import StoredFileError, check_store_file  # note: readers validate before loading
-
-    try:
-        check_store_file(path)
-    except StoredFileError as err:
-        if not Path(path).exists():  # note: the writer replaced it between listing and reading: list again
-            raise FileNotFoundError(str(path)) from None
-        raise StoreError(str(err)) from None

@@ -12,6 +12,8 @@ import netCDF4
 import numpy as np
 import xarray as xr
 
+from perl.ncfiles import reading
+
 from .store_format import _CELL_DIMS, _CHUNK_BYTES, _READ_RETRIES, BLOCK, MERGE, STEP, StoreError
 from .store_read import _parts
 
@@ -222,9 +224,9 @@ def _read_steps(path: Path) -> list[int]:
         steps: list[int] = []
         try:
             for file in files:
-                with netCDF4.Dataset(file, "r") as nc:
-                    if STEP in nc.variables:
-                        steps.extend(int(s) for s in np.asarray(nc.variables[STEP][:]))
+                with reading(file, keep=False) as handle:
+                    if STEP in handle.nc.variables:
+                        steps.extend(int(s) for s in np.asarray(handle.nc.variables[STEP][:]))
             return steps
         except OSError as err:
             if path.is_dir() and not file.exists():
