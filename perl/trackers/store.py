@@ -25,7 +25,7 @@ writes the consolidated single ``*_final.nc`` file at the end of training. A sto
 earlier version as one ``.nc`` file is still read, and continued in the folder layout.
 
 Storage: merged and final files are compressed losslessly (zlib + shuffle) in chunks of one
-(layer, module) cell; small files are not compressed (appends fill their one chunk per variable in
+(layer, module) cell; small files are not compressed (appends fill their chunks of one layer in
 place; HDF5 would not reuse the space of a rewritten compressed chunk). A store created with
 ``float32=True`` keeps float64 values as float32 (for quantities computed from float32
 weights, where the extra digits are rounding noise of the computation, not data) and says so in
