@@ -416,8 +416,9 @@ def test_reading_a_cell_opens_each_file_once(tmp_path, small_blocks, monkeypatch
     real = netCDF4.Dataset
 
     def counting(path, mode="r", *args, **kwargs):
-        if mode == "r":  # note: not the writer's own new files
-            opened.append(os.path.basename(str(path)))
+        name = os.path.basename(str(path))
+        if mode == "r" and not name.startswith("."):  # note: not the writer's own new files
+            opened.append(name)
         return real(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(netCDF4, "Dataset", counting)
@@ -428,7 +429,35 @@ def test_reading_a_cell_opens_each_file_once(tmp_path, small_blocks, monkeypatch
     RunStore.open(store.path)  # an eager read and the writer's own reads share the handles too
     store.append(snapshot(14, extra=True))
     assert sorted(opened) == sorted(set(opened)) and set(files) <= set(opened)
-    assert ncfiles.open_count() == len(set(opened))
+    assert ncfiles.open_count() == len(set(opened))  # the writer's reads closed what they opened
     lazy.close()  # a lazily opened store holds its files until closed, as xarray's own do
     assert ncfiles.open_count() == 0
     np.testing.assert_array_equal(lazy.singular_values.values, _expected_sv(range(14)))  # opened again
+
+
+def test_a_small_file_is_compressed_once_full_and_read_back_the_same(tmp_path, small_blocks):
+    import netCDF4
+
+    store = RunStore(tmp_path / "h.nc", float32=True)
+    steps = list(range(5))
+    for step in steps:  # files: 0..2 (full), 3..4 (filling)
+        big = snapshot(step, n_layers=4, n_sv=256)
+        big["singular_values"] = big.singular_values.fillna(0.0) + np.arange(256) % 7  # compressible
+        store.append(big)
+    full, filling = _files(store.path)
+
+    def zlib(name):
+        with netCDF4.Dataset(store.path / name) as nc:
+            return nc.variables["singular_values"].filters()["zlib"]
+
+    assert (full, filling) == ("steps_0000000000_0000000002.nc", "steps_0000000003_0000000004.nc")
+    assert zlib(full) and not zlib(filling)  # the filling one is appended to in place
+    assert (store.path / full).stat().st_size < (store.path / filling).stat().st_size
+    ds = RunStore.open(store.path)
+    expected = np.asarray(steps, float)[:, None, None, None] + np.arange(256) % 7
+    expected = np.broadcast_to(expected, (5, 4, len(MODULES), 256)).copy()
+    expected[:, 1, 2, :] = np.arange(256) % 7
+    np.testing.assert_array_equal(ds.singular_values.values, expected.astype(np.float32))
+    store.append(snapshot(5, n_layers=4, n_sv=256))  # fills 3..5: compressed too, then merged with 0..2
+    assert _files(store.path) == ["steps_0000000000_0000000005.nc"]
+    assert RunStore.open(store.path).step.values.tolist() == list(range(6))

@@ -9,8 +9,8 @@ attrs) holding a run of consecutive snapshots:
 
 - the newest file holds the last < ``BLOCK`` snapshots; an append copies it (at most ``BLOCK``
   snapshots, a few MB at 1.5B shapes), appends to the copy, fsyncs it and renames it into place
-  under its new name, then removes the old one. Once it holds ``BLOCK`` snapshots it is left as
-  it is and the next append starts a new file;
+  under its new name, then removes the old one. The append that fills it to ``BLOCK`` snapshots
+  writes it compressed instead (it is never written again), and the next append starts a new file;
 - every ``MERGE`` full files are merged into one file of ``BLOCK * MERGE`` snapshots, written
   fresh with chunks of one (layer, module) cell, renamed into place, and the small files removed.
 
@@ -25,8 +25,9 @@ writes the consolidated single ``*_final.nc`` file at the end of training. A sto
 earlier version as one ``.nc`` file is still read, and continued in the folder layout.
 
 Storage: merged and final files are compressed losslessly (zlib + shuffle) in chunks of one
-(layer, module) cell; small files are not compressed (appends fill their chunks of one layer in
-place; HDF5 would not reuse the space of a rewritten compressed chunk). A store created with
+(layer, module) cell, full small files in chunks of one layer; the newest small file is not
+compressed (appends fill its chunks of one layer in place; HDF5 would not reuse the space of a
+rewritten compressed chunk). A store created with
 ``float32=True`` keeps float64 values as float32 (for quantities computed from float32
 weights, where the extra digits are rounding noise of the computation, not data) and says so in
 the global attr ``stored_float_precision``.
@@ -78,6 +79,7 @@ from .store_read import (
 )
 from .store_write import (
     CELL,
+    FULL,
     SMALL,
     _append_into,
     _as_step_dataset,
@@ -277,18 +279,21 @@ class RunStore:
                 with netCDF4.Dataset(tmp, "a") as nc:
                     _append_into(nc, ds, layout=SMALL, float32=self.float32)
                     _set_global_attrs(nc, attrs)
-                _fsync_and_replace(tmp, self._name(last[0], new_steps[-1]))
+                if held + len(new_steps) < BLOCK:
+                    _fsync_and_replace(tmp, self._name(last[0], new_steps[-1]))
+                else:  # full: it is never written again, so it is written once more, compressed
+                    _write_file(self._name(last[0], new_steps[-1]), _open_file(tmp, lazy=False), attrs, layout=FULL)
             finally:
                 tmp.unlink(missing_ok=True)
             _unlink_quietly(last[2])
         elif staging is not None:
             # the first file is written in a hidden folder renamed into place: a store that exists has a snapshot
-            _write_file(
-                staging / self._name(new_steps[0], new_steps[-1]).name, ds, attrs, layout=SMALL, float32=self.float32
-            )
+            name = staging / self._name(new_steps[0], new_steps[-1]).name
+            _write_file(name, ds, attrs, layout=SMALL if len(new_steps) < BLOCK else FULL, float32=self.float32)
             _fsync_and_replace(staging, self.path)
         else:
-            _write_file(self._name(new_steps[0], new_steps[-1]), ds, attrs, layout=SMALL, float32=self.float32)
+            layout = SMALL if len(new_steps) < BLOCK else FULL
+            _write_file(self._name(new_steps[0], new_steps[-1]), ds, attrs, layout=layout, float32=self.float32)
         self._steps.extend(new_steps)
         self._merge_if_due()
 

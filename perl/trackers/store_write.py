@@ -44,7 +44,8 @@ def _cell_chunks(var: xr.Variable) -> tuple[int, ...] | None:
 
 
 # (chunk sizes of a variable, zlib level; 0: uncompressed). Level 1 compresses as well as 4 here (measured)
-SMALL = (_block_chunks, 0)
+SMALL = (_block_chunks, 0)  # the newest small file, filled in place
+FULL = (_block_chunks, 1)  # a small file once full: never written again, so compressed
 CELL = (_cell_chunks, 1)
 
 
