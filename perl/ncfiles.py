@@ -10,14 +10,16 @@ HDF5 files with the "strong" close degree, so closing one of two handles on a fi
 objects of the other, and the next read through it crashed the process (seen as a segfault and as
 "NetCDF: HDF error"). Every read of a store file in perl (the header check, the store's readers and
 its writer reading the file it continues) goes through :func:`reading`; the writer's own files are
-new files (new inodes) renamed into place, never opened for reading while written.
+new files (new inodes) renamed into place, never opened for reading while written, and it writes
+them holding :func:`locked`.
 
 A handle stays valid when the file's name is removed or replaced (a writer merging small files,
 a resume truncating the store): the handle still reads the file as it was when it was opened,
 which is the snapshot a lazily opened Dataset was built from. Handles are closed least recently
 used first beyond `MAX_OPEN`, when the file at the path changed (inode, size or mtime), and by
 :func:`close_all`. netCDF-C is not thread-safe: every use holds xarray's HDF5 lock (the one
-xarray's own netCDF4 backend takes), so dask threads and xarray's readers take turns.
+xarray's own netCDF4 backend takes), so dask threads, xarray's readers and a writer in another
+thread of the process take turns.
 
 Usage:
     with reading(path) as handle:
@@ -56,12 +58,13 @@ _handles: OrderedDict[tuple[int, int], Handle] = OrderedDict()
 
 
 _rlock = threading.RLock()
-_depth = 0  # note: how deep the thread holding _rlock is nested in `_locked` (only it changes this)
+_depth = 0  # note: how deep the thread holding _rlock is nested in `locked` (only it changes this)
 
 
 @contextmanager
-def _locked() -> Iterator[None]:
-    """xarray's HDF5 lock, re-entrant for this module (a reader may check a header while it reads)."""
+def locked() -> Iterator[None]:
+    """xarray's HDF5 lock, re-entrant for perl (a reader may check a header while it reads). Held by
+    every read here and by the store's writer, so netCDF-C is never entered by two threads at once."""
     global _depth
     from xarray.backends.locks import HDF5_LOCK
 
@@ -102,7 +105,7 @@ def reading(
         FileNotFoundError: no file at ``path`` (or not the one asked for).
         OSError, RuntimeError: netCDF4 cannot open it (not a netCDF file, damaged).
     """
-    with _locked():
+    with locked():
         before = len(_handles)
         handle = _handle(Path(path), opened)
         fresh = len(_handles) > before
@@ -157,7 +160,7 @@ def _close(key: tuple[int, int]) -> None:
 
 def close_all() -> None:
     """Close every shared handle (e.g. before removing run folders, to give their space back at once)."""
-    with _locked():
+    with locked():
         for key in list(_handles):
             _close(key)
 
@@ -165,7 +168,7 @@ def close_all() -> None:
 def release(identities) -> None:
     """Close the handles on these files (identities as `Handle.identity`), if open: a Dataset's
     ``close()``. Readers that still need them open them again."""
-    with _locked():
+    with locked():
         for ident in identities:
             held = _handles.get(ident[:2])
             if held is not None and held.identity == tuple(ident):

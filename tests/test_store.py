@@ -461,3 +461,33 @@ def test_a_small_file_is_compressed_once_full_and_read_back_the_same(tmp_path, s
     store.append(snapshot(5, n_layers=4, n_sv=256))  # fills 3..5: compressed too, then merged with 0..2
     assert _files(store.path) == ["steps_0000000000_0000000005.nc"]
     assert RunStore.open(store.path).step.values.tolist() == list(range(6))
+
+
+def test_a_reader_thread_and_the_writer_in_one_process(tmp_path, small_blocks):
+    """A notebook that trains and reads in one kernel: the writer appends (merging and compressing
+    files) while another thread reads the store lazily; every read is a consistent prefix."""
+    import threading
+
+    path, n = tmp_path / "live.nc", 40
+    store = RunStore(path)
+    store.append(snapshot(0))
+    seen, errors, done = [], [], threading.Event()
+
+    def read():
+        try:
+            while not done.is_set():
+                ds = RunStore.open(path, lazy=True)
+                seen.append(_check_consistent(ds.load()))
+                ds.close()
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for step in range(1, n):
+        store.append(snapshot(step))
+    done.set()
+    reader.join(timeout=120)
+    assert not errors and not reader.is_alive()
+    assert len(seen) >= 2 and seen == sorted(seen)
+    assert _check_consistent(RunStore.open(path)) == n

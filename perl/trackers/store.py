@@ -56,7 +56,7 @@ import netCDF4
 import numpy as np
 import xarray as xr
 
-from perl.ncfiles import reading, release
+from perl.ncfiles import locked, reading, release
 
 from .store_format import _READ_RETRIES, BLOCK, MERGE, PART, STEP, StoreError
 from .store_read import (
@@ -276,7 +276,7 @@ class RunStore:
             tmp = self._temporary()
             try:
                 shutil.copyfile(last[2], tmp)
-                with netCDF4.Dataset(tmp, "a") as nc:
+                with locked(), netCDF4.Dataset(tmp, "a") as nc:
                     _append_into(nc, ds, layout=SMALL, float32=self.float32)
                     _set_global_attrs(nc, attrs)
                 if held + len(new_steps) < BLOCK:
@@ -372,7 +372,7 @@ class RunStore:
                     _write_file(tmp, slab, attrs, layout=CELL, replace=False)
                     written = True
                 else:
-                    with netCDF4.Dataset(tmp, "a") as nc:
+                    with locked(), netCDF4.Dataset(tmp, "a") as nc:
                         _append_into(nc, slab, layout=CELL)
                         _set_global_attrs(nc, attrs)
                 held = []

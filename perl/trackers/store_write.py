@@ -12,7 +12,7 @@ import netCDF4
 import numpy as np
 import xarray as xr
 
-from perl.ncfiles import reading
+from perl.ncfiles import locked, reading
 
 from .store_format import _CELL_DIMS, _CHUNK_BYTES, _READ_RETRIES, BLOCK, MERGE, STEP, StoreError
 from .store_read import _parts
@@ -56,7 +56,7 @@ def _write_file(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp") if replace else path
     try:
-        with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
+        with locked(), netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
             if STEP in ds.dims or STEP in ds.coords:
                 ds = _as_step_dataset(ds)
             nc.createDimension(STEP, None)
