@@ -9,8 +9,10 @@ Countdown prompts (GRPO's generation is not what is under test: the trackers are
 uses the same batch, so the averaged FSDP2 gradient equals the one-process gradient.
 
 Usage (2 processes; without torchrun it runs one unsharded process, the reference):
-    torchrun --nproc_per_node 2 tests/fsdp2_driver.py OUT_DIR [STEPS] [MAX_GRAD_NORM]
-    python tests/fsdp2_driver.py OUT_DIR [STEPS] [MAX_GRAD_NORM]
+    torchrun --nproc_per_node 2 tests/fsdp2_driver.py OUT_DIR [STEPS] [MAX_GRAD_NORM] [METHOD]
+    python tests/fsdp2_driver.py OUT_DIR [STEPS] [MAX_GRAD_NORM] [METHOD]
+
+METHOD is a ``peft.type`` (default ``lora``).
 
 Writes (rank 0) OUT_DIR/{spectral_history_final.nc, gradient_flow_final.nc, alignment_final.nc,
 adapter_model.safetensors (the gathered adapter), adapter_config.json, driver.json (the
@@ -29,7 +31,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01) -> None:
+def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01, method: str = "lora") -> None:
     from perl.adapters import build_adapter
     from perl.config import TrainConfig
     from perl.models.loading import load_model_and_tokenizer
@@ -42,6 +44,7 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01) -> None:
 
     cfg = TrainConfig()
     cfg.model.model_name_or_path = "countdown-nano"
+    cfg.peft.type = method
     torch.manual_seed(cfg.common.seed)
     model, tokenizer = load_model_and_tokenizer(
         "countdown-nano", dtype="float32", device_type="cpu", seed=cfg.common.seed
@@ -101,7 +104,7 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01) -> None:
     # the adapter as a whole, for the test's independent dense SVD (every rank gathers, rank 0 writes)
     state = {}
     for name, p in peft_model.named_parameters():
-        if "lora_" in name:
+        if p.requires_grad:
             full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
             state[name] = full.clone().contiguous()
     if writes:
@@ -111,8 +114,10 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01) -> None:
         spectral.save()
         alignment.save()
         save_file(state, str(out / "adapter_model.safetensors"))
-        lora = next(iter(peft_model.peft_config.values()))
-        (out / "adapter_config.json").write_text(json.dumps({"r": lora.r, "lora_alpha": lora.lora_alpha}))
+        peft_config = next(iter(peft_model.peft_config.values()))
+        (out / "adapter_config.json").write_text(
+            json.dumps({"r": peft_config.r, "lora_alpha": getattr(peft_config, "lora_alpha", None)})
+        )
         from perl.trackers.sharding import is_dtensor
 
         sharded = sum(is_dtensor(p) for p in peft_model.parameters())
@@ -128,4 +133,5 @@ if __name__ == "__main__":
         Path(sys.argv[1]),
         int(sys.argv[2]) if len(sys.argv) > 2 else 3,
         float(sys.argv[3]) if len(sys.argv) > 3 else 0.01,
+        sys.argv[4] if len(sys.argv) > 4 else "lora",
     )

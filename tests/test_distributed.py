@@ -78,12 +78,14 @@ def _launch(engine: str, out: Path, extra: tuple[str, ...] = ()) -> Path:
                 str(out),
                 str(STEPS),
                 str(CLIP),
+                *extra,
             ],
             out.parent,
         )
         return out
     elif engine == "fsdp2_single":
-        _run([sys.executable, str(ROOT / "tests" / "fsdp2_driver.py"), str(out), str(STEPS), str(CLIP)], out.parent)
+        driver = [sys.executable, str(ROOT / "tests" / "fsdp2_driver.py"), str(out), str(STEPS), str(CLIP), *extra]
+        _run(driver, out.parent)
         return out
     else:
         launcher = Path(sys.executable).with_name("accelerate")
@@ -209,6 +211,26 @@ def test_fsdp2_gradients_equal_the_unsharded_ones(runs):
     np.testing.assert_allclose(
         sharded.update_ratio.sel(component="A").values, single.update_ratio.sel(component="A").values, rtol=1e-3
     )
+
+
+@pytest.mark.parametrize("method", ["hra", "slicefine"])
+def test_fsdp2_hra_and_slicefine_equal_the_unsharded_run(method, tmp_path):
+    """HRA's change is read through W0 (gathered with its reflections under FSDP2), SliceFine's
+    through its trainable slice (a DTensor) and its own copy of W0's slice: the sharded run stores
+    what the one-process run stores."""
+    sharded = _open(_launch("fsdp2", tmp_path / "sharded", (method,)))
+    single = _open(_launch("fsdp2_single", tmp_path / "single", (method,)))
+    assert json.loads((tmp_path / "sharded" / "driver.json").read_text())["dtensor_parameters"] > 0
+    for ds, ref in zip(sharded, single):
+        assert ds.attrs["peft_type"] == method and list(ds.step.values) == list(ref.step.values)
+    spectral, ref = sharded[0], single[0]
+    for name in ("singular_values", "update_singular_values"):
+        top = float(np.nanmax(ref[name].values))
+        assert top > 0 and np.isfinite(spectral[name].sel(step=STEPS).values[..., 0]).all()
+        np.testing.assert_allclose(spectral[name].values, ref[name].values, rtol=0, atol=1e-4 * top, err_msg=name)
+    np.testing.assert_allclose(sharded[1].grad_norm.values, single[1].grad_norm.values, rtol=1e-4)
+    for name in ("energy_fraction_top_left", "intruder_dimensions"):
+        np.testing.assert_allclose(sharded[2][name].values, single[2][name].values, rtol=0, atol=1e-4, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -37,7 +37,9 @@ from typing import Any, Optional, Union
 
 import torch
 from peft.config import PeftConfig
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 __all__ = [
@@ -94,11 +96,14 @@ class SliceFineLayer(BaseTunerLayer):
     """The peft layer mix-in: per adapter one trainable slice ``slicefine_slice[adapter]``."""
 
     adapter_layer_names = ("slicefine_slice",)
-    other_param_names = ("slicefine_r", "slicefine_mode", "slicefine_start")
+    other_param_names = ("slicefine_base", "slicefine_r", "slicefine_mode", "slicefine_start")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.slicefine_slice = nn.ParameterDict({})
+        # note: W0[slice], frozen, not saved (rebuilt from the base weight): the forward and the trackers read
+        # the slice here, never the base weight, which ZeRO-3 partitions and FSDP2 shards outside its forward
+        self.slicefine_base = BufferDict({}, persistent=False)
         self.slicefine_r: dict[str, int] = {}
         self.slicefine_mode: dict[str, str] = {}
         self.slicefine_start: dict[str, int] = {}
@@ -121,26 +126,27 @@ class SliceFineLayer(BaseTunerLayer):
         self.slicefine_mode[adapter_name] = slice_mode
         self.slicefine_start[adapter_name] = start
         weight = self.get_base_layer().weight
-        piece = weight[:, start : start + width] if slice_mode == "column" else weight[start : start + width, :]
-        self.slicefine_slice[adapter_name] = nn.Parameter(piece.detach().clone())
+        with gather_params_ctx(weight, modifier_rank=None):  # note: ZeRO-3 partitions the base weight
+            piece = weight[:, start : start + width] if slice_mode == "column" else weight[start : start + width, :]
+            piece = piece.detach().clone()
+        self.slicefine_base[adapter_name] = piece
+        self.slicefine_slice[adapter_name] = nn.Parameter(piece.clone())
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def base_slice(self, adapter_name: str) -> torch.Tensor:
         """The frozen base weight's values at the slice (``W0[:, p:p+r]`` or ``W0[p:p+r, :]``)."""
-        weight = self.get_base_layer().weight
-        start, width = self.slicefine_start[adapter_name], self.slicefine_r[adapter_name]
         if adapter_name in self._slicefine_unmerged:
             return self._slicefine_unmerged[adapter_name]
-        if self.slicefine_mode[adapter_name] == "column":
-            return weight[:, start : start + width]
-        return weight[start : start + width, :]
+        return self.slicefine_base[adapter_name]
 
-    def slice_change(self, adapter_name: str) -> torch.Tensor:
-        """``T - W0[slice]``: the trained change of the slice (zero at initialisation)."""
-        return self.slicefine_slice[adapter_name] - self.base_slice(adapter_name).to(
-            self.slicefine_slice[adapter_name]
-        )
+    def slice_change(self, adapter_name: str, read=None) -> torch.Tensor:
+        """``T - W0[slice]``: the trained change of the slice (zero at initialisation).
+
+        ``read`` maps the trainable slice to the tensor to read (the trackers' gathered copy when sharded).
+        """
+        trained = self.slicefine_slice[adapter_name] if read is None else read(self.slicefine_slice[adapter_name])
+        return trained - self.base_slice(adapter_name).to(trained)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense weight change (out x in), zero outside the slice. Costs O(out * in) memory."""

@@ -64,6 +64,7 @@ __all__ = [
     "adalora_importance_scores",
     "DiscoveryError",
     "materialized",
+    "parameters_to_gather",
     "walk",
 ]
 
@@ -113,8 +114,22 @@ class AdapterModule:
         return [p for n, p in self.peft_module.named_parameters() if not n.startswith("base_layer.")]
 
     def base_parameters(self) -> list[torch.Tensor]:
-        """The frozen base layer's parameters (W0; dense: gather one module at a time)."""
+        """The frozen base layer's parameters (W0; dense: gather one module at a time). None for
+        full fine-tuning, whose weight is the trained parameter itself."""
+        if self.kind == "full":
+            return []
         return list(self.peft_module.get_base_layer().parameters())
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether the weight change is read through the base weight W0 (HRA's ``W0 (H - I)``, MiSS
+        "bat"; SliceFine keeps its own copy of W0's slice): gathered with the factors when sharded."""
+        return self.kind == "hra" or (self.kind == "miss" and not self.has_factors)
+
+    def weight(self) -> torch.Tensor:
+        """Full fine-tuning: the trained weight as out x in, detached (gathered when sharded)."""
+        w = _r(self.peft_module.weight).detach()
+        return w.reshape(w.shape[0], -1)
 
     # ---------------------------------------------------------------- factored weight change
     @property
@@ -152,7 +167,7 @@ class AdapterModule:
         if self.kind == "hra":
             return self._hra_factors()
         if self.kind == "slicefine":
-            change = m.slice_change(ad).detach()
+            change = m.slice_change(ad, read=_r).detach()
             start, width = m.slicefine_start[ad], m.slicefine_r[ad]
             n = m.in_features if m.slicefine_mode[ad] == "column" else m.out_features
             select = torch.eye(n, dtype=change.dtype, device=change.device)[start : start + width]
@@ -163,7 +178,7 @@ class AdapterModule:
 
     def _hra_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         m, ad = self.peft_module, self.adapter
-        raw = m.hra_u[ad].detach()
+        raw = _r(m.hra_u[ad]).detach()
         u = raw.double()
         u = u / u.norm(dim=0)
         q = torch.linalg.qr(u).Q
@@ -239,7 +254,7 @@ def walk(adapters: list[AdapterModule], with_base: bool = False, compute: bool =
     Without sharding this is plain iteration (nothing yielded when ``compute`` is False).
     """
     for a in adapters:
-        params = a.adapter_parameters() + (a.base_parameters() if with_base else [])
+        params = parameters_to_gather(a, with_base)
         if not sharding.any_sharded(params):
             if compute:
                 yield a
@@ -249,20 +264,27 @@ def walk(adapters: list[AdapterModule], with_base: bool = False, compute: bool =
                 yield a
 
 
+def parameters_to_gather(a: AdapterModule, with_base: bool = False) -> list[torch.Tensor]:
+    """What reading ``a`` needs gathered: its own parameters, and W0 when asked or when its change is
+    read through W0 (the base may be partitioned while the adapter's own parameters are not yet)."""
+    return a.adapter_parameters() + (a.base_parameters() if with_base or a.needs_base else [])
+
+
 @contextlib.contextmanager
 def materialized(adapters: list[AdapterModule], keep: bool = True) -> Iterator[None]:
     """Detached copies of each adapter's factors / vector, gathered one module at a time, read by
     ``factors()`` / ``vector()`` inside the block. A no-op for unsharded adapters.
 
     Every rank enters it (the gathers are collective); ranks with ``keep=False`` keep nothing.
-    The copies are the adapter's size (r x (m + n) per module), never the base weights.
+    The copies are the adapter's size (r x (m + n) per module), never the base weights (those that
+    the factors are read through, HRA's and SliceFine's, are gathered with them, one module at a time).
+    Adapters without a low-rank form (full fine-tuning, MiSS "bat") are read in a `walk` instead.
     """
-    if not any(sharding.any_sharded(a.adapter_parameters()) for a in adapters):
+    if not any(sharding.any_sharded(parameters_to_gather(a)) for a in adapters):
         yield
         return
     try:
-        # note: MiSS "bat" (dense_delta, no low-rank form) is not gathered: it needs the whole base weight
-        for a in walk(adapters, compute=keep):
+        for a in walk([a for a in adapters if a.has_factors or a.kind in ("ia3", "ln_tuning")], compute=keep):
             cache = {}
             if a.has_factors:
                 b, a_, s = a.factors()

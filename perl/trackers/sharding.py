@@ -42,6 +42,7 @@ __all__ = [
     "gathered",
     "resolve",
     "local_piece",
+    "full_shape",
     "all_reduce_sum",
     "broadcast_flag",
 ]
@@ -129,6 +130,12 @@ def resolve(t: torch.Tensor) -> torch.Tensor:
             "the trackers gather each module before reading it."
         )
     return t
+
+
+def full_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the whole tensor (a ZeRO-3 parameter's own is its empty placeholder's; a
+    DTensor's is already the global one)."""
+    return tuple(t.ds_shape) if is_zero3(t) else tuple(t.shape)
 
 
 def local_piece(t: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -53,6 +53,7 @@ from .discovery import (
     discover_adapters,
     discover_full_weights,
     materialized,
+    parameters_to_gather,
     peft_config_of,
     target_modules_of,
     walk,
@@ -184,6 +185,7 @@ class SpectralTracker(SpectralHistory):
         tracked = self.adapters if self.enabled else []
         self._spectral = [a for a in tracked if a.kind in FACTORED_KINDS + ("full",)]
         self._full = [a for a in tracked if a.kind == "full"]
+        self._dense = [a for a in self._spectral if not a.has_factors]  # full, MiSS "bat": read in a walk
         self._vectors = [a for a in tracked if a.kind in ("ia3", "ln_tuning")]
         self._dora = [a for a in tracked if a.is_dora]
         self._adalora = [a for a in tracked if a.kind == "adalora"]
@@ -210,17 +212,17 @@ class SpectralTracker(SpectralHistory):
         self._factor_meta: dict[str, tuple] = {}
         with torch.no_grad():
             for a in self._spectral:
-                if a.kind == "full":
-                    # note: the one copy of the targeted weights that full fine-tuning tracking costs,
-                    # on the process that computes the spectra only
-                    weight = a.components["weight"][0]
-                    self._init[a.name] = {"W0": weight.detach().clone()} if self.is_world_process_zero else {}
-                elif a.has_factors:
+                self._init[a.name] = {}
+                if a.has_factors:
                     b, a_, _ = a.factors()
                     self._factor_meta[a.name] = (tuple(b.shape), tuple(a_.shape), b.dtype, str(b.device))
-                    zero = not (b.any() and a_.any())
                     # B_0 A_0 = 0 (plain LoRA): nothing to keep, the update is the product
-                    self._init[a.name] = {} if zero else {"B0": b.detach().clone(), "A0": a_.detach().clone()}
+                    if b.any() and a_.any():
+                        self._init[a.name] = {"B0": b.detach().clone(), "A0": a_.detach().clone()}
+            # note: one module at a time when sharded; kept on the process that computes the spectra only
+            for a in walk(self._dense, with_base=True, compute=self.is_world_process_zero):
+                if a.kind == "full":  # the one copy of the targeted weights that full fine-tuning tracking costs
+                    self._init[a.name] = {"W0": a.weight().clone()}
                 else:
                     d0 = a.dense_delta()
                     self._init[a.name] = {"delta0": d0.clone()} if d0.any() else {}
@@ -331,7 +333,10 @@ class SpectralTracker(SpectralHistory):
     @property
     def _params(self) -> list:
         # note: read from the modules each time: an engine may have replaced them (FSDP2's DTensors)
-        return [p for a in self._spectral + self._vectors + self._dora for p in a.adapter_parameters()]
+        tracked = self._spectral + self._vectors
+        return [p for a in tracked for p in parameters_to_gather(a)] + [
+            p for a in self._dora for p in parameters_to_gather(a, with_base=True)
+        ]
 
     @property
     def steps(self) -> list[int]:
@@ -364,7 +369,8 @@ class SpectralTracker(SpectralHistory):
     def _take_part(self) -> None:
         """A rank that does not write: the same gathers as :meth:`snapshot`, in the same order."""
         with materialized(self._spectral + self._vectors, keep=False):
-            pass
+            for _ in walk(self._dense, with_base=True, compute=False):
+                pass
         for _ in walk(self._dora, with_base=True, compute=False):
             pass
 
@@ -390,9 +396,8 @@ class SpectralTracker(SpectralHistory):
             scale, rank = var("scale"), var("rank")
             for g in self._groups:
                 self._group_spectra(g, sv, up, metrics, up_metrics, scale, rank)
-            for a in self._spectral:
-                if not a.has_factors:
-                    self._dense_spectra(a, sv, up, metrics, up_metrics, scale, rank)
+            for a in walk(self._dense, with_base=True):  # one module at a time when sharded
+                self._dense_spectra(a, sv, up, metrics, up_metrics, scale, rank)
         for a in walk(self._dora, with_base=True):  # W0 one module at a time when sharded
             self._dora_values(a, var)
         for a in self._adalora:
@@ -457,7 +462,7 @@ class SpectralTracker(SpectralHistory):
                 f"No initial weight of {a.name} on this process: build the SpectralTracker with "
                 "is_world_process_zero=True on the process that logs."
             )
-        delta = a.components["weight"][0].detach() - self._init[a.name]["W0"]
+        delta = a.weight() - self._init[a.name]["W0"]
         values = sm.lowrank_singular_values(
             delta.reshape(delta.shape[0], -1), sv.shape[-1], niter=FULL_SVD_NITER, seed=FULL_SVD_SEED
         )
@@ -482,8 +487,8 @@ class SpectralTracker(SpectralHistory):
         n_sv = n_up = 0
         for a in self._spectral:
             if a.kind == "full":
-                w = a.components["weight"][0]
-                k = min(self.full_top_k, w.shape[0], w[0].numel())
+                shape = sharding.full_shape(a.peft_module.weight)
+                k = min(self.full_top_k, shape[0], int(np.prod(shape[1:])))
                 n_sv, n_up = max(n_sv, k), max(n_up, k)
             elif a.has_factors:
                 b, a_, _ = a.factors()
