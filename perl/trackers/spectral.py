@@ -42,7 +42,6 @@ import xarray as xr
 
 from .. import __version__
 from ..fileio import atomic_write_text
-from . import sharding
 from . import spectral_math as sm
 from .discovery import (
     FACTORED_KINDS,
@@ -58,6 +57,7 @@ from .discovery import (
     walk,
 )
 from .sharding import _is_rank_zero
+from .snapshots import load_init_tensors, log_snapshot, resume_store, save_init_tensors
 from .spectral_history import FINAL_NAME, SPECTRAL_DIR, STORE_NAME, SUMMARY_NAME, SpectralHistory, _jsonable
 from .spectral_schema import (
     EXTRA_ATTRS,
@@ -257,52 +257,20 @@ class SpectralTracker(SpectralHistory):
         """Write the initial factors into ``directory`` (a checkpoint) as safetensors, for resume."""
         if not self.is_world_process_zero:
             return None
-        from safetensors.torch import save_file
-
-        tensors = {
-            f"{name}::{key}": t.detach().contiguous().cpu() for name, d in self._init.items() for key, t in d.items()
-        }
-        path = Path(directory) / INIT_STATE_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            tensors,
-            str(path),
-            metadata={
-                "format": "perl-spectral-init-1",
-                "zero_init": json.dumps(sorted(n for n, d in self._init.items() if not d)),
-            },
+        zero_init = json.dumps(sorted(n for n, d in self._init.items() if not d))
+        return save_init_tensors(
+            self._init, Path(directory) / INIT_STATE_NAME, "perl-spectral-init-1", zero_init=zero_init
         )
-        return path
 
     def load_init_state(self, directory: str | os.PathLike) -> bool:
         """Restore the initial factors saved by :meth:`save_init_state`; False if there is no file.
 
         A file that does not match the model (other modules or shapes) is refused with a clear error.
         """
-        path = Path(directory) / INIT_STATE_NAME
-        if not path.is_file():
+        expected = {name: {part: tuple(t.shape) for part, t in d.items()} for name, d in self._init.items()}
+        restored = load_init_tensors(Path(directory) / INIT_STATE_NAME, expected)
+        if restored is None:
             return False
-        from safetensors import safe_open
-
-        restored: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self._init}
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                name, _, part = key.rpartition("::")
-                if name not in restored:
-                    raise ValueError(
-                        f"{path} holds initial factors for {name!r}, which this model does not have; "
-                        "resume with the model and adapter config of the original run."
-                    )
-                restored[name][part] = f.get_tensor(key)
-        for name, parts in restored.items():
-            for part, tensor in parts.items():
-                current = self._init[name].get(part)
-                shape = current.shape if current is not None else None
-                if shape is not None and tuple(tensor.shape) != tuple(shape):
-                    raise ValueError(
-                        f"{path}: initial {part} of {name!r} has shape {tuple(tensor.shape)}, the model "
-                        f"has {tuple(shape)}; resume with the adapter config of the original run."
-                    )
         device_of = {a.name: next(iter(a.components.values()))[0].device for a in self.adapters}
         self._init = {name: {k: t.to(device_of[name]) for k, t in parts.items()} for name, parts in restored.items()}
         self._groups = self._make_groups()
@@ -310,14 +278,13 @@ class SpectralTracker(SpectralHistory):
 
     def resume(self, step: int, checkpoint_dir: str | os.PathLike | None = None) -> None:
         """Continue the store after resuming from checkpoint-``step``: drop steps > step, restore B_0, A_0."""
-        if checkpoint_dir is not None and not self.load_init_state(checkpoint_dir):
-            logger.warning(
-                "No %s in %s: the update since init is measured from the weights at tracker creation.",
-                INIT_STATE_NAME,
-                checkpoint_dir,
-            )
-        if self.is_world_process_zero:
-            self.store.truncate_after(int(step))
+        resume_store(
+            self,
+            step,
+            checkpoint_dir,
+            INIT_STATE_NAME,
+            "the update since init is measured from the weights at tracker creation.",
+        )
 
     def start_fresh(self) -> None:
         """Remove a store left by an earlier run in the same folder (a new run starting at step 0)."""
@@ -349,17 +316,7 @@ class SpectralTracker(SpectralHistory):
         With sharded parameters (ZeRO-3, FSDP2) every rank must call it: each module's factors are
         gathered in turn, global rank 0 computes and writes.
         """
-        if not self.enabled:
-            return None
-        step = int(step)
-        if not sharding.writes_snapshot(
-            self.is_world_process_zero, lambda: step in self.store.steps, self._params, self._take_part
-        ):
-            return None
-        snapshot = self.snapshot(step)
-        self.store.append(snapshot)
-        self.last_scalars = self._scalars(snapshot)
-        return snapshot
+        return log_snapshot(self, step, self.snapshot)
 
     def _take_part(self) -> None:
         """A rank that does not write: the same gathers as :meth:`snapshot`, in the same order."""
