@@ -69,7 +69,7 @@ from .discovery import (
     walk,
 )
 from .sharding import _is_rank_zero
-from .snapshots import load_init_tensors, log_snapshot, resume_store, save_init_tensors
+from .snapshots import StoreLifecycle, load_init_tensors, log_snapshot, save_init_tensors
 from .spectral import MODULE_ORDER, STEP_CONVENTION
 from .store import RunStore
 
@@ -105,7 +105,7 @@ class _Group:
     V_bottom: torch.Tensor | None = None
 
 
-class AlignmentTracker(_BaseSubspaces):
+class AlignmentTracker(StoreLifecycle, _BaseSubspaces):
     """Records how each adapter's update aligns with its base weight's singular subspaces.
 
     Usage:
@@ -141,6 +141,12 @@ class AlignmentTracker(_BaseSubspaces):
         adapter_name (str, optional): adapter to track; default the active one.
         rtol (float, defaults to 1e-6): numerical rank of dW, relative to its sigma_1.
     """
+
+    _store_kind = "alignment"
+    _init_state_name = INIT_STATE_NAME
+    _without_init = (
+        "the update since init (and, for PiSSA/MiLoRA, W0) is measured from the weights at tracker creation."
+    )
 
     def __init__(
         self,
@@ -307,28 +313,11 @@ class AlignmentTracker(_BaseSubspaces):
         self._reset_base()
         return True
 
-    def resume(self, step: int, checkpoint_dir: str | os.PathLike | None = None) -> None:
-        """Continue after resuming from checkpoint-``step``: restore B_0, A_0 and drop stored steps > step."""
-        resume_store(
-            self,
-            step,
-            checkpoint_dir,
-            INIT_STATE_NAME,
-            "the update since init (and, for PiSSA/MiLoRA, W0) is measured from the weights at tracker creation.",
-        )
-
     def start_fresh(self) -> None:
         """Remove the store and base-SVD file an earlier run left in the same folder."""
-        if not self.is_world_process_zero:
-            return
-        if self.store.steps:
-            logger.warning(
-                "Replacing the alignment store %s of an earlier run (%d steps).",
-                self.store.path,
-                len(self.store.steps),
-            )
-            self.store.clear()
-        (self.store.path.parent / BASE_SVD_NAME).unlink(missing_ok=True)
+        super().start_fresh()
+        if self.is_world_process_zero:
+            (self.store.path.parent / BASE_SVD_NAME).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- logging
     @property

@@ -25,7 +25,7 @@ from . import sharding
 
 logger = logging.getLogger("perl")
 
-__all__ = ["save_init_tensors", "load_init_tensors", "log_snapshot", "resume_store"]
+__all__ = ["save_init_tensors", "load_init_tensors", "log_snapshot", "StoreLifecycle"]
 
 
 def save_init_tensors(init: dict[str, dict[str, torch.Tensor]], path: Path, fmt: str, **metadata: str) -> Path:
@@ -71,13 +71,35 @@ def load_init_tensors(path: Path, expected: dict[str, dict[str, tuple]]) -> dict
     return restored
 
 
-def resume_store(tracker, step: int, checkpoint_dir: str | os.PathLike | None, init_name: str, without: str) -> None:
-    """A tracker's ``resume``: restore its initial state from ``checkpoint_dir`` (warning ``without``
-    when the checkpoint has no ``init_name`` file) and drop stored steps after ``step`` (the writer)."""
-    if checkpoint_dir is not None and not tracker.load_init_state(checkpoint_dir):
-        logger.warning("No %s in %s: %s", init_name, checkpoint_dir, without)
-    if tracker.is_world_process_zero:
-        tracker.store.truncate_after(int(step))
+class StoreLifecycle:
+    """Mixin of the spectral and alignment trackers: ``resume`` and ``start_fresh`` of their store.
+
+    A subclass has ``store``, ``is_world_process_zero`` and ``load_init_state``, and sets
+    ``_store_kind`` (word in the log), ``_init_state_name`` (the file in a checkpoint) and
+    ``_without_init`` (what a resume without that file measures from).
+    """
+
+    _store_kind: str
+    _init_state_name: str
+    _without_init: str
+
+    def resume(self, step: int, checkpoint_dir: str | os.PathLike | None = None) -> None:
+        """Continue after resuming from checkpoint-``step``: restore the initial state, drop stored steps > step."""
+        if checkpoint_dir is not None and not self.load_init_state(checkpoint_dir):
+            logger.warning("No %s in %s: %s", self._init_state_name, checkpoint_dir, self._without_init)
+        if self.is_world_process_zero:
+            self.store.truncate_after(int(step))
+
+    def start_fresh(self) -> None:
+        """Remove a store left by an earlier run in the same folder (a new run starting at step 0)."""
+        if self.is_world_process_zero and self.store.steps:
+            logger.warning(
+                "Replacing the %s store %s of an earlier run (%d steps).",
+                self._store_kind,
+                self.store.path,
+                len(self.store.steps),
+            )
+            self.store.clear()
 
 
 def log_snapshot(tracker, step: int, compute: Callable[[int], xr.Dataset]) -> xr.Dataset | None:

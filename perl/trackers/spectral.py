@@ -57,7 +57,7 @@ from .discovery import (
     walk,
 )
 from .sharding import _is_rank_zero
-from .snapshots import load_init_tensors, log_snapshot, resume_store, save_init_tensors
+from .snapshots import StoreLifecycle, load_init_tensors, log_snapshot, save_init_tensors
 from .spectral_history import FINAL_NAME, SPECTRAL_DIR, STORE_NAME, SUMMARY_NAME, SpectralHistory, _jsonable
 from .spectral_schema import (
     EXTRA_ATTRS,
@@ -100,7 +100,7 @@ class _Group:
     init: tuple | None = None  # stacked B_0, A_0 and their QR bases (sm.init_bases), when init_zero is False
 
 
-class SpectralTracker(SpectralHistory):
+class SpectralTracker(StoreLifecycle, SpectralHistory):
     """Records the spectra of every adapter's weight change into a growing netCDF store.
 
     Usage:
@@ -134,6 +134,10 @@ class SpectralTracker(SpectralHistory):
         full_top_k (int, defaults to 16): full fine-tuning only: singular values of ``W_t - W_0``
             kept per module (``perl.train`` passes 2r).
     """
+
+    _store_kind = "spectral"
+    _init_state_name = INIT_STATE_NAME
+    _without_init = "the update since init is measured from the weights at tracker creation."
 
     def __init__(
         self,
@@ -275,24 +279,6 @@ class SpectralTracker(SpectralHistory):
         self._init = {name: {k: t.to(device_of[name]) for k, t in parts.items()} for name, parts in restored.items()}
         self._groups = self._make_groups()
         return True
-
-    def resume(self, step: int, checkpoint_dir: str | os.PathLike | None = None) -> None:
-        """Continue the store after resuming from checkpoint-``step``: drop steps > step, restore B_0, A_0."""
-        resume_store(
-            self,
-            step,
-            checkpoint_dir,
-            INIT_STATE_NAME,
-            "the update since init is measured from the weights at tracker creation.",
-        )
-
-    def start_fresh(self) -> None:
-        """Remove a store left by an earlier run in the same folder (a new run starting at step 0)."""
-        if self.is_world_process_zero and self.store.steps:
-            logger.warning(
-                "Replacing the spectral store %s of an earlier run (%d steps).", self.store.path, len(self.store.steps)
-            )
-            self.store.clear()
 
     # ---------------------------------------------------------------- logging
     @property
