@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perl.cli_support import OneLineParser, UsageError, fail, positive_int
+from perl.cli_support import OneLineParser, fail, parse_or_fail, positive_int
 from perl.fileio import atomic_write_text
 from perl.run import MissingDataWarning, Run, RunError, metric_name
 from perl.viz.explorers import GRADIENT_VARIABLES, PRODUCT, SPECTRAL_HEATMAP_METRICS, UPDATE
@@ -565,10 +565,9 @@ def main(argv=None) -> int:
         default=DEFAULT_MAX_FRAMES,
         help=f"most steps per slider; longer runs are subsampled evenly (default {DEFAULT_MAX_FRAMES})",
     )
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as err:
-        return fail(str(err), prog=parser.prog)
+    args = parse_or_fail(parser, argv)
+    if isinstance(args, int):
+        return args
     try:
         path = write_report(args.run_dir, args.output, max_frames=args.max_steps)
     except RunError as err:
