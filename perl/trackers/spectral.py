@@ -43,12 +43,11 @@ import xarray as xr
 from .. import __version__
 from ..fileio import atomic_write_text
 from . import spectral_math as sm
+from .adalora_state import adalora_importance_scores, adalora_rank_budget
 from .discovery import (
     FACTORED_KINDS,
     AdapterModule,
     _derive_peft_type,
-    adalora_importance_scores,
-    adalora_rank_budget,
     discover_adapters,
     discover_full_weights,
     materialized,
