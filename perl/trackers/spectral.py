@@ -166,7 +166,7 @@ class SpectralTracker(StoreLifecycle, SpectralHistory):
         self.rtol = float(rtol)
         self.is_world_process_zero = _is_rank_zero() if is_world_process_zero is None else bool(is_world_process_zero)
         self.last_scalars: dict[str, float] = {}
-        self._data: xr.Dataset | None = None
+        self._loaded: xr.Dataset | None = None
 
         if int(full_top_k) < 1:
             raise ValueError(f"full_top_k must be a positive integer, got {full_top_k}.")
