@@ -42,6 +42,7 @@ FLOORS = [
             "perl.sweep",
             "perl.sweep_spec",
             "perl.sweep_summary",
+            "perl.sweep_compare",
             "perl.questions",
             "perl.notebook_utils",
             "perl.synthetic",
