@@ -70,7 +70,7 @@ from .discovery import (
 )
 from .sharding import _is_rank_zero
 from .snapshots import StoreLifecycle, load_init_tensors, log_snapshot, save_init_tensors
-from .spectral import MODULE_ORDER, STEP_CONVENTION
+from .spectral_schema import STEP_CONVENTION, store_grid
 from .store import RunStore
 
 logger = logging.getLogger("perl")
@@ -194,10 +194,7 @@ class AlignmentTracker(StoreLifecycle, _BaseSubspaces):
 
         self.adapters = discover_adapters(self.model, adapter_name, max_layers_to_track)
         self.adapter_name = self.adapters[0].adapter
-        self.layers = sorted({a.layer for a in self.adapters})
-        present = {a.module for a in self.adapters}
-        self.modules = [m for m in MODULE_ORDER if m in present] + sorted(present - set(MODULE_ORDER))
-        self._cell = {a.name: (self.layers.index(a.layer), self.modules.index(a.module)) for a in self.adapters}
+        self.layers, self.modules, self._cell = store_grid(self.adapters)
         self._tracked = [a for a in self.adapters if a.kind in FACTORED_KINDS and a.has_factors]
         self.not_tracked = [a.name for a in self.adapters if a not in self._tracked]
         # note: sharded parameters (ZeRO-3, FSDP2) are gathered one module at a time at snapshots

@@ -29,7 +29,6 @@ names: the tracker keeps one copy of their initial weights W_0 (on their device)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -58,6 +57,7 @@ from .discovery import (
 from .sharding import _is_rank_zero
 from .snapshots import StoreLifecycle, load_init_tensors, log_snapshot, save_init_tensors
 from .spectral_history import FINAL_NAME, SPECTRAL_DIR, STORE_NAME, SUMMARY_NAME, SpectralHistory, _jsonable
+from .spectral_math import _column_major, _one_cpu_thread
 from .spectral_schema import (
     EXTRA_ATTRS,
     FULL_SVD_FORMULA,
@@ -65,6 +65,7 @@ from .spectral_schema import (
     FULL_SVD_SEED,
     SPECTRUM_ATTRS,
     STEP_CONVENTION,
+    store_grid,
 )
 from .store import RunStore
 
@@ -73,19 +74,6 @@ logger = logging.getLogger("perl")
 __all__ = ["SpectralTracker", "SPECTRAL_DIR", "STORE_NAME", "SUMMARY_NAME", "FINAL_NAME", "INIT_STATE_NAME"]
 
 INIT_STATE_NAME = "spectral_tracker_init.safetensors"
-
-MODULE_ORDER = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "input_layernorm",
-    "post_attention_layernorm",
-    "norm",
-)
 
 
 @dataclass
@@ -179,10 +167,7 @@ class SpectralTracker(StoreLifecycle, SpectralHistory):
         # note: sharded parameters (ZeRO-3, FSDP2) are gathered one module at a time at snapshots
         self.enabled = True
         self.adapter_name = self.adapters[0].adapter or None
-        self.layers = sorted({a.layer for a in self.adapters})
-        present = {a.module for a in self.adapters}
-        self.modules = [m for m in MODULE_ORDER if m in present] + sorted(present - set(MODULE_ORDER))
-        self._cell = {a.name: (self.layers.index(a.layer), self.modules.index(a.module)) for a in self.adapters}
+        self.layers, self.modules, self._cell = store_grid(self.adapters)
 
         tracked = self.adapters if self.enabled else []
         self._spectral = [a for a in tracked if a.kind in FACTORED_KINDS + ("full",)]
@@ -595,26 +580,3 @@ class SpectralTracker(StoreLifecycle, SpectralHistory):
         summary_path = self.store.path.with_name(SUMMARY_NAME)
         atomic_write_text(summary_path, json.dumps(_jsonable(summary), indent=2))
         return self.store.finalize(Path(path) if path else self.save_dir / FINAL_NAME)
-
-
-@contextlib.contextmanager
-def _one_cpu_thread():
-    """Run CPU linear algebra on one thread, then restore the setting.
-
-    The snapshot is hundreds of small LAPACK calls (QR of n x r factors): intra-op threads gain
-    little on them, and on a shared CPU OpenMP's spin-waiting made them up to 60x slower (measured
-    with benchmarks/spectral_snapshot.py: 9.8 s with 2 threads vs 0.16 s with 1 on a loaded 2-core
-    machine). GPU work is unaffected.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _column_major(matrices: list[torch.Tensor]) -> torch.Tensor:
-    """Stack m x k matrices with each one in column-major order, the layout LAPACK's QR works in:
-    2.4x faster QR than the row-major stack of peft's lora_B weights (benchmarks/spectral_snapshot.py)."""
-    return torch.stack([x.mT for x in matrices]).mT

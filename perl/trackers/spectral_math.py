@@ -30,6 +30,7 @@ Conventions for the metrics (also stored as variable attrs by the tracker, see M
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -495,3 +496,26 @@ def _finite_or_zero(B: torch.Tensor, A: torch.Tensor):
 def _abs_scale(scale, sv: torch.Tensor) -> torch.Tensor:
     scale = torch.as_tensor(scale, dtype=sv.dtype, device=sv.device).abs()
     return scale.unsqueeze(-1) if scale.ndim else scale
+
+
+@contextlib.contextmanager
+def _one_cpu_thread():
+    """Run CPU linear algebra on one thread, then restore the setting.
+
+    The snapshot is hundreds of small LAPACK calls (QR of n x r factors): intra-op threads gain
+    little on them, and on a shared CPU OpenMP's spin-waiting made them up to 60x slower (measured
+    with benchmarks/spectral_snapshot.py: 9.8 s with 2 threads vs 0.16 s with 1 on a loaded 2-core
+    machine). GPU work is unaffected.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _column_major(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """Stack m x k matrices with each one in column-major order, the layout LAPACK's QR works in:
+    2.4x faster QR than the row-major stack of peft's lora_B weights (benchmarks/spectral_snapshot.py)."""
+    return torch.stack([x.mT for x in matrices]).mT
