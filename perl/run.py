@@ -352,6 +352,16 @@ def label_runs(combined: xr.Dataset, runs: list[Run], labels: list[str]) -> xr.D
     return combined
 
 
+def logged_values(metrics: xr.Dataset | None, key: str) -> np.ndarray:
+    """The finite values of a Trainer log key (``reward``, ``rewards/equation_reward/mean``, ...) in step
+    order; empty when the run never logged it."""
+    name = metric_name(key)
+    if metrics is None or name not in metrics:
+        return np.array([], dtype=float)
+    values = np.asarray(metrics[name].values, dtype=float)
+    return values[np.isfinite(values)]
+
+
 def final_reward(metrics: xr.Dataset | None, last: int = 10, key: str = "reward") -> float:
     """Mean of the last ``last`` finite values of ``key`` logged in a run's metrics; NaN if none.
 
@@ -363,11 +373,7 @@ def final_reward(metrics: xr.Dataset | None, last: int = 10, key: str = "reward"
         last (int, default 10): how many logged values to average.
         key (str, default "reward"): the Trainer's log key (``rewards/equation_reward/mean``, ...).
     """
-    name = metric_name(key)
-    if metrics is None or name not in metrics:
-        return float("nan")
-    values = np.asarray(metrics[name].values, dtype=float)
-    values = values[np.isfinite(values)]
+    values = logged_values(metrics, key)
     return float(values[-last:].mean()) if values.size else float("nan")
 
 

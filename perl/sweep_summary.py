@@ -49,7 +49,7 @@ import numpy as np
 import xarray as xr
 
 from perl import stats
-from perl.run import MissingDataWarning, Run, RunError, metric_name
+from perl.run import MissingDataWarning, Run, RunError, final_reward, logged_values
 from perl.sweep_compare import band_over_seeds, compare_configs
 
 __all__ = [
@@ -152,15 +152,6 @@ def _quiet_get(run: Run, kind: str):
         return getattr(run, kind)
 
 
-def _logged(metrics: xr.Dataset | None, key: str) -> np.ndarray:
-    """The finite logged values of a Trainer key, in step order (empty when never logged)."""
-    name = metric_name(key)
-    if metrics is None or name not in metrics:
-        return np.array([], dtype=float)
-    values = np.asarray(metrics[name].values, dtype=float)
-    return values[np.isfinite(values)]
-
-
 def _cell_mean_last(da: xr.DataArray) -> float:
     """Mean over (layer, module) cells at the last step where any cell is finite; NaN if none."""
     values = da.transpose("step", ...).values.reshape(da.sizes["step"], -1)
@@ -183,12 +174,12 @@ def run_values(run: Run | str | os.PathLike, last_k: int = LAST_K) -> dict[str, 
     run = run if isinstance(run, Run) else Run(run)
     out = dict.fromkeys(QUANTITIES, math.nan)
     metrics = _quiet_get(run, "metrics")
-    equation, reward = _logged(metrics, EQUATION_KEY), _logged(metrics, REWARD_KEY)
+    # note: the final rewards are perl.run.final_reward, the one definition sweeps and notebooks share
+    out["final_equation_reward"] = final_reward(metrics, last_k, EQUATION_KEY)
+    out["final_reward"] = final_reward(metrics, last_k, REWARD_KEY)
+    equation = logged_values(metrics, EQUATION_KEY)
     if equation.size:
-        out["final_equation_reward"] = float(equation[-last_k:].mean())
-        out["equation_reward_gain"] = float(equation[-last_k:].mean() - equation[:last_k].mean())
-    if reward.size:
-        out["final_reward"] = float(reward[-last_k:].mean())
+        out["equation_reward_gain"] = out["final_equation_reward"] - float(equation[:last_k].mean())
 
     spectral = _quiet_get(run, "spectral")
     if spectral is not None and "update_effective_rank" in spectral:
@@ -326,7 +317,7 @@ def summarize_runs(
         raise RunError("summarize_runs got no runs; pass run folders (e.g. find_sweep_runs(sweep_dir)[0]).")
     if not isinstance(last_k, int) or last_k < 1:
         raise ValueError(f"last_k must be a positive integer (logged steps), got {last_k!r}.")
-    logged = [_logged(_quiet_get(r, "metrics"), EQUATION_KEY).size for r in opened]
+    logged = [logged_values(_quiet_get(r, "metrics"), EQUATION_KEY).size for r in opened]
     fewest = min((n for n in logged if n), default=0)
     k = max(1, min(last_k, fewest // 2)) if fewest else last_k
 
