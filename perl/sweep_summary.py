@@ -49,6 +49,7 @@ import numpy as np
 import xarray as xr
 
 from perl import stats
+from perl.fileio import atomic_path
 from perl.run import MissingDataWarning, Run, RunError, final_reward, logged_values
 from perl.sweep_compare import band_over_seeds, compare_configs
 
@@ -474,11 +475,9 @@ def write_summary(
     folder = Path(sweep_dir).expanduser()
     ds = summarize_sweep(folder, last_k=last_k, level=level, ci=ci)
     csv_path, nc_path = folder / SUMMARY_CSV, folder / SUMMARY_NC
-    tmp_csv, tmp_nc = folder / f".{SUMMARY_CSV}.tmp", folder / f".{SUMMARY_NC}.tmp"
-    summary_table(ds).to_csv(tmp_csv)
-    ds.to_netcdf(tmp_nc, engine="netcdf4")
-    os.replace(tmp_csv, csv_path)
-    os.replace(tmp_nc, nc_path)
+    with atomic_path(csv_path) as tmp_csv, atomic_path(nc_path) as tmp_nc:
+        summary_table(ds).to_csv(tmp_csv)
+        ds.to_netcdf(tmp_nc, engine="netcdf4")
     return csv_path, nc_path
 
 
