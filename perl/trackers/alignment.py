@@ -62,6 +62,7 @@ from .discovery import (
     FACTORED_KINDS,
     AdapterModule,
     _derive_peft_type,
+    adapter_rank,
     discover_adapters,
     materialized,
     peft_config_of,
@@ -491,7 +492,7 @@ class AlignmentTracker(StoreLifecycle, _BaseSubspaces):
             "Conventions": "CF-1.8",
             "peft_type": self.peft_type,
             "adapter_name": self.adapter_name,
-            "r": getattr(config, "init_r", None) or getattr(config, "r", None),  # AdaLoRA: init_r
+            "r": adapter_rank(config),
             "lora_alpha": getattr(config, "lora_alpha", None),
             "target_modules": targets,
             "perl_version": __version__,

@@ -549,6 +549,12 @@ def _derive_peft_type(model, adapter: str) -> str:
     return kind
 
 
+def adapter_rank(config) -> int | None:
+    """The rank a peft config's run is labelled with: AdaLoRA's ``init_r`` (its ``r`` is unused), else
+    ``r``; None for a config without one."""
+    return getattr(config, "init_r", None) or getattr(config, "r", None)
+
+
 def target_modules_of(config) -> list[str] | str | None:
     """A peft config's ``target_modules`` as a run's attrs store it: sorted names (peft keeps a set),
     a regular expression string, or None."""
