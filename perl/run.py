@@ -162,6 +162,11 @@ class Run:
             p = self.path / METRICS_FILE
             return p if p.is_file() else None
         live, final = (SPECTRAL_LIVE, SPECTRAL_FINAL) if kind == "spectral" else (GRADIENT_LIVE, GRADIENT_FINAL)
+        return self.store_path(live, final)
+
+    def store_path(self, live: str | Path, final: str | Path) -> Path | None:
+        """The newer of a tracker's live store ``live`` and final file ``final`` (names relative to the
+        tracking folder, then the run folder), or None when the run has neither."""
         for folder in dict.fromkeys([self.tracking_dir, self.path]):
             chosen = _newer(folder / live, folder / final)
             if chosen is not None:
