@@ -54,6 +54,8 @@ PEFT_METHODS: tuple[str, ...] = tuple(t for t in PEFT_TYPES if t != FULL_FINETUN
 ALL_METHODS: tuple[str, ...] = PEFT_METHODS + (FULL_FINETUNING,)
 
 ADAPTER_NAME = "default"
+#: the methods built as peft LoRA (one builder): their update is s * B @ A with s = `lora_scaling`
+LORA_FAMILY = ("lora", "dora", "pissa", "milora", "milora_plus", "lora_plus", "rslora", "lorafa")
 MISS_INITS = {"balance": True, "bat": "bat", "mini": "mini"}
 
 
@@ -76,6 +78,14 @@ class AdapterSetup:
     callbacks: list = field(default_factory=list)
     description: str = ""
     method: str = ""
+
+
+def lora_scaling(method: str, lora_alpha: float, r: int | None) -> float:
+    """``s`` in ``s * B @ A`` of the LoRA family: alpha/r, or alpha/sqrt(r) for rsLoRA; NaN for the other
+    methods (AdaLoRA scales by alpha/ranknum per module; VeRA, IA3, LayerNorm tuning, MiSS not at all)."""
+    if method not in LORA_FAMILY or not r:
+        return float("nan")
+    return lora_alpha / (r**0.5 if method == "rslora" else r)
 
 
 def _knob(cfg, name, default):
@@ -231,7 +241,7 @@ def _lora_family(model, cfg, targets, total_steps) -> AdapterSetup:
         )
 
     sqrt = method == "rslora"
-    scaling = cfg.lora_alpha / (cfg.r**0.5 if sqrt else cfg.r)
+    scaling = lora_scaling(method, cfg.lora_alpha, cfg.r)
     head = (
         f"{method}: r={cfg.r}, lora_alpha={cfg.lora_alpha}, scaling={'alpha/sqrt(r)' if sqrt else 'alpha/r'}"
         f"={scaling:g}, lora_dropout={cfg.lora_dropout}, on {_targeted(peft_model)}"
@@ -446,7 +456,7 @@ def _full(model, cfg, targets, total_steps) -> AdapterSetup:
 
 
 _BUILDERS: dict[str, Callable] = {
-    **{m: _lora_family for m in ("lora", "dora", "pissa", "milora", "milora_plus", "lora_plus", "rslora", "lorafa")},
+    **dict.fromkeys(LORA_FAMILY, _lora_family),
     "adalora": _adalora,
     "vera": _vera,
     "ia3": _ia3,
