@@ -105,8 +105,8 @@ def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _matches(module_name: str, target: str) -> bool:
-    # peft's rule for a list of names: exact match or the module path ends with ".<target>"
+def matches_target(module_name: str, target: str) -> bool:
+    """peft's rule for a ``target_modules`` list: the module path equals ``target`` or ends with ``.<target>``."""
     return module_name == target or module_name.endswith("." + target)
 
 
@@ -132,7 +132,7 @@ def resolve_target_modules(model: nn.Module, target_modules) -> list[str]:
         leaves = {_leaf(n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
         return sorted(leaves)
     targets = [str(t) for t in target_modules]
-    missing = [t for t in targets if not any(_matches(n, t) for n in names)]
+    missing = [t for t in targets if not any(matches_target(n, t) for n in names)]
     if missing:
         linear = sorted({_leaf(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"peft.target_modules {missing} match no module of the model; its Linear layers are {linear}")

@@ -479,6 +479,8 @@ def discover_full_weights(
     Raises:
         DiscoveryError: no ``nn.Linear`` matches.
     """
+    from perl.adapters.registry import matches_target
+
     model = getattr(model, "module", model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(target_modules, str):
@@ -491,7 +493,7 @@ def discover_full_weights(
         if not isinstance(m, nn.Linear) or m is head:
             continue
         name = _clean_name(raw_name)
-        if targets is not None and not any(name == t or name.endswith("." + t) for t in targets):
+        if targets is not None and not any(matches_target(name, t) for t in targets):
             continue
         found.append(_module_at(name, m, kind="full", adapter="", components={"weight": [m.weight]}))
     if not found:
