@@ -138,18 +138,12 @@ class TestResult:
 # ====================================================================================== t distribution
 def t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with ``df`` > 0 degrees of freedom (regularized incomplete beta, mpmath)."""
-    import mpmath
-
-    if not (df > 0) or math.isnan(t):
-        return math.nan
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    x = df / (df + t * t)
-    tail = 0.5 * float(mpmath.betainc(df / 2.0, 0.5, 0, x, regularized=True))  # P(T > |t|)
+    tail = 0.5 * _two_sided_p(t, df)  # P(T > |t|); NaN stays NaN
     return 1.0 - tail if t > 0 else tail
 
 
 def _two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|): the regularized incomplete beta I_x(df/2, 1/2) at x = df / (df + t^2)."""
     import mpmath
 
     if not (df > 0) or math.isnan(t):
