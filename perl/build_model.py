@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from perl.cli_support import OneLineParser, UsageError, fail, positive_int
+from perl.cli_support import OneLineParser, parse_or_fail, positive_int
 from perl.models.nano import (
     _OUR_FILES,
     RECIPE_FILE,
     SHIPPED_DIR,
     NanoRecipe,
     build_tokenizer,
+    recipe_problems,
     save_model,
     train_model,
     training_problems,
@@ -65,7 +66,6 @@ def build(
     """
     import torch
 
-    from perl.data.countdown import generate_problems
     from perl.evaluate import evaluate, format_table, run_eval
 
     out_dir = Path(out_dir)
@@ -80,15 +80,7 @@ def build(
         log(f"[nano] phase 1/4 data: {recipe.n_train_problems} training problems (seed {recipe.seed})")
         tokenizer = build_tokenizer()
         problems = training_problems(recipe)
-        eval_problems = generate_problems(
-            recipe.eval_n,
-            seed=recipe.seed,
-            min_numbers=3,
-            max_numbers=3,
-            max_number=recipe.max_number,
-            max_target=recipe.max_target,
-            split="test",
-        )
+        eval_problems = recipe_problems(recipe, recipe.eval_n, 3, recipe.seed, "test")
         seconds["data"] = time.time() - t0
 
         t0 = time.time()
@@ -115,15 +107,7 @@ def build(
             progress=progress,
         )
         if recipe.eval_n_four:
-            four = generate_problems(
-                recipe.eval_n_four,
-                seed=recipe.seed,
-                min_numbers=4,
-                max_numbers=4,
-                max_number=recipe.max_number,
-                max_target=recipe.max_target,
-                split="test",
-            )
+            four = recipe_problems(recipe, recipe.eval_n_four, 4, recipe.seed, "test")
             results["sample T=1 (4 numbers)"] = evaluate(
                 model,
                 tokenizer,
@@ -190,12 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from perl.evaluate import prefer_passive_openmp
 
     prefer_passive_openmp()
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        _check_output_dir(Path(args.output_dir))
-    except (UsageError, ValueError) as exc:
-        return fail(str(exc), prog=parser.prog)
+    args = parse_or_fail(build_parser(), argv, check=lambda a: _check_output_dir(Path(a.output_dir)))
+    if isinstance(args, int):
+        return args
     recipe = NanoRecipe.quick(seed=args.seed) if args.quick else NanoRecipe(seed=args.seed)
     if args.threads is not None:
         recipe.threads = args.threads

@@ -1,12 +1,11 @@
 """What every ``perlwb`` command shares: a parser whose mistakes are one line, and the error printer.
 
 Usage:
-    >>> from perl.cli_support import OneLineParser, UsageError, fail
+    >>> from perl.cli_support import OneLineParser, parse_or_fail
     >>> parser = OneLineParser(prog="perlwb report")
-    >>> try:
-    ...     args = parser.parse_args(argv)
-    ... except UsageError as e:
-    ...     return fail(str(e), prog=parser.prog)    # "perlwb report: error: ..." on stderr, exit 2
+    >>> args = parse_or_fail(parser, argv)     # "perlwb report: error: ..." on stderr, then 2
+    >>> if isinstance(args, int):
+    ...     return args
 
 A user's mistake on any command is one stderr line, ``<prog>: error: <one sentence>``, and exit code 2.
 """
@@ -16,8 +15,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable, Sequence
 
-__all__ = ["PROG", "EXIT_USAGE", "UsageError", "OneLineParser", "one_line", "fail", "positive_int"]
+__all__ = ["PROG", "EXIT_USAGE", "UsageError", "OneLineParser", "one_line", "fail", "parse_or_fail", "positive_int"]
 
 PROG = "perlwb"
 EXIT_USAGE = 2
@@ -59,3 +59,18 @@ def fail(message: str, prog: str = PROG) -> int:
     """Print ``<prog>: error: <message>`` as one stderr line; return the usage exit code (2)."""
     print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def parse_or_fail(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, check: Callable | None = None
+) -> argparse.Namespace | int:
+    """``parser.parse_args(argv)``, then ``check(args)`` if given; a mistake in either (`UsageError`,
+    or `ValueError` from ``check``) is printed as the one stderr line and the usage exit code is
+    returned instead of the arguments."""
+    try:
+        args = parser.parse_args(argv)
+        if check is not None:
+            check(args)
+    except (UsageError, ValueError) as exc:
+        return fail(str(exc), prog=parser.prog)
+    return args

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from perl.cli_support import OneLineParser, UsageError, fail, positive_int
+from perl.cli_support import OneLineParser, fail, parse_or_fail, positive_int
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -273,10 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``perlwb eval``: print the evaluation table; exit 2 with one line on stderr on a user error."""
     prefer_passive_openmp()
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        return fail(str(exc), prog=parser.prog)
+    args = parse_or_fail(parser, argv)
+    if isinstance(args, int):
+        return args
     from perl.data.countdown import generate_problems
 
     try:

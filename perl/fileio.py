@@ -12,10 +12,12 @@ copy-append-replace (its temporary file is a netCDF copy it appends to, not byte
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "temp_path", "is_temp_of"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "temp_path", "is_temp_of"]
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -29,6 +31,24 @@ def is_temp_of(name: str, target: str) -> bool:
     return name.startswith(f".{target}.") and name.endswith(".tmp")
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that needs a file name (netCDF, pandas): renamed
+    to ``path`` when the block ends without error, removed otherwise.
+
+    Usage:
+        >>> with atomic_path(folder / "summary.nc") as tmp:
+        ...     ds.to_netcdf(tmp)
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # note: after the rename there is nothing left to remove
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> Path:
     """Write ``data`` to ``path`` through a temporary file and `os.replace`; return the path.
 
@@ -39,16 +59,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False
             after a power loss the file is the old or the new one, never empty.
     """
     path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # note: after the rename there is nothing left to remove
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     return path
 
 

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from perl.config import ConfigError, TrainConfig, validate
+from perl.config import PEFT_TYPES, ConfigError, TrainConfig, validate
 
 __all__ = [
     "preflight",
@@ -62,20 +62,10 @@ RESUME_FIELDS = (
     "tracker.intruder_log_frequency",
     "tracker.intruder_epsilon",
 )
-# note: methods whose r is a rank of a matrix adapting a linear layer (AdaLoRA: init_r)
-_RANKED = {
-    "lora",
-    "dora",
-    "adalora",
-    "pissa",
-    "milora",
-    "milora_plus",
-    "lora_plus",
-    "rslora",
-    "lorafa",
-    "vera",
-    "miss",
-}
+# note: methods whose r is a rank of a matrix adapting a linear layer (AdaLoRA: init_r); derived from
+# the config's one list of method names: the others' r counts reflections (hra), slices (slicefine) or
+# nothing (ia3, layernorm, full)
+_RANKED = frozenset(PEFT_TYPES) - {"hra", "slicefine", "ia3", "layernorm", "full"}
 
 
 # note: what marks a folder as holding an earlier run (see docs/architecture.md, "Run folder").

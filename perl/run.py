@@ -162,6 +162,11 @@ class Run:
             p = self.path / METRICS_FILE
             return p if p.is_file() else None
         live, final = (SPECTRAL_LIVE, SPECTRAL_FINAL) if kind == "spectral" else (GRADIENT_LIVE, GRADIENT_FINAL)
+        return self.store_path(live, final)
+
+    def store_path(self, live: str | Path, final: str | Path) -> Path | None:
+        """The newer of a tracker's live store ``live`` and final file ``final`` (names relative to the
+        tracking folder, then the run folder), or None when the run has neither."""
         for folder in dict.fromkeys([self.tracking_dir, self.path]):
             chosen = _newer(folder / live, folder / final)
             if chosen is not None:
@@ -352,6 +357,16 @@ def label_runs(combined: xr.Dataset, runs: list[Run], labels: list[str]) -> xr.D
     return combined
 
 
+def logged_values(metrics: xr.Dataset | None, key: str) -> np.ndarray:
+    """The finite values of a Trainer log key (``reward``, ``rewards/equation_reward/mean``, ...) in step
+    order; empty when the run never logged it."""
+    name = metric_name(key)
+    if metrics is None or name not in metrics:
+        return np.array([], dtype=float)
+    values = np.asarray(metrics[name].values, dtype=float)
+    return values[np.isfinite(values)]
+
+
 def final_reward(metrics: xr.Dataset | None, last: int = 10, key: str = "reward") -> float:
     """Mean of the last ``last`` finite values of ``key`` logged in a run's metrics; NaN if none.
 
@@ -363,11 +378,7 @@ def final_reward(metrics: xr.Dataset | None, last: int = 10, key: str = "reward"
         last (int, default 10): how many logged values to average.
         key (str, default "reward"): the Trainer's log key (``rewards/equation_reward/mean``, ...).
     """
-    name = metric_name(key)
-    if metrics is None or name not in metrics:
-        return float("nan")
-    values = np.asarray(metrics[name].values, dtype=float)
-    values = values[np.isfinite(values)]
+    values = logged_values(metrics, key)
     return float(values[-last:].mean()) if values.size else float("nan")
 
 

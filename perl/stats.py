@@ -138,18 +138,12 @@ class TestResult:
 # ====================================================================================== t distribution
 def t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with ``df`` > 0 degrees of freedom (regularized incomplete beta, mpmath)."""
-    import mpmath
-
-    if not (df > 0) or math.isnan(t):
-        return math.nan
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    x = df / (df + t * t)
-    tail = 0.5 * float(mpmath.betainc(df / 2.0, 0.5, 0, x, regularized=True))  # P(T > |t|)
+    tail = 0.5 * _two_sided_p(t, df)  # P(T > |t|); NaN stays NaN
     return 1.0 - tail if t > 0 else tail
 
 
 def _two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|): the regularized incomplete beta I_x(df/2, 1/2) at x = df / (df + t^2)."""
     import mpmath
 
     if not (df > 0) or math.isnan(t):
@@ -200,6 +194,16 @@ def _check_level(level: float) -> None:
         raise ValueError(f"level must be in (0, 1), e.g. 0.95, got {level!r}.")
 
 
+def _seed_values(values: Sequence[float], level: float, method: str) -> tuple[np.ndarray, Interval | None]:
+    """The finite values, and the interval to return as it is when fewer than two remain (else None)."""
+    _check_level(level)
+    x = _finite(values)
+    n = int(x.size)
+    if n >= 2:
+        return x, None
+    return x, Interval(float(x.mean()) if n else math.nan, math.nan, math.nan, math.nan, n, level, method)
+
+
 def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     """Student t confidence interval of the mean of ``values`` (NaN dropped).
 
@@ -207,12 +211,10 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
         values (sequence of float): one value per seed.
         level (float, default 0.95): confidence level.
     """
-    _check_level(level)
-    x = _finite(values)
-    n = int(x.size)
-    mean = float(x.mean()) if n else math.nan
-    if n < 2:
-        return Interval(mean, math.nan, math.nan, math.nan, n, level, "t")
+    x, too_few = _seed_values(values, level, "t")
+    if too_few is not None:
+        return too_few
+    n, mean = int(x.size), float(x.mean())
     std = float(x.std(ddof=1))
     half = t_ppf(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
     return Interval(mean, std, mean - half, mean + half, n, level, "t")
@@ -232,12 +234,10 @@ def bootstrap_interval(
         seed (int | np.random.Generator | None, default 0): randomness of the resampling; the
             default makes the interval reproducible.
     """
-    _check_level(level)
-    x = _finite(values)
-    n = int(x.size)
-    mean = float(x.mean()) if n else math.nan
-    if n < 2:
-        return Interval(mean, math.nan, math.nan, math.nan, n, level, "bootstrap")
+    x, too_few = _seed_values(values, level, "bootstrap")
+    if too_few is not None:
+        return too_few
+    n, mean = int(x.size), float(x.mean())
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     means = x[rng.integers(0, n, size=(int(n_resamples), n))].mean(axis=1)
     low, high = np.quantile(means, [0.5 - level / 2.0, 0.5 + level / 2.0])

@@ -49,7 +49,9 @@ import numpy as np
 import xarray as xr
 
 from perl import stats
-from perl.run import MissingDataWarning, Run, RunError, metric_name
+from perl.fileio import atomic_path
+from perl.run import MissingDataWarning, Run, RunError, final_reward, logged_values
+from perl.sweep_compare import band_over_seeds, compare_configs
 
 __all__ = [
     "LAST_K",
@@ -151,15 +153,6 @@ def _quiet_get(run: Run, kind: str):
         return getattr(run, kind)
 
 
-def _logged(metrics: xr.Dataset | None, key: str) -> np.ndarray:
-    """The finite logged values of a Trainer key, in step order (empty when never logged)."""
-    name = metric_name(key)
-    if metrics is None or name not in metrics:
-        return np.array([], dtype=float)
-    values = np.asarray(metrics[name].values, dtype=float)
-    return values[np.isfinite(values)]
-
-
 def _cell_mean_last(da: xr.DataArray) -> float:
     """Mean over (layer, module) cells at the last step where any cell is finite; NaN if none."""
     values = da.transpose("step", ...).values.reshape(da.sizes["step"], -1)
@@ -182,12 +175,12 @@ def run_values(run: Run | str | os.PathLike, last_k: int = LAST_K) -> dict[str, 
     run = run if isinstance(run, Run) else Run(run)
     out = dict.fromkeys(QUANTITIES, math.nan)
     metrics = _quiet_get(run, "metrics")
-    equation, reward = _logged(metrics, EQUATION_KEY), _logged(metrics, REWARD_KEY)
+    # note: the final rewards are perl.run.final_reward, the one definition sweeps and notebooks share
+    out["final_equation_reward"] = final_reward(metrics, last_k, EQUATION_KEY)
+    out["final_reward"] = final_reward(metrics, last_k, REWARD_KEY)
+    equation = logged_values(metrics, EQUATION_KEY)
     if equation.size:
-        out["final_equation_reward"] = float(equation[-last_k:].mean())
-        out["equation_reward_gain"] = float(equation[-last_k:].mean() - equation[:last_k].mean())
-    if reward.size:
-        out["final_reward"] = float(reward[-last_k:].mean())
+        out["equation_reward_gain"] = out["final_equation_reward"] - float(equation[:last_k].mean())
 
     spectral = _quiet_get(run, "spectral")
     if spectral is not None and "update_effective_rank" in spectral:
@@ -325,7 +318,7 @@ def summarize_runs(
         raise RunError("summarize_runs got no runs; pass run folders (e.g. find_sweep_runs(sweep_dir)[0]).")
     if not isinstance(last_k, int) or last_k < 1:
         raise ValueError(f"last_k must be a positive integer (logged steps), got {last_k!r}.")
-    logged = [_logged(_quiet_get(r, "metrics"), EQUATION_KEY).size for r in opened]
+    logged = [logged_values(_quiet_get(r, "metrics"), EQUATION_KEY).size for r in opened]
     fewest = min((n for n in logged if n), default=0)
     k = max(1, min(last_k, fewest // 2)) if fewest else last_k
 
@@ -482,117 +475,10 @@ def write_summary(
     folder = Path(sweep_dir).expanduser()
     ds = summarize_sweep(folder, last_k=last_k, level=level, ci=ci)
     csv_path, nc_path = folder / SUMMARY_CSV, folder / SUMMARY_NC
-    tmp_csv, tmp_nc = folder / f".{SUMMARY_CSV}.tmp", folder / f".{SUMMARY_NC}.tmp"
-    summary_table(ds).to_csv(tmp_csv)
-    ds.to_netcdf(tmp_nc, engine="netcdf4")
-    os.replace(tmp_csv, csv_path)
-    os.replace(tmp_nc, nc_path)
+    with atomic_path(csv_path) as tmp_csv, atomic_path(nc_path) as tmp_nc:
+        summary_table(ds).to_csv(tmp_csv)
+        ds.to_netcdf(tmp_nc, engine="netcdf4")
     return csv_path, nc_path
-
-
-# ====================================================================================== comparisons
-def compare_configs(
-    ds: xr.Dataset, quantity: str, reference: str | None = None, test: str = "welch", alpha: float = 0.05
-):
-    """Every configuration against ``reference`` on one quantity: is the difference larger than the seed spread?
-
-    For each other configuration: the difference of means over seeds (config - reference), its
-    confidence interval (Welch / paired t), the ``test``'s p-value, the Holm-adjusted p-value over
-    all the comparisons in the table, and ``verdict``: "differs" when the adjusted p-value is
-    below ``alpha``, "no evidence" otherwise, "undefined" when the test cannot be computed (fewer
-    than 2 seeds with values, or no spread). The table's attrs name the test and the adjustment.
-
-    Args:
-        ds (xr.Dataset): `summarize_runs` / ``summary.nc``.
-        quantity (str): a key of `QUANTITIES`.
-        reference (str, optional): the configuration compared against; default: the first one
-            whose method is ``lora``, else the first configuration.
-        test (str, default "welch"): ``"welch"``, ``"permutation"`` or ``"paired_t"`` (seeds matched).
-        alpha (float, default 0.05): the family-wise level of the verdict.
-
-    Returns:
-        pandas.DataFrame indexed by configuration.
-    """
-    import pandas as pd
-
-    if quantity not in ds:
-        raise KeyError(f"{quantity!r} is not in the summary; use one of {', '.join(QUANTITIES)}.")
-    labels = [str(c) for c in ds["config"].values]
-    if reference is None:
-        methods = [str(m) for m in ds["method"].values]
-        reference = labels[methods.index("lora")] if "lora" in methods else labels[0]
-    if reference not in labels:
-        raise KeyError(
-            f"reference {reference!r} is not a configuration of the summary; use one of {', '.join(labels)}."
-        )
-    ref = ds[quantity].sel(config=reference).values
-    rows = []
-    for label in labels:
-        if label == reference:
-            continue
-        result = stats.compare(ds[quantity].sel(config=label).values, ref, test=test)
-        rows.append(
-            {
-                "config": label,
-                "method": str(ds["method"].sel(config=label).values),
-                "n": result.n_a,
-                "n_ref": result.n_b,
-                "diff": result.diff,
-                "diff_ci_low": result.low,
-                "diff_ci_high": result.high,
-                "pvalue": result.pvalue,
-                "min_pvalue": result.min_pvalue,
-            }
-        )
-    table = pd.DataFrame(
-        rows, columns=["config", "method", "n", "n_ref", "diff", "diff_ci_low", "diff_ci_high", "pvalue", "min_pvalue"]
-    ).set_index("config")
-    table["pvalue_holm"] = stats.holm(table["pvalue"].to_numpy(dtype=float)) if len(table) else []
-    table["verdict"] = [
-        "undefined" if not np.isfinite(p) else "differs" if p < alpha else "no evidence" for p in table["pvalue_holm"]
-    ]
-    table.attrs.update(
-        quantity=quantity,
-        reference=reference,
-        test=stats.TESTS[test],
-        alpha=alpha,
-        adjustment="Holm-Bonferroni over the rows of this table",
-    )
-    return table
-
-
-def band_over_seeds(da: xr.DataArray, configs: Sequence[str], level: float = 0.95, smooth: int = 1) -> xr.Dataset:
-    """Mean and t confidence band over seeds of a (run, step) quantity, per configuration and step.
-
-    Args:
-        da (xr.DataArray): dims ``run`` and ``step`` (e.g. ``runs.metrics.reward``).
-        configs (sequence of str): the configuration of each run, in ``da``'s run order
-            (e.g. ``[configuration_of(r) for r in runs]``).
-        level (float, default 0.95): confidence level.
-        smooth (int, default 1): centred rolling mean over this many steps before the band (a
-            per-step reward of a few prompts is noisy); 1 = none.
-
-    Returns:
-        Dataset (config, step): ``mean``, ``low``, ``high``, ``n`` (seeds with a value at that step).
-    """
-    if len(configs) != da.sizes["run"]:
-        raise ValueError(f"configs names {len(configs)} runs, the data has {da.sizes['run']}.")
-    if smooth > 1:
-        da = da.rolling(step=int(smooth), center=True, min_periods=1).mean()
-    values = da.transpose("run", "step").values.astype(float)
-    labels = list(dict.fromkeys(configs))
-    out = {key: np.full((len(labels), da.sizes["step"]), np.nan) for key in ("mean", "low", "high")}
-    count = np.zeros((len(labels), da.sizes["step"]), dtype=np.int64)
-    for i, label in enumerate(labels):
-        rows = values[[j for j, c in enumerate(configs) if c == label]]
-        for t in range(rows.shape[1]):
-            iv = stats.t_interval(rows[:, t], level)
-            out["mean"][i, t], out["low"][i, t], out["high"][i, t], count[i, t] = iv.mean, iv.low, iv.high, iv.n
-    coords = {"config": labels, "step": da["step"].values}
-    ds = xr.Dataset({k: (("config", "step"), v) for k, v in out.items()}, coords=coords)
-    ds["n"] = (("config", "step"), count)
-    ds.attrs.update(ci_method=f"{stats.CI_METHODS['t']}; level {level}", smooth=int(smooth), quantity=str(da.name))
-    return ds
 
 
 # ====================================================================================== sweep / CLI glue

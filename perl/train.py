@@ -232,27 +232,20 @@ def run_attributes(config: TrainConfig, adapter_model) -> dict:
     tuning adapt their own module lists, and full fine-tuning has no rank.
     """
     from perl import __version__
+    from perl.adapters.registry import lora_scaling
     from perl.config import to_yaml
+    from perl.trackers.discovery import adapter_rank, target_modules_of
 
     peft_cfg = (
         getattr(adapter_model, "peft_config", {}).get("default") if hasattr(adapter_model, "peft_config") else None
     )
     alpha = config.peft.lora_alpha
-    rank = getattr(peft_cfg, "init_r", None) or getattr(peft_cfg, "r", None)
-    targets = getattr(peft_cfg, "target_modules", None)
-    if isinstance(targets, (set, frozenset, list, tuple)):
-        targets = sorted(str(t) for t in targets)
-    elif targets is None and peft_cfg is None:
+    rank = adapter_rank(peft_cfg)
+    targets = target_modules_of(peft_cfg)
+    if targets is None and peft_cfg is None:
         targets = list(config.peft.target_modules or [])  # full fine-tuning: the modules the trackers follow
-    # note: s = alpha/r only means something for the LoRA family; other methods scale differently
-    # (AdaLoRA by alpha/ranknum per module, VeRA/IA3/LN/MiSS not at all), so they get NaN here.
-    lora_family = {"lora", "dora", "pissa", "milora", "milora_plus", "lora_plus", "lorafa"}
-    if config.peft.type == "rslora" and rank:
-        scaling = alpha / (rank**0.5)
-    elif config.peft.type in lora_family and rank:
-        scaling = alpha / rank
-    else:
-        scaling = float("nan")
+    # note: s = alpha/r only means something for the LoRA family; the other methods get NaN
+    scaling = lora_scaling(config.peft.type, alpha, rank)
     attrs = {
         "peft_type": config.peft.type,
         "peft_config_class": type(peft_cfg).__name__ if peft_cfg is not None else "none",

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from perl.fileio import atomic_write_bytes, atomic_write_text, is_temp_of, temp_path
+from perl.fileio import atomic_path, atomic_write_bytes, atomic_write_text, is_temp_of, temp_path
 
 
 def test_writes_and_replaces_leaving_only_the_target(tmp_path):
@@ -30,3 +30,16 @@ def test_temporary_names_are_recognised_for_any_process():
     assert tmp.parent.as_posix() == "/x" and is_temp_of(tmp.name, "manifest.json")
     assert is_temp_of(".manifest.json.12345.tmp", "manifest.json")
     assert not is_temp_of("manifest.json", "manifest.json") and not is_temp_of(".other.json.1.tmp", "manifest.json")
+
+
+def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
+    target = tmp_path / "summary.nc"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        assert target.read_text() == "old"  # a reader still sees the old file while the new one is written
+        raise RuntimeError("writer failed")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["summary.nc"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["summary.nc"]

@@ -565,6 +565,12 @@ if trainer.is_world_process_zero():
     save_file(initial, str(out / "initial.safetensors"))
     (out / "result.json").write_text(json.dumps({"log_history": trainer.state.log_history,
                                                  "world_size": trainer.args.world_size}))
+# every rank waits, then the group closes: a rank that exits first with gloo's threads running aborts
+# the launch ("terminate called without an active exception"), as perl.cli._leave_process_group says
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 

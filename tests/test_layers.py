@@ -43,6 +43,7 @@ FLOORS = [
             "perl.sweep",
             "perl.sweep_spec",
             "perl.sweep_summary",
+            "perl.sweep_compare",
             "perl.questions",
             "perl.notebook_utils",
             "perl.synthetic",
@@ -122,3 +123,18 @@ def test_the_checker_sees_an_upward_import_inside_a_function(tmp_path):
     (fake / "thing.py").write_text("def f():\n    from perl.viz.plots import x\n    from ..run import open_run\n")
     found = violations(tmp_path / "perl")
     assert len(found) == 2 and "perl.viz.plots.x (viz)" in found[0] and "perl.run.open_run (run)" in found[1]
+
+
+def test_the_architecture_page_lists_the_same_floors():
+    # note: docs/architecture.md's "Layers" table is what a contributor reads; it must say what this test enforces
+    import re
+
+    text = (PERL.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    documented = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[1].startswith("`"):
+            names = re.findall(r"`([^`]+)`", cells[1].split("(")[0])  # what follows "(" is a comment
+            documented.append((cells[0].split(" (")[0], ["perl." + m.rstrip("/") for m in names]))
+    assert documented == FLOORS

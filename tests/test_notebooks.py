@@ -1,10 +1,13 @@
-"""Every notebook in notebooks/ runs top to bottom under papermill on real runs, and show what they promise.
+"""Every notebook in notebooks/ (six) runs top to bottom under papermill on real runs and shows what it promises.
 
-Notebook 01 trains (a 3-step DoRA run on the embedded model, or on "tiny-random" while the
+Here: notebook 01 trains (a 3-step DoRA run on the embedded model, or on "tiny-random" while the
 embedded model is not built); 02 and 03 read the session's shared LoRA run (``tracked_run`` in
 conftest.py); 04 compares those two real runs, named through a sweep folder. What a user sees is
 checked against the run's files read here directly (netCDF, JSON lines, YAML): the explorers'
-text lines (kept in the executed notebook's widget state) and the printed tables.
+text lines (kept in the executed notebook's widget state) and the printed tables. Notebook 05 is
+executed on a sweep with a known answer in tests/test_sweep.py (which also checks its committed
+form), 06 on a two-seed sweep in tests/test_sweep_summary.py; the committed form of the others
+is checked here.
 
 The small helpers the notebooks share (`perl.notebook_utils`) are tested at the end.
 """

@@ -254,3 +254,19 @@ def test_open_runs_of_one_layout_stacks_final_files_lazily_with_the_same_values(
             xr.testing.assert_equal(
                 sp[name].isel(run=i, drop=True).reset_coords(drop=True), one[name].reset_coords(drop=True)
             )
+
+
+def test_a_synthetic_run_has_the_schema_of_a_real_run(tracked_run, lora_dir):
+    """What the tests on synthetic runs say holds for real runs: the same variables, dimensions, dtypes
+    and units (read with netCDF4, not through perl)."""
+
+    def schema(path):
+        with netCDF4.Dataset(path) as nc:
+            return {
+                name: (v.dimensions, str(v.dtype), getattr(v, "units", None), getattr(v, "long_name", None))
+                for name, v in nc.variables.items()
+            }
+
+    for final in ("spectral_history_final.nc", "gradient_flow_final.nc"):
+        real, synthetic = schema(tracked_run / final), schema(lora_dir / final)
+        assert real == synthetic, final

@@ -264,14 +264,18 @@ def test_explorer_refresh_follows_a_run_still_training(tmp_path):
     ex = SpectralExplorer(open_run(d))
     gx = GradientExplorer(open_run(d))
     assert ex.current["step"] == 4
+    ex.select(layer=1, metric="condition_number")
+    gx.select(layer=1, step=2)
     synthetic_run(d, steps=7, layers=2, modules=("q_proj",), r=2, final=False, pngs=False)
     ex.refresh_button.click()
     gx.refresh()
     assert ex.current["step"] == 7 and len(ex.step_w.options) == 8
-    assert gx.current["step"] == 7
+    # choices still offered are kept; a step slider not on the last step stays where it was
+    assert ex.layer_w.value == 1 and ex.metric_w.value == "condition_number"
+    assert gx.current["step"] == 2 and gx.layer_w.value == 1
     sp = open_run(d).spectral
     np.testing.assert_allclose(
-        ex.spectrum.lines.data["ys"][-1], sp.singular_values.sel(layer=0, step=7, module="q_proj").values
+        ex.spectrum.lines.data["ys"][-1], sp.singular_values.sel(layer=1, step=7, module="q_proj").values
     )
 
 

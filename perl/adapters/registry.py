@@ -54,6 +54,8 @@ PEFT_METHODS: tuple[str, ...] = tuple(t for t in PEFT_TYPES if t != FULL_FINETUN
 ALL_METHODS: tuple[str, ...] = PEFT_METHODS + (FULL_FINETUNING,)
 
 ADAPTER_NAME = "default"
+#: the methods built as peft LoRA (one builder): their update is s * B @ A with s = `lora_scaling`
+LORA_FAMILY = ("lora", "dora", "pissa", "milora", "milora_plus", "lora_plus", "rslora", "lorafa")
 MISS_INITS = {"balance": True, "bat": "bat", "mini": "mini"}
 
 
@@ -78,17 +80,33 @@ class AdapterSetup:
     method: str = ""
 
 
+def lora_scaling(method: str, lora_alpha: float, r: int | None) -> float:
+    """``s`` in ``s * B @ A`` of the LoRA family: alpha/r, or alpha/sqrt(r) for rsLoRA; NaN for the other
+    methods (AdaLoRA scales by alpha/ranknum per module; VeRA, IA3, LayerNorm tuning, MiSS not at all)."""
+    if method not in LORA_FAMILY or not r:
+        return float("nan")
+    return lora_alpha / (r**0.5 if method == "rslora" else r)
+
+
 def _knob(cfg, name, default):
     value = getattr(cfg, name, default)
     return default if value is None and default is not None else value
+
+
+def _choice(cfg, name: str, default: str, choices) -> str:
+    """The knob ``name``, which must be one of ``choices`` (listed in the error otherwise)."""
+    value = str(_knob(cfg, name, default))
+    if value not in choices:
+        raise ValueError(f"peft.{name} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _matches(module_name: str, target: str) -> bool:
-    # peft's rule for a list of names: exact match or the module path ends with ".<target>"
+def matches_target(module_name: str, target: str) -> bool:
+    """peft's rule for a ``target_modules`` list: the module path equals ``target`` or ends with ``.<target>``."""
     return module_name == target or module_name.endswith("." + target)
 
 
@@ -114,7 +132,7 @@ def resolve_target_modules(model: nn.Module, target_modules) -> list[str]:
         leaves = {_leaf(n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
         return sorted(leaves)
     targets = [str(t) for t in target_modules]
-    missing = [t for t in targets if not any(_matches(n, t) for n in names)]
+    missing = [t for t in targets if not any(matches_target(n, t) for n in names)]
     if missing:
         linear = sorted({_leaf(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"peft.target_modules {missing} match no module of the model; its Linear layers are {linear}")
@@ -141,6 +159,16 @@ def _targeted(peft_model) -> str:
     names = list(getattr(peft_model.base_model, "targeted_module_names", []))
     leaves = sorted({_leaf(n) for n in names})
     return f"{len(names)} modules ({', '.join(leaves)})"
+
+
+def _wrapped(model, config, method: str, describe: Callable, callbacks=()) -> AdapterSetup:
+    """``get_peft_model`` with adapter ``"default"``; the description is ``describe(peft_model)`` and the
+    parameter count."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    desc = f"{describe(peft_model)}; {_param_summary(peft_model)}"
+    return AdapterSetup(peft_model, None, list(callbacks), desc, method)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +241,7 @@ def _lora_family(model, cfg, targets, total_steps) -> AdapterSetup:
         )
 
     sqrt = method == "rslora"
-    scaling = cfg.lora_alpha / (cfg.r**0.5 if sqrt else cfg.r)
+    scaling = lora_scaling(method, cfg.lora_alpha, cfg.r)
     head = (
         f"{method}: r={cfg.r}, lora_alpha={cfg.lora_alpha}, scaling={'alpha/sqrt(r)' if sqrt else 'alpha/r'}"
         f"={scaling:g}, lora_dropout={cfg.lora_dropout}, on {_targeted(peft_model)}"
@@ -222,7 +250,7 @@ def _lora_family(model, cfg, targets, total_steps) -> AdapterSetup:
 
 
 def _adalora(model, cfg, targets, total_steps) -> AdapterSetup:
-    from peft import AdaLoraConfig, TaskType, get_peft_model
+    from peft import AdaLoraConfig, TaskType
 
     init_r = int(_knob(cfg, "init_r", 12))
     target_r = int(_knob(cfg, "target_r", 8))
@@ -250,20 +278,24 @@ def _adalora(model, cfg, targets, total_steps) -> AdapterSetup:
         beta2=betas[1],
         orth_reg_weight=orth,
     )
-    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
-    desc = (
-        f"adalora: P diag(E) Q, init_r={init_r} -> target_r={target_r} (average per module), "
-        f"lora_alpha={cfg.lora_alpha} (scaling alpha/current rank), lora_dropout={cfg.lora_dropout}, on "
-        f"{_targeted(peft_model)}; budget over total_step={total_steps}: tinit={tinit}, tfinal={tfinal}, "
-        f"deltaT={delta_t}{note}, allocated after every optimizer step by AdaLoraAllocatorCallback; "
-        f"orth_reg_weight={orth:g} acts only on a loss computed from labels, so not under GRPO; "
-        + _param_summary(peft_model)
+    setup = _wrapped(
+        model,
+        config,
+        "adalora",
+        lambda peft_model: (
+            f"adalora: P diag(E) Q, init_r={init_r} -> target_r={target_r} (average per module), "
+            f"lora_alpha={cfg.lora_alpha} (scaling alpha/current rank), lora_dropout={cfg.lora_dropout}, on "
+            f"{_targeted(peft_model)}; budget over total_step={total_steps}: tinit={tinit}, tfinal={tfinal}, "
+            f"deltaT={delta_t}{note}, allocated after every optimizer step by AdaLoraAllocatorCallback; "
+            f"orth_reg_weight={orth:g} acts only on a loss computed from labels, so not under GRPO"
+        ),
     )
-    return AdapterSetup(peft_model, None, [AdaLoraAllocatorCallback(peft_model)], desc, "adalora")
+    setup.callbacks.append(AdaLoraAllocatorCallback(setup.model))
+    return setup
 
 
 def _vera(model, cfg, targets, total_steps) -> AdapterSetup:
-    from peft import TaskType, VeraConfig, get_peft_model
+    from peft import TaskType, VeraConfig
 
     d_initial = float(_knob(cfg, "vera_d_initial", 0.1))
     key = int(_knob(cfg, "projection_prng_key", 0))
@@ -275,19 +307,21 @@ def _vera(model, cfg, targets, total_steps) -> AdapterSetup:
         d_initial=d_initial,
         projection_prng_key=key,
     )
-    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
-    in_dim = peft_model.base_model.vera_A[ADAPTER_NAME].shape[1]
-    out_dim = peft_model.base_model.vera_B[ADAPTER_NAME].shape[0]
-    desc = (
-        f"vera: r={cfg.r} shared frozen random A, B (largest target shape in={in_dim}, out={out_dim}, sliced per "
-        f"layer; prng key {key}), trained vectors lambda_b (zeros) and lambda_d (d_initial={d_initial:g}), "
-        f"dropout={cfg.lora_dropout}, on {_targeted(peft_model)}; lora_alpha unused; " + _param_summary(peft_model)
-    )
-    return AdapterSetup(peft_model, None, [], desc, "vera")
+
+    def describe(peft_model) -> str:
+        in_dim = peft_model.base_model.vera_A[ADAPTER_NAME].shape[1]
+        out_dim = peft_model.base_model.vera_B[ADAPTER_NAME].shape[0]
+        return (
+            f"vera: r={cfg.r} shared frozen random A, B (largest target shape in={in_dim}, out={out_dim}, sliced "
+            f"per layer; prng key {key}), trained vectors lambda_b (zeros) and lambda_d (d_initial={d_initial:g}), "
+            f"dropout={cfg.lora_dropout}, on {_targeted(peft_model)}; lora_alpha unused"
+        )
+
+    return _wrapped(model, config, "vera", describe)
 
 
 def _ia3(model, cfg, targets, total_steps) -> AdapterSetup:
-    from peft import IA3Config, TaskType, get_peft_model
+    from peft import IA3Config, TaskType
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
     ff = _knob(cfg, "feedforward_modules", None)
@@ -311,18 +345,21 @@ def _ia3(model, cfg, targets, total_steps) -> AdapterSetup:
             )
         origin = "configured"
     config = IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=list(targets), feedforward_modules=list(ff))
-    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
     others = [t for t in targets if t not in ff]
-    desc = (
-        f"ia3: learned scaling vectors (init 1) on {_targeted(peft_model)}: input scaled on the feed-forward "
-        f"modules {ff or 'none'} ({origin}), output scaled on {others or 'none'}; r, lora_alpha, lora_dropout "
-        f"unused; " + _param_summary(peft_model)
+    return _wrapped(
+        model,
+        config,
+        "ia3",
+        lambda peft_model: (
+            f"ia3: learned scaling vectors (init 1) on {_targeted(peft_model)}: input scaled on the feed-forward "
+            f"modules {ff or 'none'} ({origin}), output scaled on {others or 'none'}; r, lora_alpha, lora_dropout "
+            f"unused"
+        ),
     )
-    return AdapterSetup(peft_model, None, [], desc, "ia3")
 
 
 def _layernorm(model, cfg, targets, total_steps) -> AdapterSetup:
-    from peft import LNTuningConfig, TaskType, get_peft_model
+    from peft import LNTuningConfig, TaskType
 
     ln_targets = _knob(cfg, "ln_target_modules", None)
     origin = "configured peft.ln_target_modules"
@@ -333,21 +370,21 @@ def _layernorm(model, cfg, targets, total_steps) -> AdapterSetup:
             raise ValueError("LayerNorm tuning found no normalisation layer in the model; set peft.ln_target_modules")
     ln_targets = resolve_target_modules(model, list(ln_targets))
     config = LNTuningConfig(task_type=TaskType.CAUSAL_LM, target_modules=list(ln_targets))
-    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
-    desc = (
-        f"layernorm: LayerNorm tuning trains a copy of the norm layers' weights on {_targeted(peft_model)} "
-        f"({origin}), not the configured target_modules {list(targets)}; r, lora_alpha, lora_dropout unused; "
-        + _param_summary(peft_model)
+    return _wrapped(
+        model,
+        config,
+        "layernorm",
+        lambda peft_model: (
+            f"layernorm: LayerNorm tuning trains a copy of the norm layers' weights on {_targeted(peft_model)} "
+            f"({origin}), not the configured target_modules {list(targets)}; r, lora_alpha, lora_dropout unused"
+        ),
     )
-    return AdapterSetup(peft_model, None, [], desc, "layernorm")
 
 
 def _miss(model, cfg, targets, total_steps) -> AdapterSetup:
-    from peft import MissConfig, TaskType, get_peft_model
+    from peft import MissConfig, TaskType
 
-    init = str(_knob(cfg, "miss_init", "balance"))
-    if init not in MISS_INITS:
-        raise ValueError(f"peft.miss_init must be one of {sorted(MISS_INITS)}, got {init!r}")
+    init = _choice(cfg, "miss_init", "balance", MISS_INITS)
     mini_r = int(_knob(cfg, "miss_mini_r", 1))
     config = MissConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -357,52 +394,55 @@ def _miss(model, cfg, targets, total_steps) -> AdapterSetup:
         init_weights=MISS_INITS[init],
         mini_r=mini_r,
     )
-    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
-    desc = (
-        f"miss: shared shard matrix (init zeros) r={cfg.r}, variant {init}"
-        + (f" (mini_r={mini_r})" if init == "mini" else "")
-        + f", dropout={cfg.lora_dropout}, on {_targeted(peft_model)}; lora_alpha unused; "
-        + _param_summary(peft_model)
+    variant = init + (f" (mini_r={mini_r})" if init == "mini" else "")
+    return _wrapped(
+        model,
+        config,
+        "miss",
+        lambda peft_model: (
+            f"miss: shared shard matrix (init zeros) r={cfg.r}, variant {variant}, dropout={cfg.lora_dropout}, "
+            f"on {_targeted(peft_model)}; lora_alpha unused"
+        ),
     )
-    return AdapterSetup(peft_model, None, [], desc, "miss")
 
 
 def _hra(model, cfg, targets, total_steps) -> AdapterSetup:
-    from peft import HRAConfig, TaskType, get_peft_model
+    from peft import HRAConfig, TaskType
 
     r = int(cfg.r)
     if r % 2:
         # note: peft's identity init pairs equal reflections (H_0 = I); an odd r silently falls back to random u
         raise ValueError(f"peft.r must be even for hra (its identity init pairs the r reflections), got {r}")
     config = HRAConfig(task_type=TaskType.CAUSAL_LM, r=r, target_modules=list(targets), init_weights=True)
-    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
-    desc = (
-        f"hra: W = W0 H, H = product of r Householder reflections I - 2 u u^T/|u|^2 (r={r}, equal pairs so "
-        f"H = I at init), on {_targeted(peft_model)}; "
-        f"lora_alpha, lora_dropout unused; " + _param_summary(peft_model)
+    return _wrapped(
+        model,
+        config,
+        "hra",
+        lambda peft_model: (
+            f"hra: W = W0 H, H = product of r Householder reflections I - 2 u u^T/|u|^2 (r={r}, equal pairs so "
+            f"H = I at init), on {_targeted(peft_model)}; lora_alpha, lora_dropout unused"
+        ),
     )
-    return AdapterSetup(peft_model, None, [], desc, "hra")
 
 
 def _slicefine(model, cfg, targets, total_steps) -> AdapterSetup:
-    from peft import get_peft_model
-
     from perl.adapters.slicefine import SLICE_MODES, SliceFineConfig
 
-    mode = str(_knob(cfg, "slicefine_mode", "column"))
-    if mode not in SLICE_MODES:
-        raise ValueError(f"peft.slicefine_mode must be one of {list(SLICE_MODES)}, got {mode!r}")
+    mode = _choice(cfg, "slicefine_mode", "column", SLICE_MODES)
     position = int(_knob(cfg, "slicefine_position", 0))
     config = SliceFineConfig(
         task_type="CAUSAL_LM", r=int(cfg.r), slice_mode=mode, slice_position=position, target_modules=list(targets)
     )
-    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
-    desc = (
-        f"slicefine: {cfg.r} {mode}s of each weight from index {position} trainable (initialised to the base "
-        f"values, the slice moved left where it would not fit), the rest frozen, on {_targeted(peft_model)}; "
-        f"lora_alpha, lora_dropout unused; " + _param_summary(peft_model)
+    return _wrapped(
+        model,
+        config,
+        "slicefine",
+        lambda peft_model: (
+            f"slicefine: {cfg.r} {mode}s of each weight from index {position} trainable (initialised to the base "
+            f"values, the slice moved left where it would not fit), the rest frozen, on {_targeted(peft_model)}; "
+            f"lora_alpha, lora_dropout unused"
+        ),
     )
-    return AdapterSetup(peft_model, None, [], desc, "slicefine")
 
 
 def _full(model, cfg, targets, total_steps) -> AdapterSetup:
@@ -416,7 +456,7 @@ def _full(model, cfg, targets, total_steps) -> AdapterSetup:
 
 
 _BUILDERS: dict[str, Callable] = {
-    **{m: _lora_family for m in ("lora", "dora", "pissa", "milora", "milora_plus", "lora_plus", "rslora", "lorafa")},
+    **dict.fromkeys(LORA_FAMILY, _lora_family),
     "adalora": _adalora,
     "vera": _vera,
     "ia3": _ia3,

@@ -144,6 +144,17 @@ def _parse_scalar(value: Any, tp: Any, from_text: bool) -> Any:
     raise _BadValue
 
 
+def _yaml_value(text: str, kind: type) -> Any:
+    """``text`` read as YAML, which must give a ``kind`` (list or dict); else `_BadValue`."""
+    try:
+        value = _yaml_load(text)
+    except yaml.YAMLError:
+        raise _BadValue from None
+    if not isinstance(value, kind):
+        raise _BadValue
+    return value
+
+
 def _parse_value(value: Any, tp: Any, from_text: bool = True) -> Any:
     """Convert ``value`` to the declared type ``tp``.
 
@@ -170,12 +181,7 @@ def _parse_value(value: Any, tp: Any, from_text: bool = True) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith(("[", "{")):
-                try:
-                    value = _yaml_load(text)
-                except yaml.YAMLError:
-                    raise _BadValue from None
-                if not isinstance(value, list):
-                    raise _BadValue
+                value = _yaml_value(text, list)
             else:
                 value = [item.strip() for item in text.split(",") if item.strip()]
         if not isinstance(value, list):
@@ -183,10 +189,7 @@ def _parse_value(value: Any, tp: Any, from_text: bool = True) -> Any:
         return [_parse_scalar(item, item_tp, from_text) for item in value]
     if origin is dict:
         if isinstance(value, str):
-            try:
-                value = _yaml_load(value)
-            except yaml.YAMLError:
-                raise _BadValue from None
+            value = _yaml_value(value, dict)
         if not isinstance(value, dict):
             raise _BadValue
         return {str(k): v for k, v in value.items()}

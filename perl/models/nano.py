@@ -215,30 +215,27 @@ def model_config(recipe: NanoRecipe, tokenizer):
     )
 
 
-def training_problems(recipe: NanoRecipe) -> list[dict]:
-    """The recipe's training problems, all from the generator's train partition."""
+def recipe_problems(recipe: NanoRecipe, n: int, numbers: int, seed: int, split: str) -> list[dict]:
+    """``n`` problems of exactly ``numbers`` numbers within the recipe's number and target bounds."""
     from perl.data.countdown import generate_problems
 
-    n4 = round(recipe.n_train_problems * recipe.four_number_share)
-    problems = generate_problems(
-        recipe.n_train_problems - n4,
-        seed=recipe.seed,
-        min_numbers=3,
-        max_numbers=3,
+    return generate_problems(
+        n,
+        seed=seed,
+        min_numbers=numbers,
+        max_numbers=numbers,
         max_number=recipe.max_number,
         max_target=recipe.max_target,
-        split="train",
+        split=split,
     )
+
+
+def training_problems(recipe: NanoRecipe) -> list[dict]:
+    """The recipe's training problems, all from the generator's train partition."""
+    n4 = round(recipe.n_train_problems * recipe.four_number_share)
+    problems = recipe_problems(recipe, recipe.n_train_problems - n4, 3, recipe.seed, "train")
     if n4:
-        problems += generate_problems(
-            n4,
-            seed=recipe.seed + 1,
-            min_numbers=4,
-            max_numbers=4,
-            max_number=recipe.max_number,
-            max_target=recipe.max_target,
-            split="train",
-        )
+        problems += recipe_problems(recipe, n4, 4, recipe.seed + 1, "train")
     return problems
 
 

@@ -44,7 +44,6 @@ import xarray as xr
 
 from .. import __version__
 from . import alignment_math as am
-from . import sharding
 from .alignment_base import _BaseSubspaces
 from .alignment_schema import (
     _DW,
@@ -63,6 +62,7 @@ from .discovery import (
     FACTORED_KINDS,
     AdapterModule,
     _derive_peft_type,
+    adapter_rank,
     discover_adapters,
     materialized,
     peft_config_of,
@@ -70,7 +70,8 @@ from .discovery import (
     walk,
 )
 from .sharding import _is_rank_zero
-from .spectral import MODULE_ORDER, STEP_CONVENTION
+from .snapshots import StoreLifecycle, load_init_tensors, log_snapshot, save_init_tensors
+from .spectral_schema import STEP_CONVENTION, store_grid
 from .store import RunStore
 
 logger = logging.getLogger("perl")
@@ -105,7 +106,7 @@ class _Group:
     V_bottom: torch.Tensor | None = None
 
 
-class AlignmentTracker(_BaseSubspaces):
+class AlignmentTracker(StoreLifecycle, _BaseSubspaces):
     """Records how each adapter's update aligns with its base weight's singular subspaces.
 
     Usage:
@@ -141,6 +142,12 @@ class AlignmentTracker(_BaseSubspaces):
         adapter_name (str, optional): adapter to track; default the active one.
         rtol (float, defaults to 1e-6): numerical rank of dW, relative to its sigma_1.
     """
+
+    _store_kind = "alignment"
+    _init_state_name = INIT_STATE_NAME
+    _without_init = (
+        "the update since init (and, for PiSSA/MiLoRA, W0) is measured from the weights at tracker creation."
+    )
 
     def __init__(
         self,
@@ -188,10 +195,7 @@ class AlignmentTracker(_BaseSubspaces):
 
         self.adapters = discover_adapters(self.model, adapter_name, max_layers_to_track)
         self.adapter_name = self.adapters[0].adapter
-        self.layers = sorted({a.layer for a in self.adapters})
-        present = {a.module for a in self.adapters}
-        self.modules = [m for m in MODULE_ORDER if m in present] + sorted(present - set(MODULE_ORDER))
-        self._cell = {a.name: (self.layers.index(a.layer), self.modules.index(a.module)) for a in self.adapters}
+        self.layers, self.modules, self._cell = store_grid(self.adapters)
         self._tracked = [a for a in self.adapters if a.kind in FACTORED_KINDS and a.has_factors]
         self.not_tracked = [a.name for a in self.adapters if a not in self._tracked]
         # note: sharded parameters (ZeRO-3, FSDP2) are gathered one module at a time at snapshots
@@ -295,66 +299,23 @@ class AlignmentTracker(_BaseSubspaces):
         """Write the initial factors into ``directory`` (a checkpoint) as safetensors, for resume."""
         if not self.is_world_process_zero or not self.enabled:
             return None
-        from safetensors.torch import save_file
-
-        tensors = {f"{n}::{k}": t.contiguous() for n, d in self._init.items() for k, t in d.items()}
-        path = Path(directory) / INIT_STATE_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"format": "perl-alignment-init-1"})
-        return path
+        return save_init_tensors(self._init, Path(directory) / INIT_STATE_NAME, "perl-alignment-init-1")
 
     def load_init_state(self, directory: str | os.PathLike) -> bool:
         """Restore the initial factors saved by :meth:`save_init_state`; False if there is no file."""
-        path = Path(directory) / INIT_STATE_NAME
-        if not path.is_file():
+        expected = {name: {"B0": b, "A0": a} for name, (b, a) in self._shapes.items()}
+        restored = load_init_tensors(Path(directory) / INIT_STATE_NAME, expected)
+        if restored is None:
             return False
-        from safetensors import safe_open
-
-        restored: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self._init}
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                name, _, part = key.rpartition("::")
-                if name not in restored:
-                    raise ValueError(
-                        f"{path} holds initial factors for {name!r}, which this model does not have; "
-                        "resume with the model and adapter config of the original run."
-                    )
-                restored[name][part] = f.get_tensor(key)
-        shapes = self._shapes
-        for name, parts in restored.items():
-            if parts and (tuple(parts["B0"].shape), tuple(parts["A0"].shape)) != shapes[name]:
-                raise ValueError(
-                    f"{path}: initial factors of {name!r} do not match the model's shapes "
-                    f"{shapes[name]}; resume with the adapter config of the original run."
-                )
         self._init = restored
         self._reset_base()
         return True
 
-    def resume(self, step: int, checkpoint_dir: str | os.PathLike | None = None) -> None:
-        """Continue after resuming from checkpoint-``step``: restore B_0, A_0 and drop stored steps > step."""
-        if checkpoint_dir is not None and not self.load_init_state(checkpoint_dir):
-            logger.warning(
-                "No %s in %s: the update since init (and, for PiSSA/MiLoRA, W0) is measured from the "
-                "weights at tracker creation.",
-                INIT_STATE_NAME,
-                checkpoint_dir,
-            )
-        if self.is_world_process_zero:
-            self.store.truncate_after(int(step))
-
     def start_fresh(self) -> None:
         """Remove the store and base-SVD file an earlier run left in the same folder."""
-        if not self.is_world_process_zero:
-            return
-        if self.store.steps:
-            logger.warning(
-                "Replacing the alignment store %s of an earlier run (%d steps).",
-                self.store.path,
-                len(self.store.steps),
-            )
-            self.store.clear()
-        (self.store.path.parent / BASE_SVD_NAME).unlink(missing_ok=True)
+        super().start_fresh()
+        if self.is_world_process_zero:
+            (self.store.path.parent / BASE_SVD_NAME).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- logging
     @property
@@ -383,17 +344,7 @@ class AlignmentTracker(_BaseSubspaces):
         turn (its base weight too: W0's SVD once, W0 @ V and intruders per snapshot), global rank 0
         computes and writes.
         """
-        if not self.enabled:
-            return None
-        step = int(step)
-        if not sharding.writes_snapshot(
-            self.is_world_process_zero, lambda: step in self.store.steps, self._params, self._take_part
-        ):
-            return None
-        snapshot = self.snapshot(step, intruders=self.should_log_intruders(step, final))
-        self.store.append(snapshot)
-        self.last_scalars = self._scalars(snapshot)
-        return snapshot
+        return log_snapshot(self, step, lambda s: self.snapshot(s, intruders=self.should_log_intruders(s, final)))
 
     def _take_part(self) -> None:
         """A rank that does not write: the same gathers as :meth:`snapshot`, in the same order."""
@@ -541,7 +492,7 @@ class AlignmentTracker(_BaseSubspaces):
             "Conventions": "CF-1.8",
             "peft_type": self.peft_type,
             "adapter_name": self.adapter_name,
-            "r": getattr(config, "init_r", None) or getattr(config, "r", None),  # AdaLoRA: init_r
+            "r": adapter_rank(config),
             "lora_alpha": getattr(config, "lora_alpha", None),
             "target_modules": targets,
             "perl_version": __version__,

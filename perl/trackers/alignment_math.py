@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spectral_math import DEFAULT_RTOL
+from .spectral_math import DEFAULT_RTOL, update_factors
 
 __all__ = [
     "BaseSVD",
@@ -172,19 +172,6 @@ class UpdateSVD:
     def frobenius_norm(self) -> torch.Tensor:
         """||dW||_F = sqrt(sum S^2)."""
         return torch.sqrt((self.S * self.S).sum(-1))
-
-
-def update_factors(
-    B_t: torch.Tensor, A_t: torch.Tensor, B_0: torch.Tensor | None = None, A_0: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, R)`` with ``B_t A_t - B_0 A_0 = L @ R``, the differences taken on the factors (float64).
-
-    ``L = [B_t - B_0, B_0]``, ``R = [A_t; A_t - A_0]``; just ``(B_t, A_t)`` when B_0 or A_0 is None.
-    """
-    if B_0 is None or A_0 is None:
-        return B_t.double(), A_t.double()
-    B_t, A_t, B_0, A_0 = B_t.double(), A_t.double(), B_0.double(), A_0.double()
-    return torch.cat([B_t - B_0, B_0], dim=-1), torch.cat([A_t, A_t - A_0], dim=-2)
 
 
 def factored_update_svd(

@@ -72,13 +72,8 @@ class SpectralTrackingCallback(TrainerCallback):
             self.tracker.save_init_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._pending or logs is None:
-            return
-        logs.update(self._pending)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            # the Trainer copied `logs` into log_history just before this event
-            state.log_history[-1].update(self._pending)
-        self._pending = {}
+        if _add_to_logs(state, logs, self._pending):
+            self._pending = {}
 
     def on_train_end(self, args, state, control, **kwargs):
         self._log(state.global_step)  # skipped when already stored
@@ -214,13 +209,8 @@ class GradientFlowCallback(TrainerCallback):
                 self._pending_logs = dict(self.tracker.last_scalars)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._pending_logs or logs is None:
-            return
-        logs.update(self._pending_logs)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            # the Trainer copied `logs` into log_history just before this event
-            state.log_history[-1].update(self._pending_logs)
-        self._pending_logs = {}
+        if _add_to_logs(state, logs, self._pending_logs):
+            self._pending_logs = {}
 
     def on_save(self, args, state, control, **kwargs):
         if self._active and self.save_with_checkpoints and state.is_world_process_zero:
@@ -249,9 +239,7 @@ class GradientFlowCallback(TrainerCallback):
         self._accelerator, self._wrapper = accelerator, clip_grad_norm_
 
     def _unwrap(self) -> None:
-        acc, wrapper = self._accelerator, self._wrapper
-        if acc is not None and acc.__dict__.get("clip_grad_norm_") is wrapper:
-            del acc.clip_grad_norm_
+        _unshadow(self._accelerator, "clip_grad_norm_", self._wrapper)
         self._accelerator = self._wrapper = None
 
     # ------------------------------------------------------------------ DeepSpeed engine hook
@@ -273,10 +261,26 @@ class GradientFlowCallback(TrainerCallback):
         self._engine, self._engine_step = engine, step
 
     def _unhook_engine(self) -> None:
-        engine, hook = self._engine, self._engine_step
-        if engine is not None and engine.__dict__.get("step") is hook:
-            del engine.step
+        _unshadow(self._engine, "step", self._engine_step)
         self._engine = self._engine_step = None
+
+
+def _unshadow(obj, name: str, wrapper) -> None:
+    """Remove our ``wrapper`` from the instance attributes of ``obj`` (its class's method shows again);
+    left alone if someone has replaced it since."""
+    if obj is not None and obj.__dict__.get(name) is wrapper:
+        delattr(obj, name)
+
+
+def _add_to_logs(state, logs: dict | None, scalars: dict[str, float]) -> bool:
+    """Add a tracker's ``scalars`` to the Trainer's ``logs`` of this step; False if there are none or no logs."""
+    if not scalars or logs is None:
+        return False
+    logs.update(scalars)
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        # the Trainer copied `logs` into log_history just before this event
+        state.log_history[-1].update(scalars)
+    return True
 
 
 def _deepspeed_engine(trainer):

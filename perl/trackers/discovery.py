@@ -60,8 +60,6 @@ __all__ = [
     "active_adapter_name",
     "peft_config_of",
     "select_layers",
-    "adalora_rank_budget",
-    "adalora_importance_scores",
     "DiscoveryError",
     "materialized",
     "parameters_to_gather",
@@ -447,16 +445,12 @@ def discover_adapters(
         kind = next((k for k in KINDS if isinstance(m, types[k])), None)
         if kind is None or not _holds_adapter(kind, m, adapter):
             continue
-        name = _clean_name(raw_name)
-        layer, rest = _layer_and_rest(name)
         found.append(
-            AdapterModule(
-                name=name,
-                layer=layer,
-                module=rest,
+            _module_at(
+                _clean_name(raw_name),
+                m,
                 kind=kind,
                 adapter=adapter,
-                peft_module=m,
                 rank=_rank(kind, m, adapter),
                 components=_components(kind, m, adapter),
                 is_dora=kind == "lora" and adapter in m.lora_magnitude_vector,
@@ -469,6 +463,12 @@ def discover_adapters(
             "peft.get_peft_model first (for full fine-tuning use discover_full_weights)."
         )
     return _finish(found, max_layers_to_track)
+
+
+def _module_at(name: str, m: nn.Module, **fields) -> AdapterModule:
+    """The :class:`AdapterModule` of module path ``name``: its layer and module read from the path."""
+    layer, rest = _layer_and_rest(name)
+    return AdapterModule(name=name, layer=layer, module=rest, peft_module=m, **fields)
 
 
 def _finish(found: list[AdapterModule], max_layers_to_track: int | None) -> list[AdapterModule]:
@@ -501,6 +501,8 @@ def discover_full_weights(
     Raises:
         DiscoveryError: no ``nn.Linear`` matches.
     """
+    from perl.adapters.registry import matches_target
+
     model = getattr(model, "module", model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(target_modules, str):
@@ -513,20 +515,9 @@ def discover_full_weights(
         if not isinstance(m, nn.Linear) or m is head:
             continue
         name = _clean_name(raw_name)
-        if targets is not None and not any(name == t or name.endswith("." + t) for t in targets):
+        if targets is not None and not any(matches_target(name, t) for t in targets):
             continue
-        layer, rest = _layer_and_rest(name)
-        found.append(
-            AdapterModule(
-                name=name,
-                layer=layer,
-                module=rest,
-                kind="full",
-                adapter="",
-                peft_module=m,
-                components={"weight": [m.weight]},
-            )
-        )
+        found.append(_module_at(name, m, kind="full", adapter="", components={"weight": [m.weight]}))
     if not found:
         raise DiscoveryError(
             f"No nn.Linear of {type(model).__name__} matches target_modules {target_modules}; "
@@ -566,49 +557,6 @@ def select_layers(layers: list[int], k: int) -> list[int]:
     return [layers[p] for p in positions]
 
 
-# -------------------------------------------------------------------- AdaLoRA allocator state
-def _tuner(model: nn.Module):
-    model = getattr(model, "module", model)
-    return getattr(model, "base_model", model)
-
-
-def adalora_rank_budget(model: nn.Module, am: AdapterModule) -> float:
-    """Ranks AdaLoRA currently keeps for this module: the unmasked triplets of the allocator's
-    latest ``rank_pattern`` (peft_config), or r before the first masking."""
-    config = peft_config_of(model).get(am.adapter)
-    pattern = getattr(config, "rank_pattern", None)
-    if pattern:
-        for key in (f"{am.name}.lora_E.{am.adapter}", f"{am.name}.lora_E"):
-            if key in pattern:
-                return float(sum(bool(v) for v in pattern[key]))
-        suffix = (f".{am.name.split('.', 1)[-1]}.lora_E", f".{am.name.split('.', 1)[-1]}.lora_E.{am.adapter}")
-        for key, value in pattern.items():
-            if key.endswith(suffix):
-                return float(sum(bool(v) for v in value))
-    return float(am.rank)
-
-
-def adalora_importance_scores(model: nn.Module, am: AdapterModule) -> torch.Tensor | None:
-    """Per-triplet importance that peft's RankAllocator ranks by (its ``mask_to_budget`` formula):
-    s(E_i) + mean_j s(A_ij) + mean_k s(B_ki), with s = exp_avg_ipt * exp_avg_unc.
-    None until the allocator has scored (before the first ``update_and_allocate``)."""
-    allocator = getattr(_tuner(model), "rankallocator", None)
-    if allocator is None or not getattr(allocator, "exp_avg_ipt", None):
-        return None
-    keys = {}
-    for part in ("lora_A", "lora_B", "lora_E"):
-        tail = f"{am.name}.{part}.{am.adapter}"
-        key = next((k for k in allocator.exp_avg_ipt if k == tail or k.endswith("." + tail)), None)
-        if key is None or key not in allocator.exp_avg_unc:
-            return None
-        keys[part] = key
-
-    def score(part):
-        return allocator.exp_avg_ipt[keys[part]] * allocator.exp_avg_unc[keys[part]]
-
-    return (score("lora_E").reshape(-1) + score("lora_A").mean(dim=1) + score("lora_B").mean(dim=0)).detach()
-
-
 def _derive_peft_type(model, adapter: str) -> str:
     config = peft_config_of(model).get(adapter)
     if config is None:
@@ -623,6 +571,12 @@ def _derive_peft_type(model, adapter: str) -> str:
         if getattr(config, "use_rslora", False):
             return "rslora"
     return kind
+
+
+def adapter_rank(config) -> int | None:
+    """The rank a peft config's run is labelled with: AdaLoRA's ``init_r`` (its ``r`` is unused), else
+    ``r``; None for a config without one."""
+    return getattr(config, "init_r", None) or getattr(config, "r", None)
 
 
 def target_modules_of(config) -> list[str] | str | None:

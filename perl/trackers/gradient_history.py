@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xarray as xr
 
+from .history_base import StoredHistory, history_path
 from .store import RunStore
 
 if TYPE_CHECKING:  # the subclass that `load` returns
@@ -30,7 +31,7 @@ STEP_CONVENTION = (
 )
 
 
-class GradientFlowHistory:
+class GradientFlowHistory(StoredHistory):
     """The read API of a gradient flow store; a `GradientFlowTracker` made by :meth:`load` has only this.
 
     Subclasses hold ``_loaded`` (a Dataset read by :meth:`load`) or ``store`` (the live `RunStore`),
@@ -46,18 +47,12 @@ class GradientFlowHistory:
                 or a run folder holding one of them; the PeRL tracking docs' names
                 (``gradient_flow_final.pt``, ``gradient_logs/gradient_flow.pt``) open the ``.nc`` beside them.
         """
-        from .pt_names import resolve_pt_name
-
-        path = resolve_pt_name(path)
-        if path.is_dir() and not RunStore.is_store(path):
-            candidates = [path / FINAL_NAME, path / GRADIENT_DIR / STORE_NAME]
-            found = next((c for c in candidates if c.exists()), None)
-            if found is None:
-                raise FileNotFoundError(
-                    f"No gradient data in {path}: expected {FINAL_NAME} or {GRADIENT_DIR}/{STORE_NAME}; "
-                    "was the run trained with gradient tracking enabled?"
-                )
-            path = found
+        path = history_path(
+            path,
+            [FINAL_NAME, f"{GRADIENT_DIR}/{STORE_NAME}"],
+            f"No gradient data in {{path}}: expected {FINAL_NAME} or {GRADIENT_DIR}/{STORE_NAME}; "
+            "was the run trained with gradient tracking enabled?",
+        )
         ds = RunStore.open(path)
         missing = [v for v in ("grad_norm", "total_grad_norm") if v not in ds]
         if missing:
@@ -75,13 +70,6 @@ class GradientFlowHistory:
         return tracker
 
     # ------------------------------------------------------------------------ reading
-    @property
-    def data(self) -> xr.Dataset:
-        """The recorded Dataset (the stored steps; a pending, unwritten step is not included)."""
-        if self._loaded is not None:
-            return self._loaded
-        return self.store.read()
-
     def get_summary_stats(self) -> dict:
         """A JSON-ready summary: steps, totals, clipping, per component and per layer means (NaN -> null)."""
         from .heatmaps import module_aggregate

@@ -29,7 +29,6 @@ names: the tracker keeps one copy of their initial weights W_0 (on their device)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -42,14 +41,13 @@ import xarray as xr
 
 from .. import __version__
 from ..fileio import atomic_write_text
-from . import sharding
 from . import spectral_math as sm
+from .adalora_state import adalora_importance_scores, adalora_rank_budget
 from .discovery import (
     FACTORED_KINDS,
     AdapterModule,
     _derive_peft_type,
-    adalora_importance_scores,
-    adalora_rank_budget,
+    adapter_rank,
     discover_adapters,
     discover_full_weights,
     materialized,
@@ -58,8 +56,10 @@ from .discovery import (
     target_modules_of,
     walk,
 )
-from .sharding import _is_rank_zero
+from .sharding import _is_rank_zero, full_shape
+from .snapshots import StoreLifecycle, load_init_tensors, log_snapshot, save_init_tensors
 from .spectral_history import FINAL_NAME, SPECTRAL_DIR, STORE_NAME, SUMMARY_NAME, SpectralHistory, _jsonable
+from .spectral_math import _column_major, _one_cpu_thread
 from .spectral_schema import (
     EXTRA_ATTRS,
     FULL_SVD_FORMULA,
@@ -67,6 +67,7 @@ from .spectral_schema import (
     FULL_SVD_SEED,
     SPECTRUM_ATTRS,
     STEP_CONVENTION,
+    store_grid,
 )
 from .store import RunStore
 
@@ -75,19 +76,6 @@ logger = logging.getLogger("perl")
 __all__ = ["SpectralTracker", "SPECTRAL_DIR", "STORE_NAME", "SUMMARY_NAME", "FINAL_NAME", "INIT_STATE_NAME"]
 
 INIT_STATE_NAME = "spectral_tracker_init.safetensors"
-
-MODULE_ORDER = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "input_layernorm",
-    "post_attention_layernorm",
-    "norm",
-)
 
 
 @dataclass
@@ -101,7 +89,7 @@ class _Group:
     init: tuple | None = None  # stacked B_0, A_0 and their QR bases (sm.init_bases), when init_zero is False
 
 
-class SpectralTracker(SpectralHistory):
+class SpectralTracker(StoreLifecycle, SpectralHistory):
     """Records the spectra of every adapter's weight change into a growing netCDF store.
 
     Usage:
@@ -136,6 +124,10 @@ class SpectralTracker(SpectralHistory):
             kept per module (``perl.train`` passes 2r).
     """
 
+    _store_kind = "spectral"
+    _init_state_name = INIT_STATE_NAME
+    _without_init = "the update since init is measured from the weights at tracker creation."
+
     def __init__(
         self,
         model,
@@ -164,7 +156,7 @@ class SpectralTracker(SpectralHistory):
         self.rtol = float(rtol)
         self.is_world_process_zero = _is_rank_zero() if is_world_process_zero is None else bool(is_world_process_zero)
         self.last_scalars: dict[str, float] = {}
-        self._data: xr.Dataset | None = None
+        self._loaded: xr.Dataset | None = None
 
         if int(full_top_k) < 1:
             raise ValueError(f"full_top_k must be a positive integer, got {full_top_k}.")
@@ -177,10 +169,7 @@ class SpectralTracker(SpectralHistory):
         # note: sharded parameters (ZeRO-3, FSDP2) are gathered one module at a time at snapshots
         self.enabled = True
         self.adapter_name = self.adapters[0].adapter or None
-        self.layers = sorted({a.layer for a in self.adapters})
-        present = {a.module for a in self.adapters}
-        self.modules = [m for m in MODULE_ORDER if m in present] + sorted(present - set(MODULE_ORDER))
-        self._cell = {a.name: (self.layers.index(a.layer), self.modules.index(a.module)) for a in self.adapters}
+        self.layers, self.modules, self._cell = store_grid(self.adapters)
 
         tracked = self.adapters if self.enabled else []
         self._spectral = [a for a in tracked if a.kind in FACTORED_KINDS + ("full",)]
@@ -259,75 +248,24 @@ class SpectralTracker(SpectralHistory):
         """Write the initial factors into ``directory`` (a checkpoint) as safetensors, for resume."""
         if not self.is_world_process_zero:
             return None
-        from safetensors.torch import save_file
-
-        tensors = {
-            f"{name}::{key}": t.detach().contiguous().cpu() for name, d in self._init.items() for key, t in d.items()
-        }
-        path = Path(directory) / INIT_STATE_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            tensors,
-            str(path),
-            metadata={
-                "format": "perl-spectral-init-1",
-                "zero_init": json.dumps(sorted(n for n, d in self._init.items() if not d)),
-            },
+        zero_init = json.dumps(sorted(n for n, d in self._init.items() if not d))
+        return save_init_tensors(
+            self._init, Path(directory) / INIT_STATE_NAME, "perl-spectral-init-1", zero_init=zero_init
         )
-        return path
 
     def load_init_state(self, directory: str | os.PathLike) -> bool:
         """Restore the initial factors saved by :meth:`save_init_state`; False if there is no file.
 
         A file that does not match the model (other modules or shapes) is refused with a clear error.
         """
-        path = Path(directory) / INIT_STATE_NAME
-        if not path.is_file():
+        expected = {name: {part: tuple(t.shape) for part, t in d.items()} for name, d in self._init.items()}
+        restored = load_init_tensors(Path(directory) / INIT_STATE_NAME, expected)
+        if restored is None:
             return False
-        from safetensors import safe_open
-
-        restored: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self._init}
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                name, _, part = key.rpartition("::")
-                if name not in restored:
-                    raise ValueError(
-                        f"{path} holds initial factors for {name!r}, which this model does not have; "
-                        "resume with the model and adapter config of the original run."
-                    )
-                restored[name][part] = f.get_tensor(key)
-        for name, parts in restored.items():
-            for part, tensor in parts.items():
-                current = self._init[name].get(part)
-                shape = current.shape if current is not None else None
-                if shape is not None and tuple(tensor.shape) != tuple(shape):
-                    raise ValueError(
-                        f"{path}: initial {part} of {name!r} has shape {tuple(tensor.shape)}, the model "
-                        f"has {tuple(shape)}; resume with the adapter config of the original run."
-                    )
         device_of = {a.name: next(iter(a.components.values()))[0].device for a in self.adapters}
         self._init = {name: {k: t.to(device_of[name]) for k, t in parts.items()} for name, parts in restored.items()}
         self._groups = self._make_groups()
         return True
-
-    def resume(self, step: int, checkpoint_dir: str | os.PathLike | None = None) -> None:
-        """Continue the store after resuming from checkpoint-``step``: drop steps > step, restore B_0, A_0."""
-        if checkpoint_dir is not None and not self.load_init_state(checkpoint_dir):
-            logger.warning(
-                "No %s in %s: the update since init is measured from the weights at tracker creation.",
-                INIT_STATE_NAME,
-                checkpoint_dir,
-            )
-        if self.is_world_process_zero:
-            self.store.truncate_after(int(step))
-
-    def start_fresh(self) -> None:
-        """Remove a store left by an earlier run in the same folder (a new run starting at step 0)."""
-        if self.is_world_process_zero and self.store.steps:
-            logger.warning(
-                "Replacing the spectral store %s of an earlier run (%d steps).", self.store.path, len(self.store.steps)
-            )
-            self.store.clear()
 
     # ---------------------------------------------------------------- logging
     @property
@@ -354,17 +292,7 @@ class SpectralTracker(SpectralHistory):
         With sharded parameters (ZeRO-3, FSDP2) every rank must call it: each module's factors are
         gathered in turn, global rank 0 computes and writes.
         """
-        if not self.enabled:
-            return None
-        step = int(step)
-        if not sharding.writes_snapshot(
-            self.is_world_process_zero, lambda: step in self.store.steps, self._params, self._take_part
-        ):
-            return None
-        snapshot = self.snapshot(step)
-        self.store.append(snapshot)
-        self.last_scalars = self._scalars(snapshot)
-        return snapshot
+        return log_snapshot(self, step, self.snapshot)
 
     def _take_part(self) -> None:
         """A rank that does not write: the same gathers as :meth:`snapshot`, in the same order."""
@@ -487,7 +415,7 @@ class SpectralTracker(SpectralHistory):
         n_sv = n_up = 0
         for a in self._spectral:
             if a.kind == "full":
-                shape = sharding.full_shape(a.peft_module.weight)
+                shape = full_shape(a.peft_module.weight)
                 k = min(self.full_top_k, shape[0], int(np.prod(shape[1:])))
                 n_sv, n_up = max(n_sv, k), max(n_up, k)
             elif a.has_factors:
@@ -582,7 +510,7 @@ class SpectralTracker(SpectralHistory):
             "Conventions": "CF-1.8",
             "peft_type": self.peft_type,
             "adapter_name": self.adapter_name,
-            "r": getattr(config, "init_r", None) if self._adalora else getattr(config, "r", None),
+            "r": adapter_rank(config),
             "lora_alpha": getattr(config, "lora_alpha", None),
             "scaling": scales.pop() if len(scales) == 1 else None,
             "target_modules": targets,
@@ -658,26 +586,3 @@ class SpectralTracker(SpectralHistory):
         summary_path = self.store.path.with_name(SUMMARY_NAME)
         atomic_write_text(summary_path, json.dumps(_jsonable(summary), indent=2))
         return self.store.finalize(Path(path) if path else self.save_dir / FINAL_NAME)
-
-
-@contextlib.contextmanager
-def _one_cpu_thread():
-    """Run CPU linear algebra on one thread, then restore the setting.
-
-    The snapshot is hundreds of small LAPACK calls (QR of n x r factors): intra-op threads gain
-    little on them, and on a shared CPU OpenMP's spin-waiting made them up to 60x slower (measured
-    with benchmarks/spectral_snapshot.py: 9.8 s with 2 threads vs 0.16 s with 1 on a loaded 2-core
-    machine). GPU work is unaffected.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _column_major(matrices: list[torch.Tensor]) -> torch.Tensor:
-    """Stack m x k matrices with each one in column-major order, the layout LAPACK's QR works in:
-    2.4x faster QR than the row-major stack of peft's lora_B weights (benchmarks/spectral_snapshot.py)."""
-    return torch.stack([x.mT for x in matrices]).mT

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xarray as xr
 
+from .history_base import StoredHistory, history_path
 from .store import RunStore
 
 if TYPE_CHECKING:  # the subclass that `load` returns
@@ -26,10 +27,10 @@ SUMMARY_NAME = "spectral_history_summary.json"
 FINAL_NAME = "spectral_history_final.nc"
 
 
-class SpectralHistory:
+class SpectralHistory(StoredHistory):
     """The read API of a spectral store; a `SpectralTracker` made by :meth:`load` has only this.
 
-    Subclasses hold ``_data`` (a Dataset read by :meth:`load`) or ``store`` (the live `RunStore`).
+    Subclasses hold ``_loaded`` (a Dataset read by :meth:`load`) or ``store`` (the live `RunStore`).
     """
 
     @classmethod
@@ -40,33 +41,19 @@ class SpectralHistory:
         PeRL tracking docs (``spectral_history_final.pt``, ``spectral_logs/spectral_history.pt``)
         open the ``.nc`` store beside them.
         """
-        from .pt_names import resolve_pt_name
-
-        path = resolve_pt_name(path)
-        if path.is_dir() and not RunStore.is_store(path):
-            for candidate in (path / FINAL_NAME, path / SPECTRAL_DIR / STORE_NAME, path / STORE_NAME):
-                if candidate.exists():
-                    path = candidate
-                    break
-            else:
-                raise FileNotFoundError(
-                    f"No spectral history in {path}: expected {FINAL_NAME} or "
-                    f"{SPECTRAL_DIR}/{STORE_NAME}; was spectral tracking enabled for this run?"
-                )
+        path = history_path(
+            path,
+            [FINAL_NAME, f"{SPECTRAL_DIR}/{STORE_NAME}", STORE_NAME],
+            f"No spectral history in {{path}}: expected {FINAL_NAME} or "
+            f"{SPECTRAL_DIR}/{STORE_NAME}; was spectral tracking enabled for this run?",
+        )
         obj = cls.__new__(cls)
-        obj._data = RunStore.open(path)
+        obj._loaded = RunStore.open(path)
         obj.model = None
-        obj.modules = [str(m) for m in obj._data.module.values]
-        obj.layers = [int(l) for l in obj._data.layer.values]
+        obj.modules = [str(m) for m in obj._loaded.module.values]
+        obj.layers = [int(l) for l in obj._loaded.layer.values]
         obj.is_world_process_zero = False
         return obj
-
-    @property
-    def data(self) -> xr.Dataset:
-        """The whole history as an xarray Dataset (read from the store for a live tracker)."""
-        if self._data is not None:
-            return self._data
-        return self.store.read()
 
     def get_layer_history(self, layer_name: str) -> xr.Dataset:
         """Every variable over steps for one module, e.g. ``"model.layers.0.self_attn.q_proj"``."""

@@ -70,3 +70,26 @@ EXTRA_ATTRS = {
     },
     "rank": {"long_name": "configured adapter rank r", "units": "1"},
 }
+
+# display order of the module coordinate; other modules follow by name
+MODULE_ORDER = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "norm",
+)
+
+
+def store_grid(adapters) -> tuple[list[int], list[str], dict[str, tuple[int, int]]]:
+    """The (layer, module) coordinates of a store of ``adapters`` (spectral and alignment alike):
+    layers sorted, modules in `MODULE_ORDER` then by name, and each adapter's (layer, module) index."""
+    layers = sorted({a.layer for a in adapters})
+    present = {a.module for a in adapters}
+    modules = [m for m in MODULE_ORDER if m in present] + sorted(present - set(MODULE_ORDER))
+    return layers, modules, {a.name: (layers.index(a.layer), modules.index(a.module)) for a in adapters}

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from perl.run import MissingDataWarning, Run, RunError, Runs, _newer, concat_runs, final_reward, read_store
+from perl.run import MissingDataWarning, Run, RunError, Runs, concat_runs, final_reward, read_store
 
 __all__ = [
     "ALIGNMENT_FINAL",
@@ -85,11 +85,7 @@ _NO_LOW_RANK = {
 # ====================================================================================== reading
 def alignment_source(run: Run) -> Path | None:
     """The alignment store of ``run`` (the newer of live and final), or None."""
-    for folder in dict.fromkeys([run.tracking_dir, run.path]):
-        chosen = _newer(folder / ALIGNMENT_LIVE, folder / ALIGNMENT_FINAL)
-        if chosen is not None:
-            return chosen
-    return None
+    return run.store_path(ALIGNMENT_LIVE, ALIGNMENT_FINAL)
 
 
 def read_alignment(run: Run | str | os.PathLike) -> xr.Dataset | None:

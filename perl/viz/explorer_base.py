@@ -109,6 +109,27 @@ class _Explorer:
                 if parts:
                     self._redraw(parts)
 
+    def _refresh(self, offered, parts: set[str]):
+        """Re-read the run, re-offer every control and keep each choice that is still offered.
+
+        ``offered()`` (called after re-reading) maps each control's name (its ``select`` keyword; the
+        widget is ``self.<name>_w``) to (the widget's options, the values they stand for); a choice no
+        longer offered becomes the first value. The step follows the newest step if it was on the last.
+        """
+        at_end = self.step_w.index == len(self.steps) - 1
+        keep = {name: getattr(self, f"{name}_w").value for name in self._controls}
+        self.run.refresh()
+        self._extract()
+        with self._hold():
+            chosen = {}
+            for name, (options, values) in offered().items():
+                getattr(self, f"{name}_w").options = options
+                chosen[name] = keep[name] if keep[name] in values else values[0]
+            chosen["step"] = self.steps[-1] if at_end or keep["step"] not in self.steps else keep["step"]
+            self.select(**chosen)
+            self._pending |= parts
+        return self
+
     def _changed(self, parts: set[str]) -> None:
         if self._holding:
             self._pending |= parts

@@ -290,33 +290,20 @@ class SpectralExplorer(_Explorer):
             self.length.set_lines([length[0]], [length[1]], colors="black", labels=["completions/mean_length"])
 
     # ------------------------------------------------------------------ refresh
+    _controls = ("module", "kind", "metric", "layer", "step")
+
     def refresh(self) -> SpectralExplorer:
         """Re-read the run (one still training); the step slider follows the newest step if it was on the last."""
-        at_end = self.step_w.index == len(self.steps) - 1
-        keep = dict(
-            layer=self.layer_w.value,
-            step=self.step_w.value,
-            module=self.module_w.value,
-            kind=self.kind_w.value,
-            metric=self.metric_w.value,
+        return self._refresh(
+            lambda: {
+                "module": (self.modules, self.modules),
+                "kind": (self.kinds, self.kinds),
+                "metric": (self.metric_names, self.metric_names),
+                "layer": (self._layer_options(), self.layers),
+                "step": (self._step_options(), self.steps),
+            },
+            {"spectrum", "trajectories", "heatmap", "markers", "info", "training"},
         )
-        self.run.refresh()
-        self._extract()
-        with self._hold():
-            self.module_w.options = self.modules
-            self.kind_w.options = self.kinds
-            self.metric_w.options = self.metric_names
-            self.layer_w.options = self._layer_options()
-            self.step_w.options = self._step_options()
-            self.select(
-                module=keep["module"] if keep["module"] in self.modules else self.modules[0],
-                layer=keep["layer"] if keep["layer"] in self.layers else self.layers[0],
-                step=self.steps[-1] if at_end or keep["step"] not in self.steps else keep["step"],
-                kind=keep["kind"] if keep["kind"] in self.kinds else self.kinds[0],
-                metric=keep["metric"] if keep["metric"] in self.metric_names else self.metric_names[0],
-            )
-            self._pending |= {"spectrum", "trajectories", "heatmap", "markers", "info", "training"}
-        return self
 
     def __repr__(self) -> str:
         return f"<SpectralExplorer {self.run.label}: {len(self.steps)} steps x {len(self.layers)} layers x {len(self.modules)} modules>"
@@ -528,33 +515,20 @@ class GradientExplorer(_Explorer):
                 f"component <b>{html.escape(cur['component'])}</b> | {html.escape(var)} = {_fmt(cur['value'])} | {comps}{ab}{extra}</span>"
             )
 
+    _controls = ("variable", "component", "module", "layer", "step")
+
     def refresh(self) -> GradientExplorer:
         """Re-read the run (one still training); the step slider follows the newest step if it was on the last."""
-        at_end = self.step_w.index == len(self.steps) - 1
-        keep = dict(
-            component=self.component_w.value,
-            module=self.module_w.value,
-            layer=self.layer_w.value,
-            step=self.step_w.value,
-            variable=self.variable_w.value,
+        return self._refresh(
+            lambda: {
+                "variable": (self.variables, self.variables),
+                "component": (self.components, self.components),
+                "module": (self.modules, self.modules),
+                "layer": ([(str(v), v) for v in self.layers], self.layers),
+                "step": ([(str(v), v) for v in self.steps], self.steps),
+            },
+            {"heatmap", "depth", "history", "ratio", "totals", "labels", "markers", "info"},
         )
-        self.run.refresh()
-        self._extract()
-        with self._hold():
-            self.variable_w.options = self.variables
-            self.component_w.options = self.components
-            self.module_w.options = self.modules
-            self.layer_w.options = [(str(v), v) for v in self.layers]
-            self.step_w.options = [(str(v), v) for v in self.steps]
-            self.select(
-                variable=keep["variable"] if keep["variable"] in self.variables else self.variables[0],
-                component=keep["component"] if keep["component"] in self.components else self.components[0],
-                module=keep["module"] if keep["module"] in self.modules else self.modules[0],
-                layer=keep["layer"] if keep["layer"] in self.layers else self.layers[0],
-                step=self.steps[-1] if at_end or keep["step"] not in self.steps else keep["step"],
-            )
-            self._pending |= {"heatmap", "depth", "history", "ratio", "totals", "labels", "markers", "info"}
-        return self
 
     def __repr__(self) -> str:
         return f"<GradientExplorer {self.run.label}: {len(self.steps)} steps x {len(self.layers)} layers x {len(self.modules)} modules>"

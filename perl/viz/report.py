@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perl.cli_support import OneLineParser, UsageError, fail, positive_int
+from perl.cli_support import OneLineParser, fail, parse_or_fail, positive_int
 from perl.fileio import atomic_write_text
 from perl.run import MissingDataWarning, Run, RunError, metric_name
 from perl.viz.explorers import GRADIENT_VARIABLES, PRODUCT, SPECTRAL_HEATMAP_METRICS, UPDATE
@@ -172,9 +172,15 @@ def _inline_panel_stylesheets(doc) -> None:
 
 
 # ------------------------------------------------------------------------------ sections
-def _section(title: str, text: str, controls: list, layout):
+def _section(title: str, text: str, controls: list, layout, update=None):
+    """A titled block: text, a row of controls, the figure; ``update`` redraws it now and whenever a
+    control changes."""
     import panel as pn
 
+    if update is not None:
+        for w in controls:
+            w.param.watch(lambda event: update(), "value")
+        update()
     return pn.Column(pn.pane.Markdown(f"### {title}\n{text}"), pn.Row(*controls), pn.pane.Bokeh(layout))
 
 
@@ -189,12 +195,6 @@ def _slider(name, values):
 
     values = [int(v) for v in values]
     return pn.widgets.DiscreteSlider(label=name, options=values, value=values[-1], width=420)
-
-
-def _watch(update, *widgets):
-    for w in widgets:
-        w.param.watch(lambda event: update(), "value")
-    update()
 
 
 def _spectra_section(sp):
@@ -228,7 +228,6 @@ def _spectra_section(sp):
             title=f"{module_w.value}: {kind_w.value} singular values of every layer at step {step_w.value}",
         )
 
-    _watch(update, module_w, kind_w, step_w)
     controls = [module_w, kind_w, step_w] if len(kinds) > 1 else [module_w, step_w]
     text = "Singular values of the adapter for each layer (rows) at the chosen step"
     text += (
@@ -236,7 +235,7 @@ def _spectra_section(sp):
         if len(kinds) > 1
         else ". (The update since initialisation equals the product for this run: B·A started at zero.)"
     )
-    return _section("Spectra of every layer", text, controls, view.figure)
+    return _section("Spectra of every layer", text, controls, view.figure, update)
 
 
 def _update_is_product(sp) -> bool:
@@ -281,12 +280,12 @@ def _trajectory_section(sp):
             f"{module_w.value}, layer {layer_w.value}: singular values over training (dark = largest)"
         )
 
-    _watch(update, module_w, layer_w)
     return _section(
         "Singular-value trajectories",
         "Each singular value of one adapter over the (subsampled) steps.",
         [module_w, layer_w],
         view.figure,
+        update,
     )
 
 
@@ -323,13 +322,13 @@ def _spectral_heatmap_section(sp):
         )
 
     view.vspan.visible = view.hspan.visible = False
-    _watch(update, metric_w, module_w)
     return _section(
         "Spectrum metrics, layer x step",
         "Effective rank (participation ratio and entropy), stable rank, "
         "condition number and more, for the product and the update since init. Missing values are blank.",
         [metric_w, module_w],
         view.figure,
+        update,
     )
 
 
@@ -380,13 +379,13 @@ def _gradient_heatmap_section(gr):
             title=f"{axis_label(gr[n], n)}: {comp_w.value}, {module_w.value} (log colour)",
         )
 
-    _watch(update, var_w, comp_w, module_w)
     return _section(
         "Gradient flow, layer x step",
         "Gradient norm (accumulated, before clipping), gradient/weight and "
         "update/weight ratios per adapter component. Log colour scale: zero is blank.",
         [var_w, comp_w, module_w],
         view.figure,
+        update,
     )
 
 
@@ -415,12 +414,12 @@ def _depth_section(gr):
         )
         view.figure.title.text = f"{module_w.value}: gradient norm by layer at step {step_w.value}"
 
-    _watch(update, module_w, step_w)
     return _section(
         "Gradient depth profile",
         "Gradient norm of every component against depth, at the chosen step.",
         [module_w, step_w],
         view.figure,
+        update,
     )
 
 
@@ -444,13 +443,13 @@ def _ab_section(gr):
             ratio[:, :, m].T, steps, layers, "‖∇A‖ / ‖∇B‖", title=f"‖∇A‖ / ‖∇B‖, {module_w.value} (log colour)"
         )
 
-    _watch(update, module_w)
     return _section(
         "A/B gradient ratio",
         "Ratio of the gradient norms of A and B. At LoRA's initialisation B = 0, "
         "so A gets no gradient (ratio 0, blank on the log scale) until B has moved.",
         [module_w],
         view.figure,
+        update,
     )
 
 
@@ -565,10 +564,9 @@ def main(argv=None) -> int:
         default=DEFAULT_MAX_FRAMES,
         help=f"most steps per slider; longer runs are subsampled evenly (default {DEFAULT_MAX_FRAMES})",
     )
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as err:
-        return fail(str(err), prog=parser.prog)
+    args = parse_or_fail(parser, argv)
+    if isinstance(args, int):
+        return args
     try:
         path = write_report(args.run_dir, args.output, max_frames=args.max_steps)
     except RunError as err:

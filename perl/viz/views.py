@@ -113,6 +113,19 @@ def regular_grid(coords: np.ndarray, max_size: int = MAX_GRID) -> tuple[np.ndarr
     return index, c[0] - step / 2, step * n
 
 
+def _figure(title: str, width: int, height: int, x_label: str, y_label: str, **kwargs):
+    """A bokeh figure with the views' tools (pan, zoom, reset, save)."""
+    return figure(
+        title=title,
+        width=width,
+        height=height,
+        x_axis_label=x_label,
+        y_axis_label=y_label,
+        tools="pan,wheel_zoom,box_zoom,reset,save",
+        **kwargs,
+    )
+
+
 class HeatmapView:
     """A layer x step image (or any y x x grid) with a cross-hair at the selected (step, layer).
 
@@ -145,16 +158,7 @@ class HeatmapView:
         self.source = ColumnDataSource(dict(image=[np.full((1, 1), np.nan)], x=[0.0], y=[0.0], dw=[1.0], dh=[1.0]))
         mapper_cls = LogColorMapper if log else LinearColorMapper
         self.mapper = mapper_cls(palette=Viridis256, nan_color=NAN_COLOR)
-        self.figure = figure(
-            title=title,
-            width=width,
-            height=height,
-            x_axis_label=x_label,
-            y_axis_label=y_label,
-            tools="pan,wheel_zoom,box_zoom,reset,save",
-            x_range=Range1d(0, 1),
-            y_range=Range1d(0, 1),
-        )
+        self.figure = _figure(title, width, height, x_label, y_label, x_range=Range1d(0, 1), y_range=Range1d(0, 1))
         renderer = self.figure.image(
             image="image", x="x", y="y", dw="dw", dh="dh", source=self.source, color_mapper=self.mapper
         )
@@ -255,18 +259,10 @@ class LinesView:
         self.y_log = y_log
         self.lines = ColumnDataSource(dict(xs=[], ys=[], color=[], alpha=[], label=[], width=[]))
         self.points = ColumnDataSource(dict(x=[], y=[], color=[]))
-        kwargs = dict(
-            title=title,
-            width=width,
-            height=height,
-            x_axis_label=x_label,
-            y_axis_label=y_label,
-            tools="pan,wheel_zoom,box_zoom,reset,save",
-            y_axis_type="log" if y_log else "linear",
+        extra = {} if x_range is None else {"x_range": x_range}
+        self.figure = _figure(
+            title, width, height, x_label, y_label, y_axis_type="log" if y_log else "linear", **extra
         )
-        if x_range is not None:
-            kwargs["x_range"] = x_range
-        self.figure = figure(**kwargs)
         glyph_kwargs = dict(legend_field="label") if legend else {}
         line_renderer = self.figure.multi_line(
             "xs", "ys", color="color", alpha="alpha", line_width="width", source=self.lines, **glyph_kwargs
