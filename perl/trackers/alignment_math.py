@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spectral_math import DEFAULT_RTOL, update_factors
+from .spectral_math import DEFAULT_RTOL, factored_core, update_factors
 
 __all__ = [
     "BaseSVD",
@@ -184,15 +184,10 @@ def factored_update_svd(
         scale (float | Tensor): scalar, or one per batch entry (shape ``(...)``).
         rtol (float): numerical-rank tolerance relative to sigma_1.
     """
-    L, R = L.double(), R.double()
-    finite = torch.isfinite(L).flatten(-2).all(-1) & torch.isfinite(R).flatten(-2).all(-1)
-    if not bool(finite.all()):  # LAPACK refuses non-finite input: compute on zeros, report NaN
-        L = torch.where(finite[..., None, None], L, 0.0)
-        R = torch.where(finite[..., None, None], R, 0.0)
-    Q_L, R_L = torch.linalg.qr(L)
-    Q_R, R_R = torch.linalg.qr(R.mT)
-    s = torch.as_tensor(scale, dtype=torch.float64, device=L.device)
-    core = (R_L @ R_R.mT) * (s[..., None, None] if s.ndim else s)
+    core, bad, Q_L, Q_R = factored_core(L, R, bases=True)
+    finite = torch.ones(core.shape[:-2], dtype=torch.bool, device=core.device) if bad is None else ~bad
+    s = torch.as_tensor(scale, dtype=torch.float64, device=core.device)
+    core = core * (s[..., None, None] if s.ndim else s)
     P, S, Qh = torch.linalg.svd(core, full_matrices=False)
     U, V = Q_L @ P, Q_R @ Qh.mT
     s1 = S[..., :1]
