@@ -5,21 +5,20 @@ Opening a store file costs more than reading one (layer, module) cell from it (~
 that opened the file at every read spent its time opening: a cell of a live 10,000-snapshot
 store, 28 variables in 34 files, took 3.6 s. Readers here share open handles instead.
 
-There is at most one handle per file (device, inode) in the process, never two: netCDF-C opens
-HDF5 files with the "strong" close degree, so closing one of two handles on a file closes the
-objects of the other, and the next read through it crashed the process (seen as a segfault and as
-"NetCDF: HDF error"). Every read of a store file in perl (the header check, the store's readers and
-its writer reading the file it continues) goes through :func:`reading`; the writer's own files are
-new files (new inodes) renamed into place, never opened for reading while written, and it writes
-them holding :func:`locked`.
+There is at most one handle per file (device, inode) in the process: every read of a store file in
+perl (the header check, the store's readers and its writer reading the file it continues) goes
+through :func:`reading`, so a file is opened once however many readers use it. The writer's own
+files are new files (new inodes) renamed into place, never opened for reading while written, and
+it writes them holding :func:`locked`.
 
 A handle stays valid when the file's name is removed or replaced (a writer merging small files,
 a resume truncating the store): the handle still reads the file as it was when it was opened,
 which is the snapshot a lazily opened Dataset was built from. Handles are closed least recently
-used first beyond `MAX_OPEN`, when the file at the path changed (inode, size or mtime), and by
-:func:`close_all`. netCDF-C is not thread-safe: every use holds xarray's HDF5 lock (the one
-xarray's own netCDF4 backend takes), so dask threads, xarray's readers and a writer in another
-thread of the process take turns.
+used first beyond `MAX_OPEN`, by a Dataset's ``close()`` (:func:`release`) and by :func:`close_all`;
+one whose file was rewritten in place (same inode, other size or mtime) is opened again.
+netCDF-C is not thread-safe: every use holds xarray's HDF5 lock (the one xarray's own netCDF4
+backend takes), so dask threads, xarray's readers and a writer in another thread of the process
+take turns (a reader thread beside the writer without it crashed the process: tests/test_store.py).
 
 Usage:
     with reading(path) as handle:

@@ -400,8 +400,8 @@ def test_a_lazy_reader_whose_handles_were_closed_reads_the_steps_where_they_are_
 
 def test_reading_a_cell_opens_each_file_once(tmp_path, small_blocks, monkeypatch):
     """A read opens a file once, whatever the number of variables (it opened it per variable and
-    chunk: 95% of the time of one cell of a 10,000-snapshot live store), and never holds two
-    handles on one file (netCDF-C's strong close of one breaks the other)."""
+    chunk: 95% of the time of one cell of a 10,000-snapshot live store); the reader, an eager read
+    and the writer share one handle per file."""
     import netCDF4
 
     from perl import ncfiles
