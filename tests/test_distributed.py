@@ -267,7 +267,11 @@ def test_resume_under_deepspeed_continues_every_store(tmp_path, engine):
 
     launch(2)
     before = RunStore.open(out / "spectral_logs" / "spectral_history.nc")
-    assert (out / "checkpoint-2" / "spectral_tracker_init.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoint-2" / "tracker_init.safetensors"), framework="pt") as f:
+        assert {"spectral", "alignment"} <= set(f.metadata()), "one initial-state file for both trackers"
+    assert not list((out / "checkpoint-2").glob("*_tracker_init.safetensors"))
     launch(4, "--config.training.resume_from_checkpoint", "true")
     spectral, gradients, alignment = _open(out)
     assert [int(s) for s in spectral.step.values] == [0, 1, 2, 3, 4]

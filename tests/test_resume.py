@@ -23,7 +23,7 @@ def _config(output_dir, max_steps: int) -> TrainConfig:
 def test_resume_continues_stores_and_metrics(tmp_path):
     out = tmp_path / "run"
     first = train(_config(out, max_steps=2), reward_funcs=[distinct_characters_reward])
-    assert (out / "checkpoint-2" / "spectral_tracker_init.safetensors").is_file()
+    assert (out / "checkpoint-2" / "tracker_init.safetensors").is_file()
     spectral_before = RunStore.open(out / "spectral_logs" / "spectral_history.nc")
 
     # a crashed run may have logged past its last checkpoint: those records must not survive the resume

@@ -338,7 +338,7 @@ def test_callback_steps_logs_checkpoints_and_resume(tmp_path):
         "spectral/effective_rank/q_proj" in h and "spectral/condition_number/max" in h
         for h in trainer.state.log_history
     )
-    assert (tmp_path / "checkpoint-4" / "spectral_tracker_init.safetensors").is_file()
+    assert (tmp_path / "checkpoint-4" / "tracker_init.safetensors").is_file()
 
     # resume from checkpoint-4 in a fresh process state: a new model whose init differs
     model2 = build("pissa")

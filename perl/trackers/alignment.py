@@ -52,7 +52,6 @@ from .alignment_schema import (
     BASE_SVD_NAME,
     EXTRA_DIM,
     FINAL_NAME,
-    INIT_STATE_NAME,
     INTRUDER_VARS,
     STATIC,
     STORE_NAME,
@@ -70,7 +69,7 @@ from .discovery import (
     walk,
 )
 from .sharding import _is_rank_zero
-from .snapshots import StoreLifecycle, load_init_tensors, log_snapshot, save_init_tensors
+from .snapshots import INIT_STATE_NAME, StoreLifecycle, load_init_tensors, log_snapshot, save_init_tensors
 from .spectral_schema import STEP_CONVENTION, store_grid
 from .store import RunStore
 
@@ -299,12 +298,12 @@ class AlignmentTracker(StoreLifecycle, _BaseSubspaces):
         """Write the initial factors into ``directory`` (a checkpoint) as safetensors, for resume."""
         if not self.is_world_process_zero or not self.enabled:
             return None
-        return save_init_tensors(self._init, Path(directory) / INIT_STATE_NAME, "perl-alignment-init-1")
+        return save_init_tensors(self._init, Path(directory), "alignment")
 
     def load_init_state(self, directory: str | os.PathLike) -> bool:
         """Restore the initial factors saved by :meth:`save_init_state`; False if there is no file."""
         expected = {name: {"B0": b, "A0": a} for name, (b, a) in self._shapes.items()}
-        restored = load_init_tensors(Path(directory) / INIT_STATE_NAME, expected)
+        restored = load_init_tensors(Path(directory), "alignment", expected)
         if restored is None:
             return False
         self._init = restored
@@ -556,7 +555,7 @@ class AlignmentTrackingCallback(SpectralTrackingCallback):
     at ``on_step_end`` describes the weights after ``state.global_step`` optimizer steps. The final
     step (``global_step == max_steps``) always gets an intruder snapshot; ``on_train_end`` logs it
     if the loop ended elsewhere. A new run replaces an earlier store in the folder; a resumed run
-    truncates the store, restores B_0, A_0 from ``checkpoint-N/alignment_tracker_init.safetensors``
+    truncates the store, restores B_0, A_0 from ``checkpoint-N/tracker_init.safetensors``
     and reuses ``base_svd.safetensors`` when the weights match. The base SVD happens at the first
     snapshot (train begin): a one-off cost. Only the global main process computes and writes; with
     sharded parameters (ZeRO-3, FSDP2) every rank takes part in the gathers.

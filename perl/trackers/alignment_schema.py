@@ -6,7 +6,6 @@ ALIGNMENT_DIR = "alignment_logs"
 STORE_NAME = "alignment_history.nc"
 FINAL_NAME = "alignment_final.nc"
 BASE_SVD_NAME = "base_svd.safetensors"
-INIT_STATE_NAME = "alignment_tracker_init.safetensors"
 BASE_SVD_FORMAT = "perl-alignment-base-svd-1"
 
 _ZERO = "NaN (0/0) when the update is zero (step 0, or B = 0 at LoRA init) or not finite"

@@ -57,7 +57,7 @@ from .discovery import (
     walk,
 )
 from .sharding import _is_rank_zero, full_shape
-from .snapshots import StoreLifecycle, load_init_tensors, log_snapshot, save_init_tensors
+from .snapshots import INIT_STATE_NAME, StoreLifecycle, load_init_tensors, log_snapshot, save_init_tensors
 from .spectral_history import FINAL_NAME, SPECTRAL_DIR, STORE_NAME, SUMMARY_NAME, SpectralHistory, _jsonable
 from .spectral_math import _column_major, _one_cpu_thread
 from .spectral_schema import (
@@ -74,8 +74,6 @@ from .store import RunStore
 logger = logging.getLogger("perl")
 
 __all__ = ["SpectralTracker", "SPECTRAL_DIR", "STORE_NAME", "SUMMARY_NAME", "FINAL_NAME", "INIT_STATE_NAME"]
-
-INIT_STATE_NAME = "spectral_tracker_init.safetensors"
 
 
 @dataclass
@@ -249,9 +247,7 @@ class SpectralTracker(StoreLifecycle, SpectralHistory):
         if not self.is_world_process_zero:
             return None
         zero_init = json.dumps(sorted(n for n, d in self._init.items() if not d))
-        return save_init_tensors(
-            self._init, Path(directory) / INIT_STATE_NAME, "perl-spectral-init-1", zero_init=zero_init
-        )
+        return save_init_tensors(self._init, Path(directory), "spectral", zero_init=zero_init)
 
     def load_init_state(self, directory: str | os.PathLike) -> bool:
         """Restore the initial factors saved by :meth:`save_init_state`; False if there is no file.
@@ -259,7 +255,7 @@ class SpectralTracker(StoreLifecycle, SpectralHistory):
         A file that does not match the model (other modules or shapes) is refused with a clear error.
         """
         expected = {name: {part: tuple(t.shape) for part, t in d.items()} for name, d in self._init.items()}
-        restored = load_init_tensors(Path(directory) / INIT_STATE_NAME, expected)
+        restored = load_init_tensors(Path(directory), "spectral", expected)
         if restored is None:
             return False
         device_of = {a.name: next(iter(a.components.values()))[0].device for a in self.adapters}
