@@ -88,12 +88,27 @@ def figure(page, pattern: str, timeout: float = 30.0) -> Figure:
         time.sleep(0.2)
 
 
-def press_to_index(handle, index: int) -> None:
-    """Move a slider (its focused handle) to position ``index`` with the keyboard: Home, then right."""
+def press_to_index(handle, index: int, timeout: float = 15.0) -> None:
+    """Move a slider (its focused handle) to position ``index`` with the keyboard: Home, then right,
+    then, as a user watching it would, press again until the handle shows ``index`` (noUiSlider's
+    ``aria-valuenow``): under load a key press was once lost between two fast ones."""
     handle.focus()
     handle.press("Home")
     for _ in range(index):
         handle.press("ArrowRight")
+    deadline = time.monotonic() + timeout
+    while True:
+        now = handle.get_attribute("aria-valuenow")
+        if now is None:
+            return  # note: no position to read: the presses above are all there is
+        current = round(float(now))
+        if current == index:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the slider stays at position {current}, not {index}, after {timeout:.0f} s")
+        handle.focus()
+        handle.press("ArrowRight" if current < index else "ArrowLeft")
+        time.sleep(0.2)
 
 
 def widget(page, css_class: str, label: str):
