@@ -105,9 +105,7 @@ def reading(
         OSError, RuntimeError: netCDF4 cannot open it (not a netCDF file, damaged).
     """
     with locked():
-        before = len(_handles)
-        handle = _handle(Path(path), opened)
-        fresh = len(_handles) > before
+        handle, fresh = _handle(Path(path), opened)
         try:
             yield handle
         finally:
@@ -115,14 +113,15 @@ def reading(
                 _close(handle.identity[:2])
 
 
-def _handle(path: Path, opened: tuple[int, int, int, int] | None) -> Handle:
+def _handle(path: Path, opened: tuple[int, int, int, int] | None) -> tuple[Handle, bool]:
+    """The shared handle on ``path`` and whether it was opened now."""
     import netCDF4
 
     if opened is not None:
         held = _handles.get(opened[:2])
         if held is not None and held.identity == opened:
             _handles.move_to_end(opened[:2])
-            return held
+            return held, False
     now = identity(path)
     if opened is not None and now != opened:
         raise FileNotFoundError(f"{path} is not the file that was opened any more")
@@ -131,7 +130,7 @@ def _handle(path: Path, opened: tuple[int, int, int, int] | None) -> Handle:
     if held is not None:
         if held.identity == now:
             _handles.move_to_end(key)
-            return held
+            return held, False
         _close(key)  # note: the same inode, rewritten in place (not by perl): open it again
     nc = netCDF4.Dataset(path, "r")
     try:
@@ -145,7 +144,7 @@ def _handle(path: Path, opened: tuple[int, int, int, int] | None) -> Handle:
     _handles[key] = Handle(nc, now, path)
     while len(_handles) > MAX_OPEN:
         _close(next(iter(_handles)))
-    return _handles[key]
+    return _handles[key], True
 
 
 def _close(key: tuple[int, int]) -> None:

@@ -491,3 +491,20 @@ def test_a_reader_thread_and_the_writer_in_one_process(tmp_path, small_blocks):
     assert not errors and not reader.is_alive()
     assert len(seen) >= 2 and seen == sorted(seen)
     assert _check_consistent(RunStore.open(path)) == n
+
+
+def test_a_one_off_read_closes_what_it_opened_even_when_the_cache_is_full(tmp_path, monkeypatch):
+    from perl import ncfiles
+
+    ncfiles.close_all()
+    monkeypatch.setattr(ncfiles, "MAX_OPEN", 1)
+    a, b = tmp_path / "a.nc", tmp_path / "b.nc"
+    RunStore(a).append(snapshot(0))
+    RunStore(b).append(snapshot(0))
+    first_a = sorted(a.glob("steps_*.nc"))[0]
+    first_b = sorted(b.glob("steps_*.nc"))[0]
+    with ncfiles.reading(first_a):  # kept: the cache is full
+        pass
+    with ncfiles.reading(first_b, keep=False) as handle:  # opening it evicts a's
+        assert handle.nc.variables["step"][:].tolist() == [0]
+    assert ncfiles.open_count() == 0  # b's is closed too, as keep=False promises
