@@ -12,16 +12,14 @@ ZeRO-3: 2 steps with a checkpoint, then resumed to 4 in the same folder.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from engines import ROOT, accelerate_launch, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs" / "accelerate"
 STEPS = 3
 CLIP = 0.01  # note: far below countdown-nano's gradient norms (~0.2), so every step is clipped
 RUN_ARGS = [
@@ -51,12 +49,6 @@ ENGINES = ["ddp", "ds_zero2", "ds_zero3"]
 pytestmark = pytest.mark.distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], cwd: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-6000:]}"
@@ -73,7 +65,7 @@ def _launch(engine: str, out: Path, extra: tuple[str, ...] = ()) -> Path:
                 "--nproc_per_node",
                 "2",
                 "--master_port",
-                str(_free_port()),
+                str(free_port()),
                 str(ROOT / "tests" / "fsdp2_driver.py"),
                 str(out),
                 str(STEPS),
@@ -88,16 +80,7 @@ def _launch(engine: str, out: Path, extra: tuple[str, ...] = ()) -> Path:
         _run(driver, out.parent)
         return out
     else:
-        launcher = Path(sys.executable).with_name("accelerate")
-        cmd = [
-            str(launcher),
-            "launch",
-            "--config_file",
-            str(CONFIGS / f"cpu_{engine}.yaml"),
-            "--main_process_port",
-            str(_free_port()),
-            str(ROOT / "run.py"),
-        ]
+        cmd = accelerate_launch(engine)
     _run(cmd + RUN_ARGS + ["--config.training.output_dir", str(out), *extra], out.parent)
     return out
 
@@ -241,19 +224,12 @@ def test_resume_under_deepspeed_continues_every_store(tmp_path, engine):
     from perl.trackers import RunStore
 
     out = tmp_path / "resume"
-    launcher = Path(sys.executable).with_name("accelerate")
 
     def launch(steps: int, *extra: str) -> None:
         args = list(RUN_ARGS)
         args[args.index("--config.training.max_steps") + 1] = str(steps)
         cmd = [
-            str(launcher),
-            "launch",
-            "--config_file",
-            str(CONFIGS / f"cpu_{engine}.yaml"),
-            "--main_process_port",
-            str(_free_port()),
-            str(ROOT / "run.py"),
+            *accelerate_launch(engine),
             *args,
             "--config.training.output_dir",
             str(out),

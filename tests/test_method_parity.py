@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from engines import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -58,21 +58,9 @@ def run_cli(method: str, out: Path, engine: str = "single") -> Path:
     if method == "slicefine":
         # note: a row slice away from index 0 exercises the position and the row form
         flags += ["--config.peft.slicefine_mode", "row", "--config.peft.slicefine_position", "5"]
-    launch = [sys.executable]
-    if engine != "single":
-        port = socket.socket()
-        port.bind(("127.0.0.1", 0))
-        launch = [
-            str(Path(sys.executable).with_name("accelerate")),
-            "launch",
-            "--config_file",
-            str(REPO / "configs" / "accelerate" / f"cpu_{engine}.yaml"),
-            "--main_process_port",
-            str(port.getsockname()[1]),
-        ]
-        port.close()
+    command = [sys.executable, str(REPO / "run.py")] if engine == "single" else accelerate_launch(engine)
     proc = subprocess.run(
-        [*launch, str(REPO / "run.py"), *flags],
+        [*command, *flags],
         cwd=out.parent,
         env=env,
         capture_output=True,
