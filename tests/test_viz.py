@@ -306,6 +306,36 @@ def test_gradient_explorer_follows_its_controls(run):
     )
 
 
+def test_a_redraw_and_a_message_from_the_page_take_turns(run, monkeypatch):
+    # JupyterLab hands the controls' messages and Panel's (what BokehJS sends back) to two kernel
+    # threads; Panel's handler flushes the document's held changes, so one running between a redraw's
+    # changes and their push lost that redraw in the browser. It must wait until the push is done.
+    import threading
+
+    import panel as pn
+
+    gx = GradientExplorer(run)
+    pane = gx.pane
+    order, threads = [], []
+    monkeypatch.setattr(pn.pane.Bokeh, "_on_msg", lambda self, ref, manager, msg: order.append("page message"))
+    draw, push = gx._draw, gx._push
+
+    def drawing(parts):
+        message = threading.Thread(target=pane._on_msg, args=("ref", None, {}))
+        message.start()
+        threads.append(message)
+        message.join(0.2)  # note: time for the message to run now, if nothing stops it
+        order.append("changes")
+        draw(parts)
+
+    monkeypatch.setattr(gx, "_draw", drawing)
+    monkeypatch.setattr(gx, "_push", lambda: (order.append("push"), push()))
+    gx.select(step=int(run.gradients.step[1]))
+    threads[0].join(30)
+    assert order == ["changes", "push", "page message"]
+    assert gx.depth.figure.title.text.endswith(f"at step {int(run.gradients.step[1])}")
+
+
 def _log_drawn(a):
     a = np.asarray(a, dtype=float)
     return np.where(a > 0, a, np.nan)

@@ -2,11 +2,22 @@
 
 `_Explorer` holds the ipywidgets controls, the Bokeh layout shown through Panel, the text line that
 states the selection, and batching of redraws (see `perl.viz.explorers` for the explorers).
+
+Threads: JupyterLab (4.4 and later, with ipykernel 7) sends each comm target's messages to its own
+kernel subshell, so the controls' callbacks (target ``jupyter.widget``) and Panel's handler of what
+BokehJS sends back (range changes, on Panel's own target) run in two threads at once, on one Bokeh
+document. Panel's handler ends by releasing the document's hold, which hands every held change to
+the document's callbacks instead of to the next push: a redraw caught between its changes and its
+push was lost, and the figures stayed on the previous selection while the controls and the text
+line moved on (seen as a browser test failing about once in 14 runs). Every redraw and Panel's
+handler therefore take one lock per explorer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 import warnings
 
 import ipywidgets as widgets
@@ -73,10 +84,30 @@ def _quiet(getter):
         return getter()
 
 
+@functools.cache
+def _serial_bokeh_pane():
+    """A Panel Bokeh pane whose handler of messages from the page holds ``_perl_lock`` (an RLock).
+
+    Built on first use, so importing this module does not import Panel. ``priority = False`` keeps
+    it out of ``pn.panel``'s choice of a pane for a figure.
+    """
+    import panel as pn
+
+    class SerialBokeh(pn.pane.Bokeh):
+        priority = False
+
+        def _on_msg(self, ref, manager, msg):
+            with self._perl_lock:
+                super()._on_msg(ref, manager, msg)
+
+    return SerialBokeh
+
+
 class _Explorer:
     """Shared machinery: holding redraws while several widgets change, pushing, displaying."""
 
     def __init__(self):
+        self._lock = threading.RLock()  # note: redraws and Panel's comm handler; see the module docstring
         self._holding = 0
         self._pending: set[str] = set()
         self._pane = None
@@ -91,23 +122,23 @@ class _Explorer:
     def pane(self):
         """The Panel pane holding the Bokeh figures (created on first use)."""
         if self._pane is None:
-            import panel as pn
-
-            self._pane = pn.pane.Bokeh(self.layout)
+            self._pane = _serial_bokeh_pane()(self.layout)
+            self._pane._perl_lock = self._lock
         return self._pane
 
     @contextlib.contextmanager
     def _hold(self):
         """Collect redraw requests while several controls change; draw and push once at the end."""
-        self._holding += 1
-        try:
-            yield
-        finally:
-            self._holding -= 1
-            if not self._holding:
-                parts, self._pending = self._pending, set()
-                if parts:
-                    self._redraw(parts)
+        with self._lock:
+            self._holding += 1
+            try:
+                yield
+            finally:
+                self._holding -= 1
+                if not self._holding:
+                    parts, self._pending = self._pending, set()
+                    if parts:
+                        self._redraw(parts)
 
     def _refresh(self, offered, parts: set[str]):
         """Re-read the run, re-offer every control and keep each choice that is still offered.
@@ -131,14 +162,16 @@ class _Explorer:
         return self
 
     def _changed(self, parts: set[str]) -> None:
-        if self._holding:
-            self._pending |= parts
-        else:
-            self._redraw(parts)
+        with self._lock:
+            if self._holding:
+                self._pending |= parts
+            else:
+                self._redraw(parts)
 
     def _redraw(self, parts: set[str]) -> None:
-        self._draw(parts)
-        self._push()
+        with self._lock:  # note: the changes and their push, with no Panel handler in between
+            self._draw(parts)
+            self._push()
 
     def _push(self) -> None:
         # only once shown in a notebook is there a browser to push to
