@@ -12,9 +12,10 @@ Usage (2 processes; without torchrun it runs one unsharded process, the referenc
     torchrun --nproc_per_node 2 tests/fsdp2_driver.py OUT_DIR [STEPS] [MAX_GRAD_NORM] [METHOD]
     python tests/fsdp2_driver.py OUT_DIR [STEPS] [MAX_GRAD_NORM] [METHOD]
 
-METHOD is a ``peft.type`` (default ``lora``).
+METHOD is a ``peft.type`` (default ``lora``); ``full`` shards the plain model (no adapter);
+``miss:bat`` is MiSS with ``miss_init = "bat"`` (its update reads W0, like HRA's).
 
-Writes (rank 0) OUT_DIR/{spectral_history_final.nc, gradient_flow_final.nc, alignment_final.nc,
+Writes (rank 0) OUT_DIR/{spectral_history_final.nc, gradient_flow_final.nc, alignment_final.nc (not for full),
 adapter_model.safetensors (the gathered adapter), adapter_config.json, driver.json (the
 clip's totals and how many parameters were DTensors)}.
 """
@@ -32,6 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01, method: str = "lora") -> None:
+    from peft import PeftModel
+
     from perl.adapters import build_adapter
     from perl.config import TrainConfig
     from perl.models.loading import load_model_and_tokenizer
@@ -44,12 +47,16 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01, method: str = "
 
     cfg = TrainConfig()
     cfg.model.model_name_or_path = "countdown-nano"
+    method, _, variant = method.partition(":")
     cfg.peft.type = method
+    if variant:
+        cfg.peft.miss_init = variant
     torch.manual_seed(cfg.common.seed)
     model, tokenizer = load_model_and_tokenizer(
         "countdown-nano", dtype="float32", device_type="cpu", seed=cfg.common.seed
     )
     peft_model = build_adapter(model, cfg.peft, total_steps=steps).model
+    decoder = peft_model.base_model.model.model if isinstance(peft_model, PeftModel) else peft_model.model
     # note: B = 0 at LoRA init; a deterministic nonzero B makes step 1's spectra and gradients nontrivial
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)
@@ -62,17 +69,29 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01, method: str = "
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-        for layer in peft_model.base_model.model.model.layers:
+        for layer in decoder.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(peft_model, mesh=mesh)
 
     writes = rank == 0
-    spectral = SpectralTracker(peft_model, log_frequency=1, save_dir=out, is_world_process_zero=writes)
-    alignment = AlignmentTracker(peft_model, log_frequency=1, save_dir=out, is_world_process_zero=writes)
-    gradient = GradientFlowTracker(peft_model, log_frequency=1, save_dir=out)
+    full = {"peft_type": method, "target_modules": cfg.peft.target_modules} if method == "full" else {}
+    spectral = SpectralTracker(
+        peft_model,
+        log_frequency=1,
+        save_dir=out,
+        is_world_process_zero=writes,
+        **full,
+        **({"full_top_k": 2 * cfg.peft.r} if full else {}),
+    )
+    # note: alignment measures an adapter's factors; the config refuses it for full fine-tuning
+    alignment = (
+        None if full else AlignmentTracker(peft_model, log_frequency=1, save_dir=out, is_world_process_zero=writes)
+    )
+    gradient = GradientFlowTracker(peft_model, log_frequency=1, save_dir=out, **full)
     gradient.writes = writes
+    trackers = [t for t in (spectral, alignment) if t is not None]
     if writes:
-        for t in (spectral, alignment):
+        for t in trackers:
             t.start_fresh()
         gradient.start_fresh()
 
@@ -84,8 +103,8 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01, method: str = "
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
 
-    spectral.log_step(0)
-    alignment.log_step(0)
+    for t in trackers:
+        t.log_step(0)
     totals = []
     for step in range(1, steps + 1):
         loss = peft_model(**batch, labels=labels).loss
@@ -99,7 +118,8 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01, method: str = "
         gradient.log_update()
         optimizer.zero_grad(set_to_none=True)
         spectral.log_step(step)
-        alignment.log_step(step, final=step == steps)
+        if alignment is not None:
+            alignment.log_step(step, final=step == steps)
 
     # the adapter as a whole, for the test's independent dense SVD (every rank gathers, rank 0 writes)
     state = {}
@@ -111,13 +131,14 @@ def main(out: Path, steps: int = 3, max_grad_norm: float = 0.01, method: str = "
         from safetensors.torch import save_file
 
         gradient.finalize()
-        spectral.save()
-        alignment.save()
+        for t in trackers:
+            t.save()
         save_file(state, str(out / "adapter_model.safetensors"))
-        peft_config = next(iter(peft_model.peft_config.values()))
-        (out / "adapter_config.json").write_text(
-            json.dumps({"r": peft_config.r, "lora_alpha": getattr(peft_config, "lora_alpha", None)})
-        )
+        if isinstance(peft_model, PeftModel):
+            peft_config = next(iter(peft_model.peft_config.values()))
+            (out / "adapter_config.json").write_text(
+                json.dumps({"r": peft_config.r, "lora_alpha": getattr(peft_config, "lora_alpha", None)})
+            )
         from perl.trackers.sharding import is_dtensor
 
         sharded = sum(is_dtensor(p) for p in peft_model.parameters())

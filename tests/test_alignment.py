@@ -162,6 +162,17 @@ def test_randomized_base_svd_finds_the_top_subspace_and_no_bottom():
     np.testing.assert_allclose((fast.U_top @ fast.U_top.T).numpy(), (U[:, :4] @ U[:, :4].T).numpy(), atol=1e-8)
 
 
+def test_randomized_base_svd_of_a_narrow_weight_is_the_exact_svd():
+    # k + oversample columns reach min(m, n): the range finder would span everything, so the exact SVD answers
+    gen = torch.Generator().manual_seed(6)
+    W0 = torch.randn(12, 10, generator=gen, dtype=torch.float64)
+    fast, exact = am.base_svd(W0, 4, randomized=True), am.base_svd(W0, 4)
+    assert fast.randomized and fast.U_bottom is None
+    np.testing.assert_allclose(fast.S_top.numpy(), torch.linalg.svdvals(W0)[:4].numpy(), rtol=1e-12)
+    np.testing.assert_allclose((fast.U_top @ fast.U_top.T).numpy(), (exact.U_top @ exact.U_top.T).numpy(), atol=1e-10)
+    np.testing.assert_allclose((fast.U_top * fast.S_top) @ fast.V_top.T, (exact.U_top * exact.S_top) @ exact.V_top.T)
+
+
 # ------------------------------------------------------------------ the tracker on a tiny model
 def tiny_model(seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -99,14 +99,11 @@ def runs(tmp_path_factory):
     return get
 
 
-def _open(out: Path):
+def _open(out: Path, alignment: bool = True):
     from perl.trackers import RunStore
 
-    return (
-        RunStore.open(out / "spectral_history_final.nc"),
-        RunStore.open(out / "gradient_flow_final.nc"),
-        RunStore.open(out / "alignment_final.nc"),
-    )
+    names = ("spectral_history_final.nc", "gradient_flow_final.nc") + (("alignment_final.nc",) if alignment else ())
+    return tuple(RunStore.open(out / name) for name in names)
 
 
 def _reference(engine: str) -> str:
@@ -196,24 +193,29 @@ def test_fsdp2_gradients_equal_the_unsharded_ones(runs):
     )
 
 
-@pytest.mark.parametrize("method", ["hra", "slicefine"])
-def test_fsdp2_hra_and_slicefine_equal_the_unsharded_run(method, tmp_path):
-    """HRA's change is read through W0 (gathered with its reflections under FSDP2), SliceFine's
-    through its trainable slice (a DTensor) and its own copy of W0's slice: the sharded run stores
-    what the one-process run stores."""
-    sharded = _open(_launch("fsdp2", tmp_path / "sharded", (method,)))
-    single = _open(_launch("fsdp2_single", tmp_path / "single", (method,)))
-    assert json.loads((tmp_path / "sharded" / "driver.json").read_text())["dtensor_parameters"] > 0
-    for ds, ref in zip(sharded, single):
-        assert ds.attrs["peft_type"] == method and list(ds.step.values) == list(ref.step.values)
-    spectral, ref = sharded[0], single[0]
+@pytest.mark.parametrize("method", ["hra", "miss:bat", "slicefine", "full"])
+def test_fsdp2_hra_slicefine_and_full_equal_the_unsharded_run(method, tmp_path):
+    """HRA's and MiSS-bat's change is read through W0 (gathered with their factors under FSDP2), SliceFine's
+    through its trainable slice (a DTensor) and its own copy of W0's slice, full fine-tuning's
+    through the whole sharded weight against its gathered initial copy: the sharded run stores what
+    the one-process run stores. (Full fine-tuning and MiSS-bat have no alignment store: their changes
+    are not low-rank products.)"""
+    sharded = _launch("fsdp2", tmp_path / "sharded", (method,))
+    single = _launch("fsdp2_single", tmp_path / "single", (method,))
+    assert json.loads((sharded / "driver.json").read_text())["dtensor_parameters"] > 0
+    aligned = method not in ("full", "miss:bat")  # note: neither has low-rank factors to align
+    stores = _open(sharded, alignment=aligned), _open(single, alignment=aligned)
+    for ds, ref in zip(*stores):
+        assert ds.attrs["peft_type"] == method.partition(":")[0] and list(ds.step.values) == list(ref.step.values)
+    (spectral, gradients, *alignment), (ref, ref_gradients, *ref_alignment) = stores
     for name in ("singular_values", "update_singular_values"):
         top = float(np.nanmax(ref[name].values))
         assert top > 0 and np.isfinite(spectral[name].sel(step=STEPS).values[..., 0]).all()
         np.testing.assert_allclose(spectral[name].values, ref[name].values, rtol=0, atol=1e-4 * top, err_msg=name)
-    np.testing.assert_allclose(sharded[1].grad_norm.values, single[1].grad_norm.values, rtol=1e-4)
-    for name in ("energy_fraction_top_left", "intruder_dimensions"):
-        np.testing.assert_allclose(sharded[2][name].values, single[2][name].values, rtol=0, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(gradients.grad_norm.values, ref_gradients.grad_norm.values, rtol=1e-4)
+    for ds, ref in zip(alignment, ref_alignment):
+        for name in ("energy_fraction_top_left", "intruder_dimensions"):
+            np.testing.assert_allclose(ds[name].values, ref[name].values, rtol=0, atol=1e-4, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------ resume

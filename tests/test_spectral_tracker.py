@@ -46,7 +46,7 @@ def tiny_model(layers=2, seed=0):
     return Qwen2ForCausalLM(config)
 
 
-def build(method, layers=2, r=4):
+def build(method, layers=2, r=4, miss_init="balance"):
     cfg = SimpleNamespace(
         type=method,
         r=r,
@@ -55,7 +55,7 @@ def build(method, layers=2, r=4):
         target_modules=TARGETS,
         init_r=6,
         target_r=3,
-        miss_init="balance",
+        miss_init=miss_init,
     )
     return registry.build_adapter(tiny_model(layers), cfg, total_steps=STEPS).model
 
@@ -94,6 +94,19 @@ def dense_delta(am):
             h = h - 2 * h @ u[:, i : i + 1] @ u[:, i : i + 1].T
         return w0 @ h - w0
     return m.get_delta_weight(ad)
+
+
+def test_miss_bat_change_is_the_one_peft_merges():
+    # the tracker computes MiSS-bat's change itself (peft's code cannot read a sharded block)
+    model = build("miss", miss_init="bat")
+    train_steps(model, 2)
+    adapters = discover_adapters(model)
+    assert adapters and all(a.peft_module.miss_fn == "bat" for a in adapters)
+    for a in adapters:
+        with torch.no_grad():
+            ours, peft_s = a.dense_delta(), dense_delta(a)
+        assert float(peft_s.abs().max()) > 0, a.name
+        np.testing.assert_allclose(ours.numpy(), peft_s.numpy(), rtol=0, atol=1e-6 * float(peft_s.abs().max()))
 
 
 def close(stored, reference, scale):

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spectral_math import DEFAULT_RTOL, factored_core, update_factors
+from .spectral_math import DEFAULT_RTOL, factored_core, lowrank_svd, update_factors
 
 __all__ = [
     "BaseSVD",
@@ -72,7 +72,7 @@ class BaseSVD:
             first; None when only the top was computed (randomized SVD).
         U_full (Tensor m x p | None): every left singular vector of the thin SVD (full SVD only,
             when asked for): the reference set of the intruder count.
-        randomized (bool): True when the top-k came from ``torch.svd_lowrank``.
+        randomized (bool): True when the top-k came from the randomized SVD (``lowrank_svd``).
     """
 
     U_top: torch.Tensor
@@ -98,14 +98,14 @@ def base_svd(
 
     Full: ``torch.linalg.svd`` in float64 (O(m n p); wide weights through their transpose); gives
     both ends of the spectrum.
-    Randomized: ``torch.svd_lowrank`` with ``q = min(p, k + oversample)`` columns and ``niter``
-    power iterations (seeded; the subspace error decays like (sigma_{q+1}/sigma_k)^(2 niter + 1));
+    Randomized: `perl.trackers.spectral_math.lowrank_svd` with ``q = k + oversample`` columns and
+    ``niter`` power iterations (seeded; the subspace error decays like (sigma_{q+1}/sigma_k)^(2 niter + 1));
     a randomized range finder resolves only the largest values, so the bottom-k is None then.
 
     Args:
         W (Tensor): (m, n) base weight.
         k (int): how many triplets at each end, 1 <= k <= min(m, n).
-        randomized (bool): use ``torch.svd_lowrank`` for the top-k only.
+        randomized (bool): use the randomized ``lowrank_svd`` for the top-k only.
         niter (int): power iterations of the randomized SVD. oversample (int, optional): extra
             columns, default max(k, 8). seed (int): seed of the random test matrix.
         keep_full_left (bool): also return every left singular vector (full SVD only).
@@ -116,11 +116,8 @@ def base_svd(
         raise ValueError(f"k must be in [1, min(m, n) = {p}] for a {m} x {n} weight, got {k}.")
     W = W.detach().double()
     if randomized:
-        q = min(p, k + (max(k, 8) if oversample is None else oversample))
-        with torch.random.fork_rng(devices=[W.device] if W.is_cuda else []):
-            torch.manual_seed(seed)
-            U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
-        return BaseSVD(U[:, :k], S[:k], V[:, :k], None, None, None, None, True)
+        U, S, V = lowrank_svd(W, k, oversample, niter, seed)
+        return BaseSVD(U, S, V, None, None, None, None, True)
     U, S, V = _thin_svd(W)
     low = slice(p - k, p)
     return BaseSVD(

@@ -205,10 +205,20 @@ class AdapterModule:
         if self.kind == "miss":
             w0 = self.base_weight()
             if m.miss_fn == "bat":
-                return m.get_delta_weight(ad, w0.clone()).detach()
+                return self._miss_bat_delta(w0)
             return (m.get_delta_weight_miss(ad, w0.clone()) - w0).detach()
         b, a, s = self.factors()
         return s * (b @ a)
+
+    def _miss_bat_delta(self, w0: torch.Tensor) -> torch.Tensor:
+        # MiSS "bat" holds one r x r matrix B_i per block row of W0 and changes each r x r block
+        # W0_ij to W0_ij @ B_i + B_i (peft's get_delta_weight). Computed here from the block as read
+        # by _r: peft's own code reads the parameter itself, a DTensor shard under FSDP2
+        block = _r(self.peft_module.miss_block[self.adapter]).detach()  # (out / r, r, r)
+        rows, r = block.shape[0], block.shape[-1]
+        w0 = w0.to(block.dtype).reshape(rows, r, -1, r).transpose(1, 2)  # [i, j] = W0_ij
+        delta = w0 @ block.unsqueeze(1) + block.unsqueeze(1)
+        return delta.transpose(1, 2).reshape(rows * r, -1)
 
     def _miss_block_sum(self, block: torch.Tensor) -> torch.Tensor:
         # MiSS adds sum_j x[j*r:(j+1)*r] @ block (input zero-padded to a multiple of r): the r x in

@@ -51,6 +51,7 @@ __all__ = [
     "METRIC_ATTRS",
     "DEFAULT_RTOL",
     "lowrank_singular_values",
+    "lowrank_svd",
 ]
 
 DEFAULT_RTOL = 1e-6
@@ -346,7 +347,7 @@ def top_singular_values(
 ) -> torch.Tensor:
     """Top ``k`` singular values of a dense matrix by randomized subspace iteration (float64).
 
-    Hand-written rather than ``torch.svd_lowrank`` (which `lowrank_singular_values` and the alignment
+    Hand-written rather than `lowrank_svd` (which the full fine-tuning spectrum and the alignment
     tracker's W0 basis use) because it needs a stopping rule: svd_lowrank restarts from scratch for
     each number of iterations, and doubling them until the values settle took 23.5 s against this
     loop's 3.6 s for the same 1e-10 tolerance (1536 x 8960, k = 16, a DoRA-like spectrum, 1 thread).
@@ -384,21 +385,52 @@ def top_singular_values(
     return estimate
 
 
+def lowrank_svd(
+    W: torch.Tensor, k: int, oversample: int | None = None, niter: int = 6, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top ``k`` singular triplets ``(U, S, V)`` of a dense matrix by ``torch.svd_lowrank``.
+
+    The one fixed-iteration randomized SVD of the package: the full fine-tuning update spectrum
+    (`lowrank_singular_values`) and the alignment tracker's W0 basis both come from here.
+    Randomized range finder with ``q = k + oversample`` columns and ``niter`` subspace iterations
+    (Halko, Martinsson & Tropp 2011): the error of sigma_i shrinks like (sigma_{q+1}/sigma_i)^(2 niter + 1).
+    The random start block is drawn from a forked RNG seeded with ``seed``, so the result is
+    reproducible and training's random stream is left untouched. When ``q`` reaches min(m, n) the
+    exact thin SVD is cheaper and is used instead. Runs in W's dtype and on W's device.
+
+    Args:
+        W (Tensor): (m, n), finite.
+        k (int): how many triplets, 1 <= k <= min(m, n).
+        oversample (int, optional): extra columns; default max(k, 8).
+        niter (int, defaults to 6): subspace iterations.
+        seed (int, defaults to 0): seed of the start block.
+
+    Returns:
+        U (m, k), S (k,) descending, V (n, k).
+    """
+    m, n = W.shape
+    q = k + (max(k, 8) if oversample is None else int(oversample))
+    if q >= min(m, n):
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k].mT
+    devices = [W.device] if W.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
+    return U[:, :k], S[:k], V[:, :k]
+
+
 def lowrank_singular_values(
     W: torch.Tensor, k: int, oversample: int | None = None, niter: int = 6, seed: int = 0
 ) -> torch.Tensor:
-    """Top ``k`` singular values of a dense matrix by ``torch.svd_lowrank`` on W's device.
+    """Top ``k`` singular values of a dense matrix by `lowrank_svd`, in float32.
 
     The full fine-tuning update ``W_t - W_0`` is full rank, so only its top ``k`` values are kept.
-    Randomized range finder with ``q = k + oversample`` columns and ``niter`` subspace iterations
-    (Halko, Martinsson & Tropp 2011): the error of sigma_i shrinks like (sigma_{q+1}/sigma_i)^(2 niter + 1),
-    so a decaying spectrum comes out to float32 accuracy (~1e-6 sigma_1), while a flat, noise-like one
+    A decaying spectrum comes out to float32 accuracy (~1e-6 sigma_1), while a flat, noise-like one
     (a first Adam step) gives values a little low (measured: <1% for Gaussian noise, 1e-4 on a 2-step
     GRPO run). It runs in float32 (float64 only for float64 input): measured with
     ``benchmarks/full_update_spectrum.py``, float64 is ~10x slower on a CPU, and consumer GPUs run it at
-    1/32 speed or less. Its random start block is drawn from a forked RNG seeded with ``seed``, so the
-    result is reproducible and training's random stream is left untouched. When ``q`` reaches
-    min(m, n) the exact dense SVD is cheaper and is used instead.
+    1/32 speed or less; the exact fallback of small matrices runs in float64.
 
     Args:
         W (Tensor): (m, n).
@@ -414,15 +446,11 @@ def lowrank_singular_values(
     k = min(int(k), m, n)
     if not torch.isfinite(W).all():
         return torch.full((k,), float("nan"), dtype=torch.float64, device=W.device)
-    W = W if W.dtype == torch.float64 else W.float()
     q = k + (max(k, 8) if oversample is None else int(oversample))
     if q >= min(m, n):
         return torch.linalg.svdvals(W.double())[:k]
-    devices = [W.device] if W.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        _, sv, _ = torch.svd_lowrank(W, q=q, niter=niter)
-    return sv[:k].double()
+    W = W if W.dtype == torch.float64 else W.float()
+    return lowrank_svd(W, k, oversample, niter, seed)[1].double()
 
 
 # -------------------------------------------------------------------- metrics

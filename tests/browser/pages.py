@@ -81,9 +81,11 @@ def figure(page, pattern: str, timeout: float = 30.0) -> Figure:
             return Figure(found[0])
         if time.monotonic() > deadline:
             titles = [f["title"] for f in page.evaluate(_FIGURES_JS, ".*")]
+            # note: the text line is an ipywidget, the figures Panel's: which one lags tells which path lost it
+            lines = [" ".join(t.split()) for t in page.locator(".perl-info").all_inner_texts()]
             raise AssertionError(
                 f"expected one Bokeh figure titled /{pattern}/ within {timeout:.0f} s, found "
-                f"{len(found)}; the page's figures: {titles}"
+                f"{len(found)}; the page's figures: {titles}; the explorer's text line: {lines}"
             )
         time.sleep(0.2)
 
