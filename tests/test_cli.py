@@ -411,3 +411,21 @@ def test_subcommand_help_returns_its_exit_code(monkeypatch):
     fake.main = main
     monkeypatch.setitem(sys.modules, "perl.sweep", fake)
     assert cli.main(["sweep", "--help"]) == 0
+
+
+def test_a_distributed_rank_ends_with_its_output_and_exit_handlers(tmp_path):
+    # a rank that leaves before the interpreter's teardown still prints all it wrote and runs the
+    # exit handlers (loggers, experiment trackers), and its exit code is the one given
+    marker = tmp_path / "handler-ran"
+    script = (
+        "import atexit, sys\n"
+        "from perl.cli import _exit_without_teardown\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        "sys.stdout.write('all of it, unflushed')\n"
+        "sys.stderr.write('and this')\n"
+        "_exit_without_teardown(3)\n"
+        "print('never')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "all of it, unflushed", "and this")
+    assert marker.read_text() == "yes"
