@@ -18,6 +18,7 @@ import html
 import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,6 +43,10 @@ __all__ = ["LiveRewardPlot", "find_run_dirs", "is_run_dir", "run_summary"]
 
 
 # ====================================================================================== live reward
+# seconds between showing the text line and showing the plot (see LiveRewardPlot.display)
+PLOT_DELAY_S = 2.0
+
+
 class LiveRewardPlot:
     """A reward curve that grows while training runs: mean reward and each reward function's mean.
 
@@ -71,6 +76,7 @@ class LiveRewardPlot:
         self._view = None
         self._pane = None  # the plot widget, once displayed
         self._box = None  # what is shown: the text line, then also the plot (see display)
+        self._displayed_at = 0.0  # time.monotonic() when the text line was shown
 
     # ---- Trainer events
     def __getattr__(self, name):
@@ -101,6 +107,8 @@ class LiveRewardPlot:
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.history["step"]:
             self._update_text(done=True)
+            if self._box is not None and self._pane is None:
+                self._show_plot()  # note: a run shorter than PLOT_DELAY_S
 
     # ---- recording and drawing (usable without a Trainer)
     def record(self, step: int, values: dict) -> None:
@@ -118,7 +126,7 @@ class LiveRewardPlot:
                 )
         self._update_text()
         self._draw()
-        if self._box is not None and self._pane is None:
+        if self._box is not None and self._pane is None and time.monotonic() - self._displayed_at >= PLOT_DELAY_S:
             self._show_plot()
 
     @property
@@ -161,8 +169,11 @@ class LiveRewardPlot:
         when the cell ends ("Exception opening new comm" in the browser console, then every point
         at once), while a widget's comm is opened by the kernel and its updates flow during the cell.
         The widget draws with the page's BokehJS, which Panel's loader puts there asynchronously
-        (after a timer), so the plot joins the text line at the first logged step, a training step
-        later: shown at once, its view could be built before BokehJS exists and fail for good.
+        (100 ms after its output is shown, then from blob: URLs), and a widget view built before
+        BokehJS exists fails for good ("Could not create a view"). So the plot joins the text line at
+        the first logged step at least ``PLOT_DELAY_S`` after it, or when training ends. One training
+        step was not enough: a CI run training at 5 steps/s lost its plot that way (the loader
+        finished within a second of starting).
         """
         import ipywidgets as widgets
         import panel as pn
@@ -188,6 +199,7 @@ class LiveRewardPlot:
         self._draw()
         self._box = widgets.VBox([self.info])
         display(self._box)
+        self._displayed_at = time.monotonic()
         if self.history["step"]:
             self._show_plot()
 

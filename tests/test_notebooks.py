@@ -19,6 +19,7 @@ import html
 import json
 import math
 import re
+import types
 from pathlib import Path
 
 import nbformat
@@ -345,6 +346,31 @@ def test_live_reward_plot_records_what_the_trainer_logs():
     state.is_world_process_zero = False  # only the main process draws
     other.on_log(args, state, None, logs={"reward": 1.0})
     assert other.history == {"step": []}
+
+
+def test_live_reward_plot_waits_for_the_page_to_have_bokehjs(monkeypatch):
+    # the plot widget's view fails for good if built before Panel's loader has put BokehJS in the
+    # page: the plot joins the text line PLOT_DELAY_S after it is shown, or when training ends
+    from transformers import TrainerState, TrainingArguments
+
+    import perl.notebook_utils as nu
+
+    clock = [100.0]
+    monkeypatch.setattr(nu, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
+    args, state = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(max_steps=4)
+    live, short = nu.LiveRewardPlot(), nu.LiveRewardPlot()
+    for plot in (live, short):
+        plot.on_train_begin(args, state, None)
+        state.global_step = 1
+        plot.on_log(args, state, None, logs={"reward": 0.5})
+        assert plot._box.children == (plot.info,), "the plot is shown before the page can draw it"
+    clock[0] += nu.PLOT_DELAY_S
+    state.global_step = 2
+    live.on_log(args, state, None, logs={"reward": 0.75})
+    assert live._box.children == (live.info, live._pane) and live._pane is not None
+    short.on_train_end(args, state, None)  # a run shorter than the delay gets its plot at the end
+    assert short._box.children == (short.info, short._pane) and short._pane is not None
 
 
 def test_02_on_a_vector_adapter_shows_norms_instead_of_spectra(tmp_path):
